@@ -1,0 +1,1 @@
+//! aoai-lb library.

@@ -1,0 +1,1 @@
+//! aoai-sim library.
