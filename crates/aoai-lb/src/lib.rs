@@ -1,1 +1,8 @@
-//! aoai-lb library.
+//! aoai-lb: a load-balancing gateway for Azure OpenAI.
+//!
+//! A request goes through explicit phases, each in its own module:
+//! authenticate → route → select a backend → rewrite → send (with retries)
+//! → stream back → log.
+
+pub mod config;
+pub mod secret;

@@ -1,0 +1,707 @@
+//! The configuration document: parsing, defaults and validation.
+//!
+//! The document is the seed app's `OPENAI_INSTANCES` JSON,
+//! `{"instances":[{"name","url","api_key"}]}`, plus optional extensions
+//! (priority, weight, deployments, timeouts, cooldown, circuit breaker,
+//! limits). Every way a document can be wrong ends in one [`ConfigError`]
+//! whose `Display` is a single line that starts with the path of the field
+//! at fault (`instances[1].url: ...`) and never contains a key.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::secret::Secret;
+
+/// A configuration problem, reported as `field: reason` on one line.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {reason}")]
+pub struct ConfigError {
+    /// Path of the offending field, e.g. `instances[1].url`; `(document)`
+    /// when the JSON itself is unreadable.
+    pub field: String,
+    /// What is wrong, without echoing any secret.
+    pub reason: String,
+}
+
+impl ConfigError {
+    fn new(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Default cap on a buffered request body: 32 MiB.
+///
+/// Bodies are kept in memory so that they can be replayed on another
+/// instance; Azure's own limit for audio uploads is 25 MB.
+pub const DEFAULT_MAX_REQUEST_BODY_BYTES: usize = 32 * 1024 * 1024;
+
+/// The validated configuration the gateway runs with.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// At least one instance, names unique.
+    pub instances: Vec<InstanceConfig>,
+    pub timeouts: Timeouts,
+    /// Largest request body accepted (413 above it). Default 32 MiB.
+    pub max_request_body_bytes: usize,
+    pub cooldown: CooldownConfig,
+    pub circuit_breaker: BreakerConfig,
+    pub server: ServerConfig,
+    pub upstream: UpstreamConfig,
+}
+
+/// One Azure OpenAI resource (or anything that speaks its API).
+#[derive(Debug, Clone)]
+pub struct InstanceConfig {
+    /// Unique; used in logs, metrics labels and the admin output.
+    pub name: String,
+    /// Base URL, `http` or `https`, without a trailing slash. A path prefix
+    /// is kept and the request path is appended to it.
+    pub url: url::Url,
+    /// Sent upstream as `api-key`; never printed.
+    pub api_key: Secret,
+    /// Lower is preferred. Default 1.
+    pub priority: u32,
+    /// Share of traffic within a priority group. Positive, default 1.
+    pub weight: f64,
+    /// Which client-facing deployment names this instance serves and under
+    /// which name. `None` serves every name unchanged.
+    pub deployments: Option<DeploymentMap>,
+}
+
+impl InstanceConfig {
+    /// The backend deployment name for a client-facing `name`, or `None`
+    /// when this instance does not serve it.
+    pub fn backend_deployment<'a>(&'a self, name: &'a str) -> Option<&'a str> {
+        match &self.deployments {
+            None => Some(name),
+            Some(map) => map.0.get(name).map(String::as_str),
+        }
+    }
+}
+
+/// Client-facing deployment name → this instance's deployment name.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct DeploymentMap(pub BTreeMap<String, String>);
+
+/// Upstream timeouts. Each is its own phase; there is no total deadline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    /// TCP connect plus TLS handshake. Default 10 s.
+    pub connect: Duration,
+    /// From sending the request to receiving response headers. Default
+    /// 600 s: a non-streaming completion can take minutes.
+    pub response_headers: Duration,
+    /// Longest silence between two body chunks once the response has
+    /// started. Default 120 s.
+    pub stream_idle: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            connect: Duration::from_secs(10),
+            response_headers: Duration::from_secs(600),
+            stream_idle: Duration::from_secs(120),
+        }
+    }
+}
+
+/// How long an instance is skipped after a 429.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CooldownConfig {
+    /// Used when a 429 names no delay (no `retry-after-ms`, `retry-after`
+    /// or `x-ratelimit-reset-*`). Default 10 s, as Azure's own samples.
+    pub default_ms: u64,
+    /// Upper bound on any cooldown. Default 1 h: a quota exhausted for a
+    /// day is still re-probed hourly.
+    pub max_ms: u64,
+}
+
+impl Default for CooldownConfig {
+    fn default() -> Self {
+        Self {
+            default_ms: 10_000,
+            max_ms: 3_600_000,
+        }
+    }
+}
+
+/// Circuit breaker for 5xx, timeouts and connection failures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BreakerConfig {
+    /// Consecutive failures that open the breaker. Default 3.
+    pub failure_threshold: u32,
+    /// First open period; doubles on each failed probe. Default 5 s.
+    pub open_ms: u64,
+    /// Longest open period. Default 60 s.
+    pub max_open_ms: u64,
+}
+
+impl Default for BreakerConfig {
+    fn default() -> Self {
+        Self {
+            failure_threshold: 3,
+            open_ms: 5_000,
+            max_open_ms: 60_000,
+        }
+    }
+}
+
+/// Limits on the client-facing listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServerConfig {
+    /// Open client connections beyond this are closed at once. Default 20,000.
+    pub max_connections: usize,
+    /// Time a client has to send complete request headers. Default 10 s.
+    pub header_read_timeout: Duration,
+    /// Most request headers accepted. Default 100.
+    pub max_headers: usize,
+    /// Time in-flight requests get to finish after SIGTERM. Default 30 s.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            max_connections: 20_000,
+            header_read_timeout: Duration::from_secs(10),
+            max_headers: 100,
+            shutdown_grace: Duration::from_secs(30),
+        }
+    }
+}
+
+/// The upstream HTTP client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamConfig {
+    /// PEM file of extra CA certificates trusted besides the webpki roots.
+    pub extra_ca_file: Option<PathBuf>,
+    /// Idle pooled connections are closed after this. Default 50 s, below
+    /// the usual 60 s+ server keep-alive so a reused connection is never
+    /// one the server is closing.
+    pub pool_idle_timeout: Duration,
+    /// Idle connections kept per instance. Default 256.
+    pub pool_max_idle_per_host: usize,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        Self {
+            extra_ca_file: None,
+            pool_idle_timeout: Duration::from_secs(50),
+            pool_max_idle_per_host: 256,
+        }
+    }
+}
+
+// ---- The document as written -------------------------------------------
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDocument {
+    instances: Vec<RawInstance>,
+    #[serde(default)]
+    timeouts: RawTimeouts,
+    max_request_body_bytes: Option<u64>,
+    #[serde(default)]
+    cooldown: RawCooldown,
+    #[serde(default)]
+    circuit_breaker: RawBreaker,
+    #[serde(default)]
+    server: RawServer,
+    #[serde(default)]
+    upstream: RawUpstream,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawInstance {
+    name: String,
+    url: String,
+    api_key: Secret,
+    priority: Option<u32>,
+    weight: Option<f64>,
+    deployments: Option<RawDeployments>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawDeployments {
+    List(Vec<String>),
+    Map(BTreeMap<String, String>),
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawTimeouts {
+    connect_ms: Option<u64>,
+    response_headers_ms: Option<u64>,
+    stream_idle_ms: Option<u64>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawCooldown {
+    default_ms: Option<u64>,
+    max_ms: Option<u64>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawBreaker {
+    failure_threshold: Option<u32>,
+    open_ms: Option<u64>,
+    max_open_ms: Option<u64>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    max_connections: Option<usize>,
+    header_read_timeout_ms: Option<u64>,
+    max_headers: Option<usize>,
+    shutdown_grace_ms: Option<u64>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawUpstream {
+    extra_ca_file: Option<PathBuf>,
+    pool_idle_timeout_ms: Option<u64>,
+    pool_max_idle_per_host: Option<usize>,
+}
+
+impl Config {
+    /// Parses and validates a JSON document.
+    ///
+    /// # Errors
+    /// A [`ConfigError`] naming the first field at fault.
+    pub fn from_json(text: &str) -> Result<Self, ConfigError> {
+        let de = &mut serde_json::Deserializer::from_str(text);
+        let raw: RawDocument = serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner();
+            let field = if path.is_empty() || path == "." {
+                "(document)".to_owned()
+            } else {
+                path
+            };
+            // Never echo what was written under a key field: a mistyped key
+            // is still a key.
+            let reason = if field.contains("api_key") {
+                format!("must be a string ({})", position(&inner))
+            } else {
+                inner.to_string()
+            };
+            ConfigError::new(field, reason)
+        })?;
+        raw.validate()
+    }
+}
+
+fn position(e: &serde_json::Error) -> String {
+    format!("line {} column {}", e.line(), e.column())
+}
+
+impl RawDocument {
+    fn validate(self) -> Result<Config, ConfigError> {
+        if self.instances.is_empty() {
+            return Err(ConfigError::new(
+                "instances",
+                "at least one instance is required",
+            ));
+        }
+        let mut names = HashSet::new();
+        let mut instances = Vec::with_capacity(self.instances.len());
+        for (i, raw) in self.instances.into_iter().enumerate() {
+            let at = |f: &str| format!("instances[{i}].{f}");
+            if raw.name.trim().is_empty() {
+                return Err(ConfigError::new(at("name"), "must not be empty"));
+            }
+            if !names.insert(raw.name.clone()) {
+                return Err(ConfigError::new(
+                    at("name"),
+                    format!("duplicate instance name {:?}", raw.name),
+                ));
+            }
+            let url = parse_base_url(&raw.url).map_err(|r| ConfigError::new(at("url"), r))?;
+            if raw.api_key.is_empty() {
+                return Err(ConfigError::new(at("api_key"), "must not be empty"));
+            }
+            let weight = raw.weight.unwrap_or(1.0);
+            if !(weight.is_finite() && weight > 0.0) {
+                return Err(ConfigError::new(
+                    at("weight"),
+                    format!("must be a positive number, got {weight}"),
+                ));
+            }
+            let deployments = match raw.deployments {
+                None => None,
+                Some(d) => Some(deployment_map(d).map_err(|r| {
+                    ConfigError::new(format!("instances[{i}].deployments{}", r.0), r.1)
+                })?),
+            };
+            instances.push(InstanceConfig {
+                name: raw.name,
+                url,
+                api_key: raw.api_key,
+                priority: raw.priority.unwrap_or(1),
+                weight,
+                deployments,
+            });
+        }
+
+        let d = Timeouts::default();
+        let timeouts = Timeouts {
+            connect: positive_ms("timeouts.connect_ms", self.timeouts.connect_ms, d.connect)?,
+            response_headers: positive_ms(
+                "timeouts.response_headers_ms",
+                self.timeouts.response_headers_ms,
+                d.response_headers,
+            )?,
+            stream_idle: positive_ms(
+                "timeouts.stream_idle_ms",
+                self.timeouts.stream_idle_ms,
+                d.stream_idle,
+            )?,
+        };
+
+        let max_request_body_bytes = match self.max_request_body_bytes {
+            None => DEFAULT_MAX_REQUEST_BODY_BYTES,
+            Some(0) => {
+                return Err(ConfigError::new(
+                    "max_request_body_bytes",
+                    "must be greater than 0",
+                ));
+            }
+            Some(n) => usize::try_from(n)
+                .map_err(|_| ConfigError::new("max_request_body_bytes", "too large"))?,
+        };
+
+        let dc = CooldownConfig::default();
+        let cooldown = CooldownConfig {
+            default_ms: self.cooldown.default_ms.unwrap_or(dc.default_ms),
+            max_ms: self.cooldown.max_ms.unwrap_or(dc.max_ms),
+        };
+        if cooldown.max_ms == 0 {
+            return Err(ConfigError::new(
+                "cooldown.max_ms",
+                "must be greater than 0",
+            ));
+        }
+        if cooldown.default_ms > cooldown.max_ms {
+            return Err(ConfigError::new(
+                "cooldown.default_ms",
+                "must not exceed cooldown.max_ms",
+            ));
+        }
+
+        let db = BreakerConfig::default();
+        let circuit_breaker = BreakerConfig {
+            failure_threshold: self
+                .circuit_breaker
+                .failure_threshold
+                .unwrap_or(db.failure_threshold),
+            open_ms: self.circuit_breaker.open_ms.unwrap_or(db.open_ms),
+            max_open_ms: self.circuit_breaker.max_open_ms.unwrap_or(db.max_open_ms),
+        };
+        if circuit_breaker.failure_threshold == 0 {
+            return Err(ConfigError::new(
+                "circuit_breaker.failure_threshold",
+                "must be at least 1",
+            ));
+        }
+        if circuit_breaker.open_ms == 0 {
+            return Err(ConfigError::new(
+                "circuit_breaker.open_ms",
+                "must be greater than 0",
+            ));
+        }
+        if circuit_breaker.max_open_ms < circuit_breaker.open_ms {
+            return Err(ConfigError::new(
+                "circuit_breaker.max_open_ms",
+                "must be at least circuit_breaker.open_ms",
+            ));
+        }
+
+        let ds = ServerConfig::default();
+        let server = ServerConfig {
+            max_connections: nonzero(
+                "server.max_connections",
+                self.server.max_connections,
+                ds.max_connections,
+            )?,
+            header_read_timeout: positive_ms(
+                "server.header_read_timeout_ms",
+                self.server.header_read_timeout_ms,
+                ds.header_read_timeout,
+            )?,
+            max_headers: nonzero(
+                "server.max_headers",
+                self.server.max_headers,
+                ds.max_headers,
+            )?,
+            shutdown_grace: match self.server.shutdown_grace_ms {
+                None => ds.shutdown_grace,
+                Some(ms) => Duration::from_millis(ms),
+            },
+        };
+
+        let du = UpstreamConfig::default();
+        let upstream = UpstreamConfig {
+            extra_ca_file: self.upstream.extra_ca_file,
+            pool_idle_timeout: match self.upstream.pool_idle_timeout_ms {
+                None => du.pool_idle_timeout,
+                Some(ms) => Duration::from_millis(ms),
+            },
+            pool_max_idle_per_host: self
+                .upstream
+                .pool_max_idle_per_host
+                .unwrap_or(du.pool_max_idle_per_host),
+        };
+
+        Ok(Config {
+            instances,
+            timeouts,
+            max_request_body_bytes,
+            cooldown,
+            circuit_breaker,
+            server,
+            upstream,
+        })
+    }
+}
+
+fn positive_ms(
+    field: &str,
+    value: Option<u64>,
+    default: Duration,
+) -> Result<Duration, ConfigError> {
+    match value {
+        None => Ok(default),
+        Some(0) => Err(ConfigError::new(field, "must be greater than 0")),
+        Some(ms) => Ok(Duration::from_millis(ms)),
+    }
+}
+
+fn nonzero(field: &str, value: Option<usize>, default: usize) -> Result<usize, ConfigError> {
+    match value {
+        None => Ok(default),
+        Some(0) => Err(ConfigError::new(field, "must be greater than 0")),
+        Some(n) => Ok(n),
+    }
+}
+
+/// Checks a backend base URL and normalises it (no trailing slash).
+fn parse_base_url(text: &str) -> Result<url::Url, String> {
+    let mut url = url::Url::parse(text.trim()).map_err(|e| format!("not a valid URL ({e})"))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(format!(
+            "scheme must be http or https, got {:?}",
+            url.scheme()
+        ));
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err("must name a host".to_owned());
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        // Credentials in a URL end up in logs; keys belong in `api_key`.
+        return Err("must not carry credentials; use api_key".to_owned());
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err("must not have a query string or fragment".to_owned());
+    }
+    let trimmed = url.path().trim_end_matches('/').to_owned();
+    url.set_path(&trimmed);
+    Ok(url)
+}
+
+/// Turns either form of `deployments` into a map. On error, returns the
+/// path suffix (`["gpt-4o"]` or `[2]`) and the reason.
+fn deployment_map(raw: RawDeployments) -> Result<DeploymentMap, (String, String)> {
+    let valid = |s: &str| !s.is_empty() && !s.contains(['/', '?', '#', '%']) && s.trim() == s;
+    let mut map = BTreeMap::new();
+    match raw {
+        RawDeployments::List(names) => {
+            for (i, name) in names.into_iter().enumerate() {
+                if !valid(&name) {
+                    return Err((
+                        format!("[{i}]"),
+                        format!("invalid deployment name {name:?}"),
+                    ));
+                }
+                map.insert(name.clone(), name);
+            }
+        }
+        RawDeployments::Map(m) => {
+            for (client, backend) in m {
+                if !valid(&client) {
+                    return Err((
+                        format!("[{client:?}]"),
+                        format!("invalid deployment name {client:?}"),
+                    ));
+                }
+                if !valid(&backend) {
+                    return Err((
+                        format!("[{client:?}]"),
+                        format!("invalid deployment name {backend:?}"),
+                    ));
+                }
+                map.insert(client, backend);
+            }
+        }
+    }
+    if map.is_empty() {
+        return Err((
+            String::new(),
+            "must name at least one deployment (omit the field to serve every name)".to_owned(),
+        ));
+    }
+    Ok(DeploymentMap(map))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(doc: &str) -> String {
+        Config::from_json(doc).unwrap_err().to_string()
+    }
+
+    const ONE: &str =
+        r#"{"instances":[{"name":"a","url":"https://a.example.com/","api_key":"k1"}]}"#;
+
+    #[test]
+    fn accepts_the_seed_document_with_defaults() {
+        let c = Config::from_json(ONE).unwrap();
+        assert_eq!(c.instances.len(), 1);
+        let i = &c.instances[0];
+        assert_eq!(i.url.as_str(), "https://a.example.com/");
+        assert_eq!(i.priority, 1);
+        assert!((i.weight - 1.0).abs() < f64::EPSILON);
+        assert!(i.deployments.is_none());
+        assert_eq!(i.backend_deployment("anything"), Some("anything"));
+        assert_eq!(c.timeouts, Timeouts::default());
+        assert_eq!(c.max_request_body_bytes, DEFAULT_MAX_REQUEST_BODY_BYTES);
+    }
+
+    #[test]
+    fn keeps_a_path_prefix_without_trailing_slash() {
+        let c = Config::from_json(
+            r#"{"instances":[{"name":"a","url":"https://apim.example.com/aoai/","api_key":"k"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(c.instances[0].url.path(), "/aoai");
+    }
+
+    #[test]
+    fn names_the_field_of_a_bad_url() {
+        let e = err(
+            r#"{"instances":[{"name":"a","url":"https://a.example.com","api_key":"k"},{"name":"b","url":"not a url","api_key":"k"}]}"#,
+        );
+        assert!(e.starts_with("instances[1].url: "), "{e}");
+    }
+
+    #[test]
+    fn rejects_unknown_fields_by_name() {
+        let e = err(
+            r#"{"instances":[{"name":"a","url":"https://a.example.com","api_key":"k","wieght":2}]}"#,
+        );
+        assert!(e.starts_with("instances[0]"), "{e}");
+        assert!(e.contains("wieght"), "{e}");
+    }
+
+    #[test]
+    fn rejects_missing_url_and_key() {
+        assert!(err(r#"{"instances":[{"name":"a","api_key":"k"}]}"#).contains("url"));
+        assert!(
+            err(r#"{"instances":[{"name":"a","url":"https://a.example.com"}]}"#)
+                .contains("api_key")
+        );
+    }
+
+    #[test]
+    fn rejects_duplicate_names_empty_lists_and_bad_weights() {
+        let dup = r#"{"instances":[{"name":"a","url":"https://a.example.com","api_key":"k"},{"name":"a","url":"https://b.example.com","api_key":"k"}]}"#;
+        assert!(err(dup).starts_with("instances[1].name: duplicate"));
+        assert!(err(r#"{"instances":[]}"#).starts_with("instances: "));
+        for w in ["0", "-1", "0.0"] {
+            let doc = format!(
+                r#"{{"instances":[{{"name":"a","url":"https://a.example.com","api_key":"k","weight":{w}}}]}}"#
+            );
+            assert!(err(&doc).starts_with("instances[0].weight: "), "{w}");
+        }
+    }
+
+    #[test]
+    fn reports_invalid_json_on_one_line() {
+        let e = err("{\"instances\": [");
+        assert!(!e.contains('\n'), "{e}");
+        assert!(
+            e.starts_with("(document)") || e.starts_with("instances"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn never_echoes_a_key_of_the_wrong_type() {
+        let e = err(
+            r#"{"instances":[{"name":"a","url":"https://a.example.com","api_key":123456789}]}"#,
+        );
+        assert!(e.starts_with("instances[0].api_key: "), "{e}");
+        assert!(!e.contains("123456789"), "{e}");
+    }
+
+    #[test]
+    fn rejects_urls_with_credentials_or_odd_schemes() {
+        for url in [
+            "ftp://a.example.com",
+            "https://user:pw@a.example.com",
+            "https://a.example.com/?x=1",
+        ] {
+            let doc = format!(r#"{{"instances":[{{"name":"a","url":"{url}","api_key":"k"}}]}}"#);
+            let e = err(&doc);
+            assert!(e.starts_with("instances[0].url: "), "{e}");
+            assert!(!e.contains("pw@"), "{e}");
+        }
+    }
+
+    #[test]
+    fn reads_both_forms_of_deployments() {
+        let doc = r#"{"instances":[
+            {"name":"a","url":"https://a.example.com","api_key":"k","deployments":["gpt-4o"]},
+            {"name":"b","url":"https://b.example.com","api_key":"k","deployments":{"gpt-4o":"gpt-4o-ptu"}}]}"#;
+        let c = Config::from_json(doc).unwrap();
+        assert_eq!(c.instances[0].backend_deployment("gpt-4o"), Some("gpt-4o"));
+        assert_eq!(c.instances[0].backend_deployment("other"), None);
+        assert_eq!(
+            c.instances[1].backend_deployment("gpt-4o"),
+            Some("gpt-4o-ptu")
+        );
+    }
+
+    #[test]
+    fn reads_every_extension_field() {
+        let doc = r#"{"instances":[{"name":"a","url":"http://127.0.0.1:9","api_key":"k","priority":2,"weight":0.5}],
+            "timeouts":{"connect_ms":1,"response_headers_ms":2,"stream_idle_ms":3},
+            "max_request_body_bytes":1024,
+            "cooldown":{"default_ms":5,"max_ms":6},
+            "circuit_breaker":{"failure_threshold":2,"open_ms":7,"max_open_ms":8},
+            "server":{"max_connections":9,"header_read_timeout_ms":10,"max_headers":11,"shutdown_grace_ms":12},
+            "upstream":{"pool_idle_timeout_ms":13,"pool_max_idle_per_host":14}}"#;
+        let c = Config::from_json(doc).unwrap();
+        assert_eq!(c.instances[0].priority, 2);
+        assert_eq!(c.timeouts.stream_idle, Duration::from_millis(3));
+        assert_eq!(c.max_request_body_bytes, 1024);
+        assert_eq!(c.cooldown.max_ms, 6);
+        assert_eq!(c.circuit_breaker.max_open_ms, 8);
+        assert_eq!(c.server.max_headers, 11);
+        assert_eq!(c.upstream.pool_max_idle_per_host, 14);
+    }
+}
