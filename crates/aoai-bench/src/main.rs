@@ -1,6 +1,7 @@
-//! `aoai-bench`: opens many concurrent chat-completion SSE streams against one
-//! URL, timestamps every event as it arrives, and prints one JSON object of
-//! statistics on stdout.
+//! `aoai-bench`: the benchmark's own client. `streams` opens many concurrent
+//! chat-completion SSE streams against one URL, timestamps every event as it
+//! arrives, and prints one JSON object of statistics on stdout. `ready` polls
+//! a server until it answers and prints how long that took.
 //!
 //! Each stream gets its own HTTP/1.1 connection, as a browser or SDK client
 //! would, so N streams mean N open client connections through the proxy.
@@ -8,6 +9,7 @@
 //! not flooded and the time to first byte measures the proxy, not a connect
 //! storm. The whole run is bounded by `--timeout-s`.
 
+mod ready;
 mod sse;
 mod stats;
 
@@ -18,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use bytes::Bytes;
-use clap::{Parser, ValueEnum};
+use clap::{Parser, Subcommand, ValueEnum};
 use http::{Method, Request, Uri, header};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
@@ -37,10 +39,28 @@ enum Auth {
     None,
 }
 
-/// Command line. Every default is chosen for the benchmark's streaming case:
-/// 1,000 streams ramped over one second.
+/// Command line.
 #[derive(Debug, Parser)]
 #[command(name = "aoai-bench", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+    /// Tokio worker threads; 0 means one per available CPU.
+    #[arg(long, global = true, default_value_t = 0)]
+    threads: usize,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Open concurrent SSE streams and print statistics as JSON.
+    Streams(Args),
+    /// Wait until a server answers, and print the time it took as JSON.
+    Ready(ready::Args),
+}
+
+/// Options of `streams`. Every default is chosen for the benchmark's
+/// streaming case: 1,000 streams ramped over one second.
+#[derive(Debug, clap::Args)]
 struct Args {
     /// Full URL of the streaming endpoint, `http://127.0.0.1:PORT/path?query`.
     /// Only plain HTTP is supported.
@@ -86,9 +106,6 @@ struct Args {
         default_value = r#"{"messages":[{"role":"user","content":"Say hello"}],"stream":true}"#
     )]
     body: String,
-    /// Tokio worker threads; 0 means one per available CPU.
-    #[arg(long, default_value_t = 0)]
-    threads: usize,
 }
 
 /// How one stream ended.
@@ -141,13 +158,14 @@ struct Shared {
     close: watch::Receiver<bool>,
 }
 
-struct Target {
-    authority: String,
-    host_header: String,
-    path_and_query: String,
+pub(crate) struct Target {
+    pub(crate) authority: String,
+    pub(crate) host_header: String,
+    pub(crate) path_and_query: String,
 }
 
-fn parse_target(url: &str) -> Result<Target> {
+/// Splits a plain-HTTP URL into what a raw connection needs.
+pub(crate) fn parse_target(url: &str) -> Result<Target> {
     let uri: Uri = url.parse().context("--url is not a valid URL")?;
     if uri.scheme_str() != Some("http") {
         bail!("--url must be plain http://");
@@ -230,10 +248,16 @@ async fn one_stream(
     let mut framer = sse::Framer::new();
     let mut last_event: Option<Instant> = None;
     let mut close = shared.close.clone();
+    // Resolves only on an explicit close; a dropped sender means "never".
+    let mut close_signal = std::pin::pin!(async move {
+        if close.wait_for(|c| *c).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    });
     loop {
         let frame = tokio::select! {
             f = body.frame() => f,
-            _ = close.wait_for(|c| *c) => {
+            () = &mut close_signal => {
                 res.outcome = Outcome::ClosedEarly;
                 break;
             }
@@ -270,14 +294,17 @@ async fn one_stream(
 }
 
 fn main() -> Result<()> {
-    let args = Args::parse();
+    let cli = Cli::parse();
     let mut rt = tokio::runtime::Builder::new_multi_thread();
     rt.enable_all();
-    if args.threads > 0 {
-        rt.worker_threads(args.threads);
+    if cli.threads > 0 {
+        rt.worker_threads(cli.threads);
     }
     let rt = rt.build().context("cannot start the async runtime")?;
-    let out = rt.block_on(run(args))?;
+    let out = match cli.command {
+        Command::Streams(args) => rt.block_on(run(args))?,
+        Command::Ready(args) => rt.block_on(ready::run(args))?,
+    };
     println!("{out}");
     Ok(())
 }
