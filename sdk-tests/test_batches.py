@@ -1,0 +1,44 @@
+"""Batches through the gateway. A batch names its input file in the body
+(``input_file_id``), so its creation must reach the instance holding that
+file, and the batch then lives only there."""
+
+from __future__ import annotations
+
+from conftest import assert_forwarded_once
+from test_files import FOLLOW_UPS, assert_served_by_owner, upload
+
+
+def test_batch_is_created_on_the_instance_holding_its_input_file(azure, recorder, fleet, settings):
+    f, owner = upload(azure, recorder, fleet, settings, "batch-input")
+
+    batch = azure.batches.create(input_file_id=f.id, endpoint="/chat/completions", completion_window="24h")
+    assert batch.id and batch.input_file_id == f.id
+    assert batch.endpoint == "/chat/completions"
+    sent = recorder.only("/batches", method="POST")
+    assert f.id.encode() in sent.body
+    idx, _ = assert_served_by_owner_once(settings, fleet, sent)
+    assert idx == owner, f"batch created on instance {idx}, its input file is on {owner}"
+
+    for _ in range(FOLLOW_UPS):
+        got = azure.batches.retrieve(batch.id)
+        assert got.id == batch.id and got.input_file_id == f.id
+    assert_served_by_owner(settings, fleet, owner, "GET", f"/openai/batches/{batch.id}", FOLLOW_UPS)
+
+    listed = [b.id for b in azure.batches.list()]
+    assert batch.id in listed
+
+
+def assert_served_by_owner_once(settings, fleet, sent):
+    """The creation reached exactly one instance with a 2xx; lookups on others
+    (404) are tolerated once each."""
+    fleet.wait_settled()
+    hits = fleet.entries(lambda e: e["method"] == sent.method and e["path"] == sent.path)
+    ok = [(i, e) for i, e in hits if 200 <= e["status"] < 300]
+    assert len(ok) == 1, [(i, e["status"]) for i, e in hits]
+    others = [i for i, e in hits if (i, e) not in ok]
+    assert len(others) == len(set(others)), others
+    if len(hits) == 1:
+        return assert_forwarded_once(settings, fleet, sent, status=None)
+    idx, e = ok[0]
+    assert e["body_sha256"] == sent.sha256
+    return idx, e
