@@ -1,1 +1,53 @@
-//! aoai-sim library.
+//! aoai-sim: a fast Azure OpenAI simulator that behaves like Azure on the wire,
+//! failures included. Start instances in-process with [`start`] (tests) or run the
+//! `aoai-sim` binary (demos, benchmarks).
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), aoai_sim::SimError> {
+//! use aoai_sim::{Fault, InstanceConfig};
+//! let sims = aoai_sim::start(vec![
+//!     InstanceConfig::new("east").deployments(&["gpt-4o"]),
+//!     InstanceConfig::new("west").fault(Fault::Fail { count: Some(1), status: 503, body: None, retry_after_ms: None }),
+//! ]).await?;
+//! println!("{}", sims[0].url());
+//! # Ok(()) }
+//! ```
+
+// Handlers return `Result<Reply, Reply>`: the error arm is a complete response
+// built once on a cold path, so boxing it would only add an allocation.
+#![allow(clippy::result_large_err)]
+
+mod admin;
+mod azure;
+mod body;
+mod config;
+mod fault;
+mod journal;
+mod media;
+mod openai;
+mod ratelimit;
+mod realtime;
+mod responses;
+mod server;
+mod service;
+mod store;
+
+pub use body::{BodyCut, SimBody};
+pub use config::{
+    DEFAULT_API_KEY, DEFAULT_EMBEDDING_DIMENSIONS, DEFAULT_JOURNAL_CAPACITY,
+    DEFAULT_MAX_BODY_BYTES, DEFAULT_REGION, DEFAULT_REPLY_TOKENS, DeploymentOverride,
+    InstanceConfig, Latency, RateLimit,
+};
+pub use fault::Fault;
+pub use journal::{JournalEntry, Outcome};
+pub use openai::embedding_vector;
+pub use ratelimit::{UNLIMITED_REMAINING_REQUESTS, UNLIMITED_REMAINING_TOKENS};
+pub use server::{SimError, SimHandle, start, start_on};
+
+/// Azure's canonical bodies, for tests that compare what a client received.
+pub mod bodies {
+    pub use crate::azure::{
+        CONTENT_FILTER, DEPLOYMENT_NOT_FOUND, FILTER_RESULTS_SAFE, RESOURCE_NOT_FOUND,
+        SERVER_ERROR, UNAUTHORIZED, canonical_error,
+    };
+}

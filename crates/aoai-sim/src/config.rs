@@ -1,0 +1,308 @@
+//! Per-instance configuration: the builder used by Rust tests and the JSON shape
+//! read from the CLI's config file. Both are the same type, so everything a test
+//! can set can also be set from a file, and a typo in a file is an error that
+//! names the field (`deny_unknown_fields`).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::fault::Fault;
+
+/// Default key every instance accepts unless told otherwise.
+pub const DEFAULT_API_KEY: &str = "sim-key";
+/// Default Azure region reported in `x-ms-region`.
+pub const DEFAULT_REGION: &str = "East US";
+/// Default length of generated replies, in tokens (one word = one token).
+pub const DEFAULT_REPLY_TOKENS: u32 = 8;
+/// Default journal capacity: older entries are dropped first.
+pub const DEFAULT_JOURNAL_CAPACITY: usize = 10_000;
+/// Default cap on a request body; larger bodies get 413.
+pub const DEFAULT_MAX_BODY_BYTES: usize = 32 * 1024 * 1024;
+/// Default embedding width when the request has no `dimensions`
+/// (text-embedding-3-small and ada-002 both use 1536).
+pub const DEFAULT_EMBEDDING_DIMENSIONS: usize = 1536;
+
+/// Latency model: time to first token, then a fixed delay per generated token.
+///
+/// A streamed reply sends its headers after `ttft_ms` and token `k` (1-based) at
+/// `ttft_ms + k * per_token_ms`; a non-streamed reply is sent whole after
+/// `ttft_ms + n * per_token_ms`. `jitter_pct` scales every delay by a factor drawn
+/// uniformly from `[1 - j, 1 + j]` using a generator seeded with `seed`, so runs
+/// are reproducible.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Latency {
+    /// Time to first token in milliseconds (default 0).
+    pub ttft_ms: u64,
+    /// Delay per generated token in milliseconds (default 0).
+    pub per_token_ms: u64,
+    /// Jitter in percent of each delay, 0..=100 (default 0 = none).
+    pub jitter_pct: u8,
+    /// Seed of the jitter generator (default 0).
+    pub seed: u64,
+}
+
+impl Latency {
+    /// True when no delay at all is configured, which lets the hot path skip timers.
+    pub fn is_zero(&self) -> bool {
+        self.ttft_ms == 0 && self.per_token_ms == 0
+    }
+}
+
+/// Azure standard-deployment quota for one deployment.
+///
+/// `tpm` is charged per 60 s window; `rpm` is enforced as `ceil(rpm / 6)` requests
+/// per 10 s window, as Azure does. A value of 0 disables that dimension.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RateLimit {
+    /// Requests per minute (0 = unlimited).
+    pub rpm: u32,
+    /// Tokens per minute (0 = unlimited).
+    pub tpm: u32,
+}
+
+/// Settings that differ for one deployment; unset fields fall back to the instance's.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeploymentOverride {
+    /// Latency for this deployment only.
+    pub latency: Option<Latency>,
+    /// Quota for this deployment only.
+    pub rate_limit: Option<RateLimit>,
+    /// Reply length for this deployment only.
+    pub reply_tokens: Option<u32>,
+}
+
+/// Everything about one simulated Azure OpenAI resource.
+///
+/// Defaults: key `sim-key`, region `East US`, serves any deployment name, no
+/// latency, no rate limits, no faults, 8-token replies, a journal of 10 000
+/// entries, admin routes off, 32 MiB body cap.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct InstanceConfig {
+    /// Name used in logs, `x-aoai-sim-instance` and the journal.
+    pub name: String,
+    /// Key accepted in `api-key` or `Authorization: Bearer`.
+    pub api_key: String,
+    /// Reported in `x-ms-region`.
+    pub region: String,
+    /// Deployments served; `None` serves any name, others get 404 `DeploymentNotFound`.
+    pub deployments: Option<Vec<String>>,
+    /// Model name reported in bodies; `None` reports the deployment name.
+    pub model: Option<String>,
+    /// Latency model for every deployment.
+    pub latency: Latency,
+    /// Reply length in tokens (capped by the request's `max_tokens`).
+    pub reply_tokens: u32,
+    /// Quota applied to each deployment separately; `None` = unlimited.
+    pub rate_limit: Option<RateLimit>,
+    /// Per-deployment overrides of latency, quota and reply length.
+    pub deployment_overrides: BTreeMap<String, DeploymentOverride>,
+    /// Faults active from start-up.
+    pub faults: Vec<Fault>,
+    /// Journal ring size; the oldest entries are dropped first.
+    pub journal_capacity: usize,
+    /// Whether the `/_sim/` admin routes answer (default off).
+    pub admin: bool,
+    /// Largest accepted request body; larger bodies get 413.
+    pub max_body_bytes: usize,
+    /// Embedding width when the request has no `dimensions`.
+    pub embedding_dimensions: usize,
+}
+
+impl Default for InstanceConfig {
+    fn default() -> Self {
+        Self::new("sim")
+    }
+}
+
+impl InstanceConfig {
+    /// A new instance with the defaults listed on the type.
+    pub fn new(name: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            api_key: DEFAULT_API_KEY.to_owned(),
+            region: DEFAULT_REGION.to_owned(),
+            deployments: None,
+            model: None,
+            latency: Latency::default(),
+            reply_tokens: DEFAULT_REPLY_TOKENS,
+            rate_limit: None,
+            deployment_overrides: BTreeMap::new(),
+            faults: Vec::new(),
+            journal_capacity: DEFAULT_JOURNAL_CAPACITY,
+            admin: false,
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            embedding_dimensions: DEFAULT_EMBEDDING_DIMENSIONS,
+        }
+    }
+
+    /// Accept this key instead of `sim-key`.
+    pub fn api_key(mut self, key: impl Into<String>) -> Self {
+        self.api_key = key.into();
+        self
+    }
+
+    /// Report this region in `x-ms-region`.
+    pub fn region(mut self, region: impl Into<String>) -> Self {
+        self.region = region.into();
+        self
+    }
+
+    /// Serve only these deployments; any other name gets 404 `DeploymentNotFound`.
+    pub fn deployments(mut self, names: &[&str]) -> Self {
+        self.deployments = Some(names.iter().map(|s| (*s).to_owned()).collect());
+        self
+    }
+
+    /// Report this model name in response bodies instead of the deployment name.
+    pub fn model(mut self, model: impl Into<String>) -> Self {
+        self.model = Some(model.into());
+        self
+    }
+
+    /// Time to first token and delay per token, in milliseconds.
+    pub fn latency(mut self, ttft_ms: u64, per_token_ms: u64) -> Self {
+        self.latency.ttft_ms = ttft_ms;
+        self.latency.per_token_ms = per_token_ms;
+        self
+    }
+
+    /// Scale every delay by a seeded random factor in `[1 - pct%, 1 + pct%]`.
+    pub fn jitter(mut self, pct: u8, seed: u64) -> Self {
+        self.latency.jitter_pct = pct.min(100);
+        self.latency.seed = seed;
+        self
+    }
+
+    /// Length of generated replies in tokens (default 8).
+    pub fn reply_tokens(mut self, n: u32) -> Self {
+        self.reply_tokens = n;
+        self
+    }
+
+    /// Quota per deployment: `rpm` (enforced per 10 s window) and `tpm`; 0 = unlimited.
+    pub fn rate_limit(mut self, rpm: u32, tpm: u32) -> Self {
+        self.rate_limit = Some(RateLimit { rpm, tpm });
+        self
+    }
+
+    /// Quota for one deployment only, overriding [`InstanceConfig::rate_limit`].
+    pub fn deployment_rate_limit(mut self, deployment: &str, rpm: u32, tpm: u32) -> Self {
+        self.deployment_overrides
+            .entry(deployment.to_owned())
+            .or_default()
+            .rate_limit = Some(RateLimit { rpm, tpm });
+        self
+    }
+
+    /// Latency for one deployment only, overriding [`InstanceConfig::latency`].
+    pub fn deployment_latency(mut self, deployment: &str, ttft_ms: u64, per_token_ms: u64) -> Self {
+        let entry = self
+            .deployment_overrides
+            .entry(deployment.to_owned())
+            .or_default();
+        entry.latency = Some(Latency {
+            ttft_ms,
+            per_token_ms,
+            ..self.latency.clone()
+        });
+        self
+    }
+
+    /// Add a fault that is active from start-up.
+    pub fn fault(mut self, f: Fault) -> Self {
+        self.faults.push(f);
+        self
+    }
+
+    /// Enable or disable the `/_sim/` admin routes (default off).
+    pub fn admin(mut self, enabled: bool) -> Self {
+        self.admin = enabled;
+        self
+    }
+
+    /// Journal ring size (default 10 000).
+    pub fn journal_capacity(mut self, n: usize) -> Self {
+        self.journal_capacity = n;
+        self
+    }
+
+    /// Whether this instance serves `deployment`.
+    pub(crate) fn serves(&self, deployment: &str) -> bool {
+        match &self.deployments {
+            None => true,
+            Some(list) => list.iter().any(|d| d == deployment),
+        }
+    }
+
+    /// The latency that applies to `deployment`.
+    pub(crate) fn latency_for(&self, deployment: Option<&str>) -> &Latency {
+        deployment
+            .and_then(|d| self.deployment_overrides.get(d))
+            .and_then(|o| o.latency.as_ref())
+            .unwrap_or(&self.latency)
+    }
+
+    /// The quota that applies to `deployment`, if any.
+    pub(crate) fn rate_limit_for(&self, deployment: &str) -> Option<RateLimit> {
+        self.deployment_overrides
+            .get(deployment)
+            .and_then(|o| o.rate_limit)
+            .or(self.rate_limit)
+            .filter(|r| r.rpm > 0 || r.tpm > 0)
+    }
+
+    /// The reply length that applies to `deployment`.
+    pub(crate) fn reply_tokens_for(&self, deployment: Option<&str>) -> u32 {
+        deployment
+            .and_then(|d| self.deployment_overrides.get(d))
+            .and_then(|o| o.reply_tokens)
+            .unwrap_or(self.reply_tokens)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn builder_defaults_match_the_documented_ones() {
+        let c = InstanceConfig::new("a");
+        assert_eq!(c.api_key, "sim-key");
+        assert!(c.serves("anything"));
+        assert!(c.latency.is_zero());
+        assert_eq!(c.reply_tokens, 8);
+        assert_eq!(c.journal_capacity, 10_000);
+        assert!(!c.admin);
+    }
+
+    #[test]
+    fn deployment_override_wins_over_instance_quota() {
+        let c = InstanceConfig::new("a")
+            .rate_limit(60, 1000)
+            .deployment_rate_limit("big", 600, 100_000);
+        assert_eq!(
+            c.rate_limit_for("big"),
+            Some(RateLimit {
+                rpm: 600,
+                tpm: 100_000
+            })
+        );
+        assert_eq!(
+            c.rate_limit_for("small"),
+            Some(RateLimit { rpm: 60, tpm: 1000 })
+        );
+    }
+
+    #[test]
+    fn unknown_config_field_is_rejected_with_its_path() {
+        let json = r#"{"name":"x","latency":{"ttft":5}}"#;
+        let de = &mut serde_json::Deserializer::from_str(json);
+        let err = serde_path_to_error::deserialize::<_, InstanceConfig>(de).unwrap_err();
+        assert_eq!(err.path().to_string(), "latency.ttft");
+    }
+}

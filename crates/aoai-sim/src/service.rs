@@ -1,0 +1,701 @@
+//! The request lifecycle of one instance, in the order Azure applies its rules:
+//! admin routes → read body → journal → faults → route → `api-version` → auth →
+//! deployment → quota → operation → latency → common headers.
+//!
+//! The router is hand-written over the path's segments: it allocates nothing and
+//! keeps the common case (a chat completion) a handful of string compares.
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{self, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use sha2::{Digest, Sha256};
+
+use crate::azure;
+use crate::body::{SimBody, Timed, Tracker};
+use crate::fault::Applied;
+use crate::journal::{JournalEntry, Outcome, mask_credential};
+use crate::ratelimit::{Refusal, Remaining};
+use crate::server::{ConnShared, Instance};
+
+pub(crate) const JSON: HeaderValue = HeaderValue::from_static("application/json");
+pub(crate) const SSE: HeaderValue = HeaderValue::from_static("text/event-stream; charset=utf-8");
+pub(crate) const TEXT: HeaderValue = HeaderValue::from_static("text/plain; charset=utf-8");
+
+/// A deployment-scoped operation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Op {
+    Chat,
+    Completions,
+    Embeddings,
+    Images,
+    ImageEdits,
+    Transcriptions,
+    Translations,
+    Speech,
+    Responses,
+}
+
+impl Op {
+    pub(crate) fn key(self) -> &'static str {
+        match self {
+            Op::Chat => "chat",
+            Op::Completions => "completions",
+            Op::Embeddings => "embeddings",
+            Op::Images | Op::ImageEdits => "images",
+            Op::Transcriptions => "transcriptions",
+            Op::Translations => "translations",
+            Op::Speech => "speech",
+            Op::Responses => "responses",
+        }
+    }
+
+    fn from_tail(tail: &str) -> Option<Op> {
+        Some(match tail {
+            "chat/completions" => Op::Chat,
+            "completions" => Op::Completions,
+            "embeddings" => Op::Embeddings,
+            "images/generations" => Op::Images,
+            "images/edits" => Op::ImageEdits,
+            "audio/transcriptions" => Op::Transcriptions,
+            "audio/translations" => Op::Translations,
+            "audio/speech" => Op::Speech,
+            _ => return None,
+        })
+    }
+}
+
+/// Where a request goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Route<'a> {
+    /// Dated surface, deployment in the path.
+    Deployment(&'a str, Op),
+    /// v1 surface (or dated `/responses`), deployment in the body `model`.
+    BodyModel(Op),
+    Models,
+    Model(&'a str),
+    Files,
+    File(&'a str),
+    FileContent(&'a str),
+    Batches,
+    Batch(&'a str),
+    BatchCancel(&'a str),
+    Response(&'a str),
+    Realtime,
+    NotFound,
+}
+
+/// Parse `path` into a route; the flag is true on the v1 surface.
+pub(crate) fn route<'a>(method: &Method, path: &'a str) -> (Route<'a>, bool) {
+    let Some(rest) = path.strip_prefix("/openai/") else {
+        return (Route::NotFound, false);
+    };
+    let (rest, v1) = match rest.strip_prefix("v1/") {
+        Some(r) => (r, true),
+        None if rest == "v1" => ("", true),
+        None => (rest, false),
+    };
+    let rest = rest.strip_suffix('/').unwrap_or(rest);
+    let get = method == Method::GET;
+    let post = method == Method::POST;
+    let del = method == Method::DELETE;
+    let r = if let Some(d) = rest.strip_prefix("deployments/").filter(|_| !v1) {
+        match d.split_once('/') {
+            Some((dep, tail)) if post && !dep.is_empty() => {
+                Op::from_tail(tail).map_or(Route::NotFound, |op| Route::Deployment(dep, op))
+            }
+            _ => Route::NotFound,
+        }
+    } else {
+        let mut seg = rest.splitn(3, '/');
+        let a = seg.next().unwrap_or("");
+        let b = seg.next();
+        let c = seg.next();
+        match (a, b, c) {
+            ("models", None, None) if get => Route::Models,
+            ("models", Some(id), None) if get && !id.is_empty() => Route::Model(id),
+            ("files", None, None) if get || post => Route::Files,
+            ("files", Some(id), None) if (get || del) && !id.is_empty() => Route::File(id),
+            ("files", Some(id), Some("content")) if get && !id.is_empty() => Route::FileContent(id),
+            ("batches", None, None) if get || post => Route::Batches,
+            ("batches", Some(id), None) if get && !id.is_empty() => Route::Batch(id),
+            ("batches", Some(id), Some("cancel")) if post && !id.is_empty() => {
+                Route::BatchCancel(id)
+            }
+            ("responses", None, None) if post => Route::BodyModel(Op::Responses),
+            ("responses", Some(id), None) if (get || del) && !id.is_empty() => Route::Response(id),
+            ("realtime", None, None) if get => Route::Realtime,
+            _ if v1 && post => Op::from_tail(rest).map_or(Route::NotFound, Route::BodyModel),
+            _ => Route::NotFound,
+        }
+    };
+    (r, v1)
+}
+
+/// The value of `key` in a raw query string (no percent-decoding: the values this
+/// simulator reads are plain tokens).
+pub(crate) fn query_param<'a>(query: Option<&'a str>, key: &str) -> Option<&'a str> {
+    query?.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+        (k == key).then_some(v)
+    })
+}
+
+/// What one request produced, before the common headers and fault shaping.
+pub(crate) struct Reply {
+    pub(crate) status: StatusCode,
+    pub(crate) content_type: HeaderValue,
+    pub(crate) headers: Vec<(HeaderName, HeaderValue)>,
+    pub(crate) payload: Payload,
+    pub(crate) deployment: Option<String>,
+    pub(crate) remaining: Option<Remaining>,
+    /// Wait before sending headers (time to first token, or the whole reply time).
+    pub(crate) delay: Duration,
+    pub(crate) outcome: Outcome,
+}
+
+pub(crate) enum Payload {
+    Full(Bytes),
+    Frames(VecDeque<Timed>),
+    /// Switch protocols; the response is a bare 101 with these headers.
+    #[allow(dead_code)] // produced by the realtime route
+    Upgrade,
+}
+
+impl Reply {
+    pub(crate) fn new(
+        status: StatusCode,
+        content_type: HeaderValue,
+        body: impl Into<Bytes>,
+    ) -> Self {
+        Self {
+            status,
+            content_type,
+            headers: Vec::new(),
+            payload: Payload::Full(body.into()),
+            deployment: None,
+            remaining: None,
+            delay: Duration::ZERO,
+            outcome: Outcome::Completed,
+        }
+    }
+
+    pub(crate) fn json(status: StatusCode, body: impl Into<Bytes>) -> Self {
+        Self::new(status, JSON, body)
+    }
+
+    pub(crate) fn ok_json(body: impl Into<Bytes>) -> Self {
+        Self::json(StatusCode::OK, body)
+    }
+
+    pub(crate) fn not_found() -> Self {
+        Self::json(StatusCode::NOT_FOUND, azure::RESOURCE_NOT_FOUND)
+    }
+
+    pub(crate) fn bad_request(message: &str, param: Option<&str>, code: Option<&str>) -> Self {
+        Self::json(
+            StatusCode::BAD_REQUEST,
+            azure::invalid_request(message, param, code),
+        )
+    }
+
+    pub(crate) fn header(mut self, name: &'static str, value: impl ToString) -> Self {
+        if let Ok(v) = HeaderValue::from_str(&value.to_string()) {
+            self.headers.push((HeaderName::from_static(name), v));
+        }
+        self
+    }
+
+    pub(crate) fn with_deployment(mut self, dep: &str) -> Self {
+        self.deployment = Some(dep.to_owned());
+        self
+    }
+}
+
+/// Everything a handler may need about the request.
+pub(crate) struct Ctx {
+    pub(crate) inst: Arc<Instance>,
+    pub(crate) parts: http::request::Parts,
+    pub(crate) body: Bytes,
+    pub(crate) api_version: String,
+}
+
+impl Ctx {
+    /// Deployment check, then quota: `cost` tokens and one request.
+    pub(crate) fn admit(&self, dep: &str, op: Op, cost: u64) -> Result<Remaining, Reply> {
+        if !self.inst.cfg.serves(dep) {
+            return Err(
+                Reply::json(StatusCode::NOT_FOUND, azure::DEPLOYMENT_NOT_FOUND)
+                    .with_deployment(dep),
+            );
+        }
+        let Some(rl) = self.inst.cfg.rate_limit_for(dep) else {
+            return Ok(Remaining::UNLIMITED);
+        };
+        self.inst
+            .limiter
+            .charge(dep, rl, cost, Instant::now())
+            .map_err(|r| rate_limited(op, &self.api_version, &r).with_deployment(dep))
+    }
+
+    /// Content-filter check of a prompt (after charging: Azure bills filtered prompts).
+    pub(crate) fn filter(&self, prompt: &str) -> Result<(), Reply> {
+        if self.inst.faults.content_filtered(prompt) {
+            return Err(Reply::json(StatusCode::BAD_REQUEST, azure::CONTENT_FILTER));
+        }
+        Ok(())
+    }
+
+    /// Parse the JSON body into `T`, or Azure-style 400.
+    pub(crate) fn json<'de, T: serde::Deserialize<'de>>(&'de self) -> Result<T, Reply> {
+        serde_json::from_slice(&self.body).map_err(|e| {
+            let msg = if e.is_syntax() || e.is_eof() {
+                "We could not parse the JSON body of your request. (HINT: This likely means you aren't using your HTTP library correctly. The OpenAI API expects a JSON payload, but what was sent was not valid JSON. If you have trouble figuring out how to fix this, please contact us through our help center at help.openai.com.)".to_owned()
+            } else {
+                format!("Invalid request body: {e}")
+            };
+            Reply::bad_request(&msg, None, None)
+        })
+    }
+
+    /// Scale a delay by this deployment's jitter.
+    pub(crate) fn delay(&self, dep: Option<&str>, d: Duration) -> Duration {
+        let pct = self.inst.cfg.latency_for(dep).jitter_pct;
+        self.inst.jittered(d, pct)
+    }
+}
+
+/// Azure's 429 with `retry-after`, `retry-after-ms` and the reset headers.
+pub(crate) fn rate_limited(op: Op, api_version: &str, r: &Refusal) -> Reply {
+    let ms = u64::try_from(r.retry_after.as_millis())
+        .unwrap_or(u64::MAX)
+        .max(1);
+    let mut reply = Reply::json(
+        StatusCode::TOO_MANY_REQUESTS,
+        azure::too_many_requests(op.key(), api_version, r.retry_after, r.tokens),
+    )
+    .header("retry-after", azure::ceil_secs(r.retry_after))
+    .header("retry-after-ms", ms)
+    .header(
+        "x-ratelimit-reset-requests",
+        azure::ceil_secs(r.reset_requests),
+    )
+    .header("x-ratelimit-reset-tokens", azure::ceil_secs(r.reset_tokens));
+    reply.remaining = Some(r.remaining);
+    reply
+}
+
+fn fault_reply(
+    status: u16,
+    body: Option<String>,
+    retry_after_ms: Option<u64>,
+    op: Op,
+    api_version: &str,
+) -> Reply {
+    let code = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let retry = retry_after_ms.or((status == 429).then_some(1000));
+    let text = match body {
+        Some(b) => b,
+        None if status == 429 => azure::too_many_requests(
+            op.key(),
+            api_version,
+            Duration::from_millis(retry.unwrap_or(1000)),
+            true,
+        ),
+        None => azure::canonical_error(status),
+    };
+    let ct = if text.trim_start().starts_with(['{', '[']) {
+        JSON
+    } else {
+        TEXT
+    };
+    let mut reply = Reply::new(code, ct, text);
+    if let Some(ms) = retry {
+        let d = Duration::from_millis(ms);
+        reply = reply
+            .header("retry-after", azure::ceil_secs(d))
+            .header("retry-after-ms", ms);
+        if status == 429 {
+            reply = reply
+                .header("x-ratelimit-reset-requests", azure::ceil_secs(d))
+                .header("x-ratelimit-reset-tokens", azure::ceil_secs(d));
+            reply.remaining = Some(Remaining {
+                requests: 0,
+                tokens: 0,
+            });
+        }
+    }
+    reply.outcome = Outcome::Faulted;
+    reply
+}
+
+fn authorized(
+    inst: &Instance,
+    headers: &http::HeaderMap,
+    query: Option<&str>,
+    realtime: bool,
+) -> bool {
+    let key = inst.cfg.api_key.as_bytes();
+    if headers.get("api-key").is_some_and(|v| v.as_bytes() == key) {
+        return true;
+    }
+    if let Some(v) = headers.get(header::AUTHORIZATION) {
+        let v = v.as_bytes();
+        if v.len() > 7 && v[..7].eq_ignore_ascii_case(b"bearer ") && &v[7..] == key {
+            return true;
+        }
+    }
+    realtime && query_param(query, "api-key").is_some_and(|k| k.as_bytes() == key)
+}
+
+fn mask_query(q: &str) -> String {
+    if !q.contains("api-key=") {
+        return q.to_owned();
+    }
+    q.split('&')
+        .map(|kv| {
+            if kv.starts_with("api-key=") {
+                "api-key=***"
+            } else {
+                kv
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("&")
+}
+
+fn journal_entry(parts: &http::request::Parts, body: &[u8]) -> JournalEntry {
+    let headers = parts
+        .headers
+        .iter()
+        .map(|(k, v)| {
+            let name = k.as_str();
+            let value = String::from_utf8_lossy(v.as_bytes());
+            let value = if name == "api-key" || name == "authorization" {
+                mask_credential(name, &value)
+            } else {
+                value.into_owned()
+            };
+            (name.to_owned(), value)
+        })
+        .collect();
+    JournalEntry {
+        seq: 0,
+        received_at_ms: azure::unix_now_ms(),
+        method: parts.method.as_str().to_owned(),
+        path: parts.uri.path().to_owned(),
+        query: parts.uri.query().map(mask_query),
+        headers,
+        body_len: body.len(),
+        body_sha256: hex::encode(Sha256::digest(body)),
+        deployment: None,
+        status: 0,
+        outcome: Outcome::InFlight,
+        fault: None,
+    }
+}
+
+/// Serve one request.
+pub(crate) async fn handle(
+    inst: Arc<Instance>,
+    conn: Arc<ConnShared>,
+    mut req: Request<Incoming>,
+) -> Result<Response<SimBody>, Infallible> {
+    if inst.cfg.admin && req.uri().path().starts_with("/_sim/") {
+        let (parts, body) = req.into_parts();
+        let body = body
+            .collect()
+            .await
+            .map(|c| c.to_bytes())
+            .unwrap_or_default();
+        return Ok(crate::admin::handle(&inst, &parts, &body));
+    }
+    let upgrade = if req.uri().path().ends_with("/realtime") {
+        Some(hyper::upgrade::on(&mut req))
+    } else {
+        None
+    };
+    let (parts, body) = req.into_parts();
+    let (body, too_large) = match Limited::new(body, inst.cfg.max_body_bytes).collect().await {
+        Ok(c) => (c.to_bytes(), false),
+        Err(e) => {
+            if e.is::<http_body_util::LengthLimitError>() {
+                (Bytes::new(), true)
+            } else {
+                // The client went away mid-body; nothing can be answered.
+                let mut t =
+                    Tracker::new(inst.clone(), inst.journal.push(journal_entry(&parts, &[])));
+                t.finish(Outcome::ClientAborted);
+                return Ok(Response::new(SimBody::empty()));
+            }
+        }
+    };
+    let seq = inst.journal.push(journal_entry(&parts, &body));
+    let mut tracker = Tracker::new(inst.clone(), seq);
+    let client_request_id = parts.headers.get("x-ms-client-request-id").cloned();
+
+    let op_hint = match route(&parts.method, parts.uri.path()).0 {
+        Route::Deployment(_, op) | Route::BodyModel(op) => op,
+        _ => Op::Chat,
+    };
+    let api_version = query_param(parts.uri.query(), "api-version")
+        .unwrap_or("")
+        .to_owned();
+
+    let mut body_fault = None;
+    if let Some(applied) = inst.faults.take() {
+        tracker.fault = Some(applied.kind());
+        match applied {
+            Applied::Fail {
+                status,
+                body,
+                retry_after_ms,
+            } => {
+                let reply = fault_reply(status, body, retry_after_ms, op_hint, &api_version);
+                return Ok(finish(&inst, reply, tracker, None, client_request_id));
+            }
+            Applied::Reset => {
+                tracker.finish(Outcome::Faulted);
+                conn.reset();
+                std::future::pending::<()>().await;
+            }
+            Applied::Hang(Some(ms)) => tokio::time::sleep(Duration::from_millis(ms)).await,
+            Applied::Hang(None) => std::future::pending::<()>().await,
+            other @ (Applied::CloseMidStream(_) | Applied::Drip { .. }) => {
+                body_fault = Some(other);
+            }
+        }
+    }
+
+    let ctx = Ctx {
+        inst: inst.clone(),
+        parts,
+        body,
+        api_version,
+    };
+    let reply = if too_large {
+        Reply::json(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            r#"{"error":{"code":"RequestEntityTooLarge","message":"The request body is too large."}}"#,
+        )
+    } else {
+        dispatch(&ctx, upgrade, conn)
+    };
+    if !reply.delay.is_zero() {
+        tokio::time::sleep(reply.delay).await;
+    }
+    Ok(finish(&inst, reply, tracker, body_fault, client_request_id))
+}
+
+fn dispatch(ctx: &Ctx, upgrade: Option<hyper::upgrade::OnUpgrade>, conn: Arc<ConnShared>) -> Reply {
+    let (route_, v1) = route(&ctx.parts.method, ctx.parts.uri.path());
+    if route_ == Route::NotFound {
+        return Reply::not_found();
+    }
+    if !v1 && ctx.api_version.is_empty() {
+        return Reply::not_found();
+    }
+    let realtime = route_ == Route::Realtime;
+    if !authorized(
+        &ctx.inst,
+        &ctx.parts.headers,
+        ctx.parts.uri.query(),
+        realtime,
+    ) {
+        return Reply::json(StatusCode::UNAUTHORIZED, azure::UNAUTHORIZED);
+    }
+    match route_ {
+        Route::Deployment(dep, op) => {
+            if !ctx.inst.cfg.serves(dep) {
+                return Reply::json(StatusCode::NOT_FOUND, azure::DEPLOYMENT_NOT_FOUND)
+                    .with_deployment(dep);
+            }
+            crate::openai::operation(ctx, Some(dep), op)
+        }
+        Route::BodyModel(op) => crate::openai::operation(ctx, None, op),
+        Route::Realtime => crate::realtime::upgrade(ctx, v1, upgrade, conn),
+        other => crate::store::handle(ctx, other),
+    }
+}
+
+/// Add the common headers, shape the body for a body-level fault, and settle the
+/// journal entry (or hand it to the body when the body outlives this call).
+fn finish(
+    inst: &Instance,
+    reply: Reply,
+    mut tracker: Tracker,
+    body_fault: Option<Applied>,
+    client_request_id: Option<HeaderValue>,
+) -> Response<SimBody> {
+    tracker.status = reply.status.as_u16();
+    if tracker.deployment.is_none() {
+        tracker.deployment = reply.deployment.clone();
+    }
+    let remaining = reply.remaining.unwrap_or_else(|| {
+        reply
+            .deployment
+            .as_deref()
+            .and_then(|d| inst.cfg.rate_limit_for(d).map(|rl| (d, rl)))
+            .map_or(Remaining::UNLIMITED, |(d, rl)| {
+                inst.limiter.peek(d, rl, Instant::now())
+            })
+    });
+    let mut resp = Response::new(SimBody::empty());
+    *resp.status_mut() = reply.status;
+    let h = resp.headers_mut();
+    h.reserve(12 + reply.headers.len());
+    if !matches!(reply.payload, Payload::Upgrade) {
+        h.insert(header::CONTENT_TYPE, reply.content_type.clone());
+    }
+    for hv in [azure::uuid(), azure::uuid()]
+        .into_iter()
+        .zip(["apim-request-id", "x-request-id"])
+    {
+        if let Ok(v) = HeaderValue::from_str(&hv.0) {
+            h.insert(HeaderName::from_static(hv.1), v);
+        }
+    }
+    h.insert(
+        HeaderName::from_static("x-ms-region"),
+        inst.region_hv.clone(),
+    );
+    h.insert(
+        HeaderName::from_static("x-ratelimit-remaining-requests"),
+        HeaderValue::from(remaining.requests),
+    );
+    h.insert(
+        HeaderName::from_static("x-ratelimit-remaining-tokens"),
+        HeaderValue::from(remaining.tokens),
+    );
+    if let Some(v) = client_request_id {
+        h.insert(HeaderName::from_static("x-ms-client-request-id"), v);
+    }
+    if let Some(v) = reply
+        .deployment
+        .as_deref()
+        .and_then(|d| HeaderValue::from_str(d).ok())
+    {
+        h.insert(HeaderName::from_static("x-ms-deployment-name"), v);
+    }
+    h.insert(
+        HeaderName::from_static("x-aoai-sim-instance"),
+        inst.name_hv.clone(),
+    );
+    for (k, v) in reply.headers {
+        h.append(k, v);
+    }
+
+    let outcome = reply.outcome;
+    let body = match (reply.payload, body_fault) {
+        (Payload::Upgrade, _) => {
+            tracker.finish(Outcome::Upgraded);
+            SimBody::empty()
+        }
+        (Payload::Full(b), None) => {
+            tracker.finish(outcome);
+            SimBody::full(b)
+        }
+        (Payload::Full(b), Some(Applied::CloseMidStream(_))) => {
+            resp.headers_mut()
+                .insert(header::CONTENT_LENGTH, HeaderValue::from(b.len()));
+            let half = b.slice(..b.len() / 2);
+            let frames = VecDeque::from([Timed {
+                delay: Duration::ZERO,
+                data: half,
+            }]);
+            SimBody::timed(frames, Some(1), Some(tracker))
+        }
+        (Payload::Full(b), Some(Applied::Drip { bytes, interval_ms })) => {
+            resp.headers_mut()
+                .insert(header::CONTENT_LENGTH, HeaderValue::from(b.len()));
+            SimBody::timed(drip(&b, bytes, interval_ms), None, Some(tracker))
+        }
+        (Payload::Frames(frames), Some(Applied::CloseMidStream(k))) => {
+            SimBody::timed(frames, Some(k as usize), Some(tracker))
+        }
+        (Payload::Frames(frames), Some(Applied::Drip { bytes, interval_ms })) => {
+            let mut all = Vec::new();
+            for f in &frames {
+                all.extend_from_slice(&f.data);
+            }
+            SimBody::timed(drip(&all, bytes, interval_ms), None, Some(tracker))
+        }
+        (Payload::Frames(frames), _) => SimBody::timed(frames, None, Some(tracker)),
+        (Payload::Full(b), Some(_)) => {
+            tracker.finish(outcome);
+            SimBody::full(b)
+        }
+    };
+    *resp.body_mut() = body;
+    resp
+}
+
+fn drip(all: &[u8], bytes: usize, interval_ms: u64) -> VecDeque<Timed> {
+    let interval = Duration::from_millis(interval_ms);
+    all.chunks(bytes.max(1))
+        .enumerate()
+        .map(|(i, c)| Timed {
+            delay: if i == 0 { Duration::ZERO } else { interval },
+            data: Bytes::copy_from_slice(c),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn router_maps_the_dated_and_v1_surfaces() {
+        let p = Method::POST;
+        assert_eq!(
+            route(&p, "/openai/deployments/gpt-4o/chat/completions"),
+            (Route::Deployment("gpt-4o", Op::Chat), false)
+        );
+        assert_eq!(
+            route(&p, "/openai/v1/chat/completions"),
+            (Route::BodyModel(Op::Chat), true)
+        );
+        assert_eq!(
+            route(&p, "/openai/responses"),
+            (Route::BodyModel(Op::Responses), false)
+        );
+        assert_eq!(
+            route(&Method::GET, "/openai/files/file-1/content"),
+            (Route::FileContent("file-1"), false)
+        );
+        assert_eq!(
+            route(&Method::GET, "/openai/deployments/x/chat/completions").0,
+            Route::NotFound
+        );
+        assert_eq!(route(&p, "/other").0, Route::NotFound);
+        assert_eq!(
+            route(&Method::GET, "/openai/v1/models"),
+            (Route::Models, true)
+        );
+    }
+
+    #[test]
+    fn query_param_finds_exact_keys() {
+        assert_eq!(
+            query_param(Some("a=1&api-version=2024-10-21"), "api-version"),
+            Some("2024-10-21")
+        );
+        assert_eq!(query_param(Some("xapi-version=1"), "api-version"), None);
+        assert_eq!(query_param(None, "a"), None);
+    }
+
+    #[test]
+    fn query_keys_are_masked_in_the_journal() {
+        assert_eq!(
+            mask_query("deployment=d&api-key=secret"),
+            "deployment=d&api-key=***"
+        );
+    }
+}

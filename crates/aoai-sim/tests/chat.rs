@@ -1,0 +1,313 @@
+//! Chat, completions and embeddings as a client sees them: shapes, SSE framing
+//! byte for byte, latency, Azure's routing rules and common headers.
+
+mod common;
+
+use std::time::Duration;
+
+use aoai_sim::InstanceConfig;
+use common::*;
+use http::{Method, StatusCode};
+use serde_json::json;
+
+const SAFE: &str = r#"{"hate":{"filtered":false,"severity":"safe"},"self_harm":{"filtered":false,"severity":"safe"},"sexual":{"filtered":false,"severity":"safe"},"violence":{"filtered":false,"severity":"safe"}}"#;
+
+#[tokio::test]
+async fn non_streaming_chat_returns_a_chat_completion_with_usage() {
+    let sim = one(InstanceConfig::new("a").reply_tokens(5)).await;
+    let r = post_json(
+        &chat_url(&sim.url(), "gpt-4o"),
+        chat_body("hello there, sim"),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.header("content-type"), Some("application/json"));
+    let v = r.json();
+    assert_eq!(v["object"], "chat.completion");
+    assert!(v["id"].as_str().unwrap().starts_with("chatcmpl-"));
+    assert_eq!(v["model"], "gpt-4o");
+    assert_eq!(v["choices"][0]["message"]["role"], "assistant");
+    assert_eq!(
+        v["choices"][0]["message"]["content"],
+        "This is a simulated reply"
+    );
+    assert_eq!(v["choices"][0]["finish_reason"], "stop");
+    assert_eq!(v["usage"]["completion_tokens"], 5);
+    // "hello there, sim\n" is 17 chars -> 5 tokens.
+    assert_eq!(v["usage"]["prompt_tokens"], 5);
+    assert_eq!(v["usage"]["total_tokens"], 10);
+    assert_eq!(
+        v["prompt_filter_results"][0]["content_filter_results"],
+        serde_json::from_str::<serde_json::Value>(SAFE).unwrap()
+    );
+}
+
+#[tokio::test]
+async fn max_tokens_below_reply_length_stops_with_length() {
+    let sim = one(InstanceConfig::new("a").reply_tokens(8)).await;
+    let mut body = chat_body("hi");
+    body["max_tokens"] = json!(3);
+    body["n"] = json!(2);
+    let v = post_json(&chat_url(&sim.url(), "d"), body).await.json();
+    assert_eq!(v["choices"].as_array().unwrap().len(), 2);
+    assert_eq!(v["choices"][1]["index"], 1);
+    assert_eq!(v["choices"][0]["finish_reason"], "length");
+    assert_eq!(v["usage"]["completion_tokens"], 6);
+}
+
+#[tokio::test]
+async fn every_response_carries_azure_common_headers() {
+    let sim = one(InstanceConfig::new("a").region("Sweden Central")).await;
+    let r = send(
+        Method::POST,
+        &chat_url(&sim.url(), "d"),
+        &[("api-key", KEY), ("x-ms-client-request-id", "abc-123")],
+        chat_body("x").to_string(),
+    )
+    .await;
+    for h in [
+        "apim-request-id",
+        "x-request-id",
+        "x-ratelimit-remaining-requests",
+        "x-ratelimit-remaining-tokens",
+    ] {
+        assert!(r.header(h).is_some(), "missing {h}");
+    }
+    assert_eq!(r.header("x-ms-region"), Some("Sweden Central"));
+    assert_eq!(r.header("x-ms-client-request-id"), Some("abc-123"));
+    assert_eq!(r.header("x-aoai-sim-instance"), Some("a"));
+    // Errors carry them too.
+    let r = send(Method::POST, &chat_url(&sim.url(), "d"), &[], "{}").await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    assert!(r.header("apim-request-id").is_some());
+    assert!(r.header("x-ratelimit-remaining-tokens").is_some());
+}
+
+#[tokio::test]
+async fn streaming_chat_is_framed_exactly_as_azure_sends_it() {
+    let sim = one(InstanceConfig::new("a").reply_tokens(3)).await;
+    let mut body = chat_body("hello");
+    body["stream"] = json!(true);
+    body["stream_options"] = json!({"include_usage": true});
+    let r = post_json(&chat_url(&sim.url(), "gpt-4o"), body).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(
+        r.header("content-type"),
+        Some("text/event-stream; charset=utf-8")
+    );
+    assert!(r.header("content-length").is_none());
+    let text = r.text();
+    // Ids and timestamps are random; read them from the first content chunk.
+    let second = text.split("\n\n").nth(1).unwrap();
+    let v: serde_json::Value =
+        serde_json::from_str(second.strip_prefix("data: ").unwrap()).unwrap();
+    let id = v["id"].as_str().unwrap();
+    let created = v["created"].as_u64().unwrap();
+    let head = format!(
+        r#"{{"id":"{id}","object":"chat.completion.chunk","created":{created},"model":"gpt-4o","system_fingerprint":"fp_sim","choices":[{{"index":0,"delta":"#
+    );
+    let mut expected = String::new();
+    expected.push_str(&format!(
+        "data: {{\"id\":\"\",\"object\":\"\",\"created\":0,\"model\":\"\",\"prompt_filter_results\":[{{\"prompt_index\":0,\"content_filter_results\":{SAFE}}}],\"choices\":[],\"usage\":null}}\n\n"
+    ));
+    expected.push_str(&format!(
+        "data: {head}{{\"role\":\"assistant\",\"content\":\"\",\"refusal\":null}},\"logprobs\":null,\"finish_reason\":null,\"content_filter_results\":{{}}}}],\"usage\":null}}\n\n"
+    ));
+    for word in ["This", " is", " a"] {
+        expected.push_str(&format!(
+            "data: {head}{{\"content\":\"{word}\"}},\"logprobs\":null,\"finish_reason\":null,\"content_filter_results\":{SAFE}}}],\"usage\":null}}\n\n"
+        ));
+    }
+    expected.push_str(&format!(
+        "data: {head}{{}},\"logprobs\":null,\"finish_reason\":\"stop\",\"content_filter_results\":{{}}}}],\"usage\":null}}\n\n"
+    ));
+    expected.push_str(&format!(
+        "data: {{\"id\":\"{id}\",\"object\":\"chat.completion.chunk\",\"created\":{created},\"model\":\"gpt-4o\",\"system_fingerprint\":\"fp_sim\",\"choices\":[],\"usage\":{{\"completion_tokens\":3,\"completion_tokens_details\":{{\"accepted_prediction_tokens\":0,\"audio_tokens\":0,\"reasoning_tokens\":0,\"rejected_prediction_tokens\":0}},\"prompt_tokens\":2,\"prompt_tokens_details\":{{\"audio_tokens\":0,\"cached_tokens\":0}},\"total_tokens\":5}}}}\n\n"
+    ));
+    expected.push_str("data: [DONE]\n\n");
+    assert_eq!(text, expected);
+}
+
+#[tokio::test]
+async fn streaming_without_include_usage_has_no_usage_chunk() {
+    let sim = one(InstanceConfig::new("a").reply_tokens(2)).await;
+    let mut body = chat_body("hello");
+    body["stream"] = json!(true);
+    let text = post_json(&chat_url(&sim.url(), "d"), body).await.text();
+    let events: Vec<&str> = text.split_terminator("\n\n").collect();
+    // filter, role, 2 tokens, finish, DONE
+    assert_eq!(events.len(), 6, "{text}");
+    assert_eq!(events[5], "data: [DONE]");
+    for e in &events[..5] {
+        let v: serde_json::Value = serde_json::from_str(e.strip_prefix("data: ").unwrap()).unwrap();
+        assert!(v["usage"].is_null());
+        assert!(v.get("usage").is_some(), "every chunk carries usage:null");
+    }
+}
+
+#[tokio::test]
+async fn stream_chunks_are_spaced_by_the_latency_model() {
+    let sim = one(InstanceConfig::new("a").reply_tokens(4).latency(150, 60)).await;
+    let mut body = chat_body("hello");
+    body["stream"] = json!(true);
+    let started = std::time::Instant::now();
+    let (status, _, frames, err) = stream_frames(&chat_url(&sim.url(), "d"), body).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(err.is_none(), "{err:?}");
+    // Token frames are frames 2..6 (after prompt filter and role).
+    let first_token = frames[2].0.duration_since(started);
+    assert!(first_token >= Duration::from_millis(200), "{first_token:?}");
+    for w in frames[2..6].windows(2) {
+        let gap = w[1].0.duration_since(w[0].0);
+        assert!(gap >= Duration::from_millis(45), "gap {gap:?}");
+    }
+    let total = frames.last().unwrap().0.duration_since(started);
+    assert!(total >= Duration::from_millis(390), "{total:?}");
+}
+
+#[tokio::test]
+async fn non_streaming_reply_takes_ttft_plus_every_token() {
+    let sim = one(InstanceConfig::new("a").reply_tokens(5).latency(100, 20)).await;
+    let t = std::time::Instant::now();
+    let r = post_json(&chat_url(&sim.url(), "d"), chat_body("x")).await;
+    assert_eq!(r.status, StatusCode::OK);
+    let took = t.elapsed();
+    assert!(took >= Duration::from_millis(200), "{took:?}");
+    assert!(took < Duration::from_millis(2000), "{took:?}");
+}
+
+#[tokio::test]
+async fn missing_api_version_is_404_resource_not_found() {
+    let sim = one(InstanceConfig::new("a")).await;
+    let url = format!("{}/openai/deployments/d/chat/completions", sim.url());
+    let r = post_json(&url, chat_body("x")).await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    assert_eq!(
+        r.text(),
+        r#"{"error":{"code":"404","message":"Resource not found"}}"#
+    );
+    // ... but optional on v1.
+    let r = post_json(
+        &format!("{}/openai/v1/chat/completions", sim.url()),
+        json!({"model":"d","messages":[{"role":"user","content":"x"}]}),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.json()["model"], "d");
+}
+
+#[tokio::test]
+async fn unknown_paths_are_resource_not_found() {
+    let sim = one(InstanceConfig::new("a")).await;
+    for path in ["/", "/openai/deployments/d/nope", "/openai/v1/nope"] {
+        let r = post_json(&format!("{}{path}?{V}", sim.url()), json!({})).await;
+        assert_eq!(r.status, StatusCode::NOT_FOUND, "{path}");
+    }
+}
+
+#[tokio::test]
+async fn unserved_deployment_is_404_deployment_not_found() {
+    let sim = one(InstanceConfig::new("a").deployments(&["gpt-4o"])).await;
+    let r = post_json(&chat_url(&sim.url(), "gpt-35"), chat_body("x")).await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    assert_eq!(r.json()["error"]["code"], "DeploymentNotFound");
+    assert_eq!(r.text(), aoai_sim::bodies::DEPLOYMENT_NOT_FOUND,);
+    let r = post_json(
+        &format!("{}/openai/v1/chat/completions", sim.url()),
+        json!({"model":"gpt-35","messages":[{"role":"user","content":"x"}]}),
+    )
+    .await;
+    assert_eq!(r.json()["error"]["code"], "DeploymentNotFound");
+    let r = post_json(&chat_url(&sim.url(), "gpt-4o"), chat_body("x")).await;
+    assert_eq!(r.status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn wrong_or_missing_key_is_401_with_azure_body() {
+    let sim = one(InstanceConfig::new("a").api_key("k1")).await;
+    let url = chat_url(&sim.url(), "d");
+    for headers in [
+        vec![],
+        vec![("api-key", "nope")],
+        vec![("authorization", "Bearer nope")],
+    ] {
+        let r = send(Method::POST, &url, &headers, chat_body("x").to_string()).await;
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+        assert_eq!(r.text(), aoai_sim::bodies::UNAUTHORIZED);
+    }
+    for headers in [
+        vec![("api-key", "k1")],
+        vec![("authorization", "Bearer k1")],
+    ] {
+        let r = send(Method::POST, &url, &headers, chat_body("x").to_string()).await;
+        assert_eq!(r.status, StatusCode::OK);
+    }
+}
+
+#[tokio::test]
+async fn invalid_json_is_400() {
+    let sim = one(InstanceConfig::new("a")).await;
+    let r = send(
+        Method::POST,
+        &chat_url(&sim.url(), "d"),
+        &[("api-key", KEY)],
+        "{not json",
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert!(r.json()["error"]["message"].is_string());
+    let r = post_json(&chat_url(&sim.url(), "d"), json!({"messages": []})).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+}
+
+#[tokio::test]
+async fn completions_return_text_completion() {
+    let sim = one(InstanceConfig::new("a").reply_tokens(4)).await;
+    let url = format!("{}/openai/deployments/d/completions?{V}", sim.url());
+    let v = post_json(&url, json!({"prompt":"Say this", "max_tokens": 10}))
+        .await
+        .json();
+    assert_eq!(v["object"], "text_completion");
+    assert_eq!(v["choices"][0]["text"], "This is a simulated");
+    assert_eq!(v["usage"]["completion_tokens"], 4);
+    let r = post_json(&url, json!({"prompt":"Say this", "stream": true})).await;
+    let text = r.text();
+    assert!(text.starts_with("data: {\"id\":\"\",\"object\":\"\""));
+    assert!(text.ends_with("data: [DONE]\n\n"));
+    assert!(text.contains("\"object\":\"text_completion\""));
+}
+
+#[tokio::test]
+async fn embeddings_are_deterministic_and_honour_dimensions() {
+    let sim = one(InstanceConfig::new("a")).await;
+    let url = format!("{}/openai/deployments/emb/embeddings?{V}", sim.url());
+    let a = post_json(&url, json!({"input":"hello"})).await.json();
+    let b = post_json(&url, json!({"input":"hello"})).await.json();
+    assert_eq!(a["data"][0]["embedding"], b["data"][0]["embedding"]);
+    assert_eq!(a["object"], "list");
+    assert_eq!(a["data"][0]["object"], "embedding");
+    assert_eq!(a["data"][0]["embedding"].as_array().unwrap().len(), 1536);
+    assert_eq!(a["usage"]["prompt_tokens"], 2);
+    let c = post_json(&url, json!({"input":["hello","world"], "dimensions": 256}))
+        .await
+        .json();
+    assert_eq!(c["data"].as_array().unwrap().len(), 2);
+    assert_eq!(c["data"][1]["index"], 1);
+    assert_eq!(c["data"][0]["embedding"].as_array().unwrap().len(), 256);
+    assert_ne!(c["data"][0]["embedding"], c["data"][1]["embedding"]);
+    let d = post_json(
+        &url,
+        json!({"input":"hello", "dimensions": 4, "encoding_format":"base64"}),
+    )
+    .await
+    .json();
+    use base64::Engine as _;
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(d["data"][0]["embedding"].as_str().unwrap())
+        .unwrap();
+    assert_eq!(raw.len(), 16);
+    let first = f32::from_le_bytes(raw[..4].try_into().unwrap());
+    assert_eq!(first, aoai_sim::embedding_vector(b"hello", 4)[0]);
+    let bad = post_json(&url, json!({"input": 5})).await;
+    assert_eq!(bad.status, StatusCode::BAD_REQUEST);
+}
