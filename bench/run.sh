@@ -1,0 +1,457 @@
+#!/usr/bin/env bash
+# Benchmark: aoai-lb next to nginx, the LiteLLM proxy and going direct, all in
+# one run on this machine, against aoai-sim on loopback.
+#
+#   bench/run.sh            full run (about 10-12 minutes after the first build)
+#   QUICK=1 bench/run.sh    one round, short runs: a smoke test of the harness
+#
+# What it measures (see bench/README.md for the method):
+#   a. non-streaming chat at concurrency 64: req/s, p50/p99, CPU per request,
+#      peak RSS; direct, aoai-lb, nginx, LiteLLM
+#   b. light load (1 and 16 connections): latency added over going direct
+#   c. 1,000 concurrent SSE streams, 100 events 20 ms apart: added time to
+#      first byte, inter-event gap deviation, RSS
+#   d. 10,000 concurrent open streams through aoai-lb: peak RSS per stream
+#   e. footprint: idle RSS, binary size, start-to-ready time
+#
+# Everything listens on 127.0.0.1 only. Every load step is bounded in time
+# (wrk -d, the stream client's --timeout-s) and every server started here is
+# stopped on exit, by process id.
+#
+# Outputs: bench/out/raw/*.json (one file per measurement),
+#          bench/out/results.json and bench/out/results.md (medians, ratios,
+#          targets), bench/out/logs/ (server logs).
+set -euo pipefail
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+ROOT=$(dirname "$HERE")
+
+# ---- knobs (environment) -------------------------------------------------
+QUICK=${QUICK:-0}
+ROUNDS=${ROUNDS:-3}
+DURATION=${DURATION:-10}          # seconds per max-throughput run
+LIGHT_DURATION=${LIGHT_DURATION:-5}
+WARMUP=${WARMUP:-2}
+STREAMS=${STREAMS:-1000}
+STREAM_EVENTS=${STREAM_EVENTS:-100}
+STREAM_GAP_MS=${STREAM_GAP_MS:-20}
+OPEN_STREAMS=${OPEN_STREAMS:-10000}
+FOOTPRINT_STARTS=${FOOTPRINT_STARTS:-5}
+PIN=${PIN:-1}                     # 1: servers under test on CPU_PROXY, load on CPU_LOAD
+CPU_PROXY=${CPU_PROXY:-0}
+CPU_LOAD=${CPU_LOAD:-1}
+SKIP_LITELLM=${SKIP_LITELLM:-0}
+SKIP_INSTALL=${SKIP_INSTALL:-0}
+BASE_PORT=${BASE_PORT:-18100}
+LITELLM_VERSION=${LITELLM_VERSION:-1.106.12}
+GATEWAY_LOG=${GATEWAY_LOG:-/dev/null}   # where aoai-lb's per-request JSON log goes
+OUT=${BENCH_OUT:-$HERE/out}
+if [[ $QUICK == 1 ]]; then
+  ROUNDS=1 DURATION=3 LIGHT_DURATION=2 WARMUP=1 STREAMS=200 OPEN_STREAMS=1000 FOOTPRINT_STARTS=2
+fi
+
+SIM_KEY=sim-key
+CLIENT_KEY=sk-bench-client
+DEPLOYMENT=bench-chat
+API_VERSION=2024-10-21
+CHAT_PATH="/openai/deployments/$DEPLOYMENT/chat/completions?api-version=$API_VERSION"
+
+# Ports: three simulator pairs (fast, streaming, long-lived), one gateway per
+# pair, nginx in front of the fast and streaming pairs, LiteLLM on the fast one.
+P_SIM_FAST=$((BASE_PORT + 0))     # +0, +1
+P_SIM_STREAM=$((BASE_PORT + 10))  # +10, +11
+P_SIM_OPEN=$((BASE_PORT + 20))    # +20, +21
+P_LB_FAST=$((BASE_PORT + 100))
+P_LB_STREAM=$((BASE_PORT + 110))
+P_LB_OPEN=$((BASE_PORT + 120))
+P_LB_FOOT=$((BASE_PORT + 130))
+P_NGX_FAST=$((BASE_PORT + 200))
+P_NGX_STREAM=$((BASE_PORT + 210))
+P_LITELLM=$((BASE_PORT + 300))
+
+RAW=$OUT/raw
+LOGS=$OUT/logs
+RUN=$OUT/run
+CLK_TCK=$(getconf CLK_TCK)
+
+log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+# ---- process bookkeeping -------------------------------------------------
+PIDS=()
+cleanup() {
+  local pid
+  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+  for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# pinned CPU CMD...: runs CMD restricted to CPU when pinning is on.
+pinned() {
+  local cpu=$1; shift
+  if [[ $PIN == 1 ]]; then taskset -c "$cpu" "$@"; else "$@"; fi
+}
+
+# start NAME CPU STDOUT CMD...: starts a server in the background; sets LAST_PID.
+# The command runs as a plain background job (taskset, env exec), so $! is
+# the server's own pid, never a wrapper subshell's.
+start() {
+  local name=$1 cpu=$2 stdout=$3; shift 3
+  local cmd=("$@")
+  if [[ $PIN == 1 ]]; then cmd=(taskset -c "$cpu" "${cmd[@]}"); fi
+  "${cmd[@]}" >"$stdout" 2>"$LOGS/$name.err" &
+  LAST_PID=$!
+  PIDS+=("$LAST_PID")
+}
+
+# stop PID: ends one server started here and waits for it.
+stop() {
+  kill "$1" 2>/dev/null || true
+  wait "$1" 2>/dev/null || true
+}
+
+# tree PID: the process and all its descendants.
+tree() {
+  local p=$1 c
+  echo "$p"
+  for c in $(cat /proc/"$p"/task/*/children 2>/dev/null); do tree "$c"; done
+}
+
+# cpu_ticks PID...: utime+stime summed over the processes, in clock ticks.
+cpu_ticks() {
+  local t=0 p v
+  for p in "$@"; do
+    v=$(sed 's/^.*) //' "/proc/$p/stat" | awk '{print $12 + $13}')
+    t=$((t + v))
+  done
+  echo "$t"
+}
+
+# mem_kib FIELD PID...: a /proc/PID/status field (VmRSS, VmHWM) summed, in KiB.
+mem_kib() {
+  local field=$1 t=0 p v; shift
+  for p in "$@"; do
+    v=$(awk -v f="$field:" '$1 == f {print $2}' "/proc/$p/status")
+    t=$((t + ${v:-0}))
+  done
+  echo "$t"
+}
+
+# reset_peak PID...: restarts VmHWM from the current RSS (clear_refs 5), so
+# each measurement's peak is its own.
+reset_peak() {
+  local p
+  for p in "$@"; do echo 5 >"/proc/$p/clear_refs" 2>/dev/null || true; done
+}
+
+now_ns() { date +%s%N; }
+
+bench_client() { "$BIN/aoai-bench" "$@"; }
+
+# wait_ready URL [extra args]: blocks until the URL answers 200 (or TCP accept
+# with --tcp); prints the JSON from `aoai-bench ready`.
+wait_ready() {
+  local url=$1; shift
+  bench_client ready --url "$url" "$@"
+}
+
+# ---- install -------------------------------------------------------------
+install_deps() {
+  local missing=()
+  command -v nginx >/dev/null || missing+=(nginx-light)
+  command -v wrk >/dev/null || missing+=(wrk)
+  command -v taskset >/dev/null || missing+=(util-linux)
+  python3 -m venv --help >/dev/null 2>&1 || missing+=(python3-venv)
+  if ((${#missing[@]})); then
+    log "installing ${missing[*]}"
+    apt-get update -qq
+    apt-get install -y -qq "${missing[@]}" >/dev/null
+  fi
+  if [[ $SKIP_LITELLM != 1 ]]; then
+    if ! "$HERE/.venv/bin/litellm" --version 2>/dev/null | grep -q "$LITELLM_VERSION"; then
+      log "installing litellm[proxy]==$LITELLM_VERSION into bench/.venv"
+      python3 -m venv "$HERE/.venv"
+      "$HERE/.venv/bin/pip" install -q "litellm[proxy]==$LITELLM_VERSION"
+    fi
+  fi
+  log "building release binaries"
+  (cd "$ROOT" && cargo build --release -q -p aoai-lb -p aoai-sim -p aoai-bench)
+}
+
+# ---- servers -------------------------------------------------------------
+# start_sims NAME PORT FLAGS...: two simulator instances on PORT and PORT+1.
+start_sims() {
+  local name=$1 port=$2; shift 2
+  start "sim-$name" "$CPU_LOAD" /dev/null \
+    "$BIN/aoai-sim" --instances 2 --base-port "$port" --api-key "$SIM_KEY" "$@"
+  SIM_PID=$LAST_PID
+  wait_ready "http://127.0.0.1:$port/" --tcp --timeout-s 60 >/dev/null
+  wait_ready "http://127.0.0.1:$((port + 1))/" --tcp --timeout-s 60 >/dev/null
+}
+
+# start_gateway NAME PORT SIM_PORT: aoai-lb over the pair at SIM_PORT; sets
+# LB_PID and LB_READY_JSON (start-to-ready time).
+start_gateway() {
+  local name=$1 port=$2 sim=$3 t0
+  local instances
+  instances=$(printf '{"instances":[{"name":"sim-a","url":"http://127.0.0.1:%d","api_key":"%s"},{"name":"sim-b","url":"http://127.0.0.1:%d","api_key":"%s"}]}' \
+    "$sim" "$SIM_KEY" "$((sim + 1))" "$SIM_KEY")
+  t0=$(now_ns)
+  start "lb-$name" "$CPU_PROXY" "$GATEWAY_LOG" \
+    env OPENAI_INSTANCES="$instances" API_KEY="$CLIENT_KEY" HOST=127.0.0.1 \
+    PORT="$port" ADMIN_PORT="$((port + 1))" "$BIN/aoai-lb"
+  LB_PID=$LAST_PID
+  LB_READY_JSON=$(pinned "$CPU_LOAD" "$BIN/aoai-bench" ready --url "http://127.0.0.1:$port/readyz" --since-ns "$t0" --timeout-s 30)
+}
+
+start_nginx() {
+  mkdir -p "$RUN/nginx"
+  sed -e "s|@RUN@|$RUN/nginx|g" -e "s|@LOGS@|$LOGS|g" \
+    -e "s|@SIM_FAST_A@|$P_SIM_FAST|g" -e "s|@SIM_FAST_B@|$((P_SIM_FAST + 1))|g" \
+    -e "s|@SIM_STREAM_A@|$P_SIM_STREAM|g" -e "s|@SIM_STREAM_B@|$((P_SIM_STREAM + 1))|g" \
+    -e "s|@NGX_FAST@|$P_NGX_FAST|g" -e "s|@NGX_STREAM@|$P_NGX_STREAM|g" \
+    -e "s|@SIM_KEY@|$SIM_KEY|g" \
+    "$HERE/nginx.conf.in" >"$RUN/nginx/nginx.conf"
+  start nginx "$CPU_PROXY" "$LOGS/nginx.out" nginx -p "$RUN/nginx" -c "$RUN/nginx/nginx.conf" -e "$LOGS/nginx-error.log"
+  NGX_PID=$LAST_PID
+  wait_ready "http://127.0.0.1:$P_NGX_FAST/" --tcp --timeout-s 30 >/dev/null
+  wait_ready "http://127.0.0.1:$P_NGX_STREAM/" --tcp --timeout-s 30 >/dev/null
+}
+
+nginx_pids() { tree "$NGX_PID"; }
+
+start_litellm() {
+  mkdir -p "$RUN/litellm"
+  sed -e "s|@SIM_A@|$P_SIM_FAST|g" -e "s|@SIM_B@|$((P_SIM_FAST + 1))|g" \
+    -e "s|@SIM_KEY@|$SIM_KEY|g" -e "s|@CLIENT_KEY@|$CLIENT_KEY|g" \
+    -e "s|@DEPLOYMENT@|$DEPLOYMENT|g" -e "s|@API_VERSION@|$API_VERSION|g" \
+    "$HERE/litellm.yaml.in" >"$RUN/litellm/config.yaml"
+  # The local cost map keeps LiteLLM from fetching one at start-up. `env` and
+  # `taskset` exec, so the recorded pid is LiteLLM's own.
+  start litellm "$CPU_PROXY" "$LOGS/litellm.out" \
+    env -C "$RUN/litellm" LITELLM_LOCAL_MODEL_COST_MAP=True LITELLM_LOG=ERROR LITELLM_TELEMETRY=False \
+    "$HERE/.venv/bin/litellm" --config "$RUN/litellm/config.yaml" \
+    --host 127.0.0.1 --port "$P_LITELLM" --num_workers 1
+  LITELLM_PID=$LAST_PID
+  wait_ready "http://127.0.0.1:$P_LITELLM/health/readiness" --interval-ms 100 --timeout-s 120 >/dev/null
+}
+
+# ---- measurements --------------------------------------------------------
+# record FILE JSON: writes one measurement.
+record() { printf '%s\n' "$2" >"$RAW/$1.json"; }
+
+# wrk_json OUT CONNS SECONDS URL KEY
+wrk_json() {
+  local out=$1 conns=$2 secs=$3 url=$4 key=$5
+  BENCH_KEY=$key WRK_JSON=$out pinned "$CPU_LOAD" \
+    wrk -t1 -c"$conns" -d"${secs}s" --timeout 10s -s "$HERE/chat.lua" "$url" >/dev/null
+}
+
+# check_wrk FILE LABEL: warns (and the report marks the row) on any error.
+check_wrk() {
+  python3 - "$1" "$2" <<'EOF' >&2
+import json, sys
+d = json.load(open(sys.argv[1]))
+bad = {k: v for k, v in d["errors"].items() if v}
+if bad or d["requests"] == 0:
+    print(f"[warn] {sys.argv[2]}: requests={d['requests']} errors={bad}")
+EOF
+}
+
+# throughput TARGET ROUND URL KEY PIDS...
+throughput() {
+  local target=$1 round=$2 url=$3 key=$4; shift 4
+  local pids=("$@") tmp="$RUN/wrk.json" c0 c1 s0 s1 t0 t1
+  wrk_json "$tmp" 64 "$WARMUP" "$url" "$key"
+  reset_peak "${pids[@]}"
+  c0=$(cpu_ticks "${pids[@]}"); s0=$(cpu_ticks "$SIM_FAST_PID"); t0=$(now_ns)
+  wrk_json "$tmp" 64 "$DURATION" "$url" "$key"
+  t1=$(now_ns); c1=$(cpu_ticks "${pids[@]}"); s1=$(cpu_ticks "$SIM_FAST_PID")
+  check_wrk "$tmp" "throughput $target round $round"
+  record "throughput-$target-r$round" "$(printf '{"test":"throughput","target":"%s","round":%d,"conns":64,"wall_ns":%d,"clk_tck":%d,"cpu_ticks":%d,"sim_cpu_ticks":%d,"hwm_kib":%d,"rss_kib":%d,"wrk":%s}' \
+    "$target" "$round" "$((t1 - t0))" "$CLK_TCK" "$((c1 - c0))" "$((s1 - s0))" \
+    "$(mem_kib VmHWM "${pids[@]}")" "$(mem_kib VmRSS "${pids[@]}")" "$(cat "$tmp")")"
+  log "  throughput $target: $(python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print(round(d["requests"]*1e6/d["duration_us"]), "req/s, p50", d["latency_us"]["p50"], "us, p99", d["latency_us"]["p99"], "us")' "$tmp")"
+}
+
+# light TARGET ROUND CONNS URL KEY
+light() {
+  local target=$1 round=$2 conns=$3 url=$4 key=$5 tmp="$RUN/wrk.json"
+  wrk_json "$tmp" "$conns" "$LIGHT_DURATION" "$url" "$key"
+  check_wrk "$tmp" "light c$conns $target round $round"
+  record "light-c$conns-$target-r$round" "$(printf '{"test":"light","target":"%s","round":%d,"conns":%d,"wrk":%s}' \
+    "$target" "$round" "$conns" "$(cat "$tmp")")"
+}
+
+# Gaps left out of the deviation statistics: the simulator's preamble and
+# closing events are sent back to back, not 20 ms apart (see README).
+STREAM_SKIP_FIRST=${STREAM_SKIP_FIRST:-1}
+STREAM_SKIP_LAST=${STREAM_SKIP_LAST:-2}
+
+# streams TARGET ROUND URL KEY PIDS...
+streams() {
+  local target=$1 round=$2 url=$3 key=$4; shift 4
+  local pids=("$@") out c0 c1 hwm
+  ((${#pids[@]})) && reset_peak "${pids[@]}"
+  c0=0; ((${#pids[@]})) && c0=$(cpu_ticks "${pids[@]}")
+  out=$(pinned "$CPU_LOAD" "$BIN/aoai-bench" streams --url "$url" --key "$key" \
+    --streams "$STREAMS" --ramp-ms 1000 --expected-gap-ms "$STREAM_GAP_MS" \
+    --skip-first-gaps "$STREAM_SKIP_FIRST" --skip-last-gaps "$STREAM_SKIP_LAST" \
+    --timeout-s 60)
+  c1=0; hwm=0
+  if ((${#pids[@]})); then c1=$(cpu_ticks "${pids[@]}"); hwm=$(mem_kib VmHWM "${pids[@]}"); fi
+  record "streams-$target-r$round" "$(printf '{"test":"streams","target":"%s","round":%d,"clk_tck":%d,"cpu_ticks":%d,"hwm_kib":%d,"client":%s}' \
+    "$target" "$round" "$CLK_TCK" "$((c1 - c0))" "$hwm" "$out")"
+  log "  streams $target: $(python3 -c 'import json,sys; d=json.loads(sys.argv[1]); print(d["outcomes"], "ttfb p50", d["ttfb_us"].get("p50"), "us, gap dev p99", d["gap_dev_us"].get("p99"), "us")' "$out")"
+}
+
+machine_json() {
+  python3 - "$@" <<'EOF'
+import json, platform, subprocess, sys, os, datetime
+def run(*cmd):
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=60).stdout.strip() + \
+               subprocess.run(cmd, capture_output=True, text=True, timeout=60).stderr.strip()
+    except Exception:
+        return "unknown"
+cpu = "unknown"
+for line in open("/proc/cpuinfo"):
+    if line.startswith("model name"):
+        cpu = line.split(":", 1)[1].strip(); break
+mem = open("/proc/meminfo").readline().split()[1]
+print(json.dumps({
+    "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    "nproc": os.cpu_count(), "cpu": cpu, "kernel": platform.release(),
+    "mem_kib": int(mem),
+    "rustc": run("rustc", "--version"),
+    "nginx": run("nginx", "-v"),
+    "wrk": run("wrk", "-v").splitlines()[0] if run("wrk", "-v") else "unknown",
+    "litellm": sys.argv[1],
+    "command": sys.argv[2],
+    "nofile": sys.argv[3],
+}))
+EOF
+}
+
+# ---- main ----------------------------------------------------------------
+main() {
+  mkdir -p "$OUT"
+  rm -rf "$RAW" "$RUN"
+  mkdir -p "$RAW" "$LOGS" "$RUN"
+  local begin; begin=$(date +%s)
+
+  [[ $SKIP_INSTALL == 1 ]] || install_deps
+  BIN=${BENCH_BIN:-${CARGO_TARGET_DIR:-$ROOT/target}/release}
+  [[ -x $BIN/aoai-lb && -x $BIN/aoai-sim && -x $BIN/aoai-bench ]] || die "release binaries missing in $BIN"
+
+  # Each open stream through the gateway holds two descriptors (client and
+  # upstream); raise the soft limit as far as the hard limit allows.
+  ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+  local nofile; nofile=$(ulimit -n)
+  local open_max=$(((nofile - 200) / 2))
+  if ((OPEN_STREAMS > open_max)); then
+    log "open-files limit $nofile allows $open_max streams through one proxy, not $OPEN_STREAMS"
+    OPEN_STREAMS=$open_max
+  fi
+
+  local llm_version="skipped"
+  [[ $SKIP_LITELLM == 1 ]] || llm_version=$("$HERE/.venv/bin/litellm" --version 2>/dev/null | grep -o '[0-9][0-9.]*' | tail -1 || echo unknown)
+  machine_json "$llm_version" "${BENCH_COMMAND:-bench/run.sh}" "$nofile" >"$RAW/machine.json"
+
+  log "starting simulators"
+  start_sims fast "$P_SIM_FAST" --ttft-ms 0 --token-ms 0 --reply-tokens 16
+  SIM_FAST_PID=$SIM_PID
+  start_sims stream "$P_SIM_STREAM" --ttft-ms 0 --token-ms "$STREAM_GAP_MS" --reply-tokens "$STREAM_EVENTS"
+  SIM_STREAM_PID=$SIM_PID
+
+  log "footprint: $FOOTPRINT_STARTS cold starts of aoai-lb"
+  local i
+  for ((i = 1; i <= FOOTPRINT_STARTS; i++)); do
+    start_gateway foot "$P_LB_FOOT" "$P_SIM_FAST"
+    sleep 0.5
+    record "footprint-r$i" "$(printf '{"test":"footprint","round":%d,"ready":%s,"idle_rss_kib":%d,"binary_bytes":%d}' \
+      "$i" "$LB_READY_JSON" "$(mem_kib VmRSS "$LB_PID")" "$(stat -c %s "$BIN/aoai-lb")")"
+    stop "$LB_PID"
+  done
+
+  log "starting proxies"
+  start_gateway fast "$P_LB_FAST" "$P_SIM_FAST"
+  LB_FAST_PID=$LB_PID
+  record "idle-aoai-lb" "$(printf '{"test":"idle","target":"aoai-lb","rss_kib":%d}' "$(mem_kib VmRSS "$LB_FAST_PID")")"
+  start_gateway stream "$P_LB_STREAM" "$P_SIM_STREAM"
+  LB_STREAM_PID=$LB_PID
+  start_nginx
+  record "idle-nginx" "$(printf '{"test":"idle","target":"nginx","rss_kib":%d,"processes":%d}' \
+    "$(mem_kib VmRSS $(nginx_pids))" "$(nginx_pids | wc -l)")"
+  if [[ $SKIP_LITELLM != 1 ]]; then
+    start_litellm
+  fi
+
+  local direct="http://127.0.0.1:$P_SIM_FAST$CHAT_PATH"
+  local via_lb="http://127.0.0.1:$P_LB_FAST$CHAT_PATH"
+  local via_ngx="http://127.0.0.1:$P_NGX_FAST$CHAT_PATH"
+  local via_llm="http://127.0.0.1:$P_LITELLM$CHAT_PATH"
+  local s_direct="http://127.0.0.1:$P_SIM_STREAM$CHAT_PATH"
+  local s_lb="http://127.0.0.1:$P_LB_STREAM$CHAT_PATH"
+  local s_ngx="http://127.0.0.1:$P_NGX_STREAM$CHAT_PATH"
+
+  local r c
+  for ((r = 1; r <= ROUNDS; r++)); do
+    log "round $r/$ROUNDS: light load"
+    for c in 1 16; do
+      light direct "$r" "$c" "$direct" "$SIM_KEY"
+      light aoai-lb "$r" "$c" "$via_lb" "$CLIENT_KEY"
+      light nginx "$r" "$c" "$via_ngx" "$CLIENT_KEY"
+    done
+    log "round $r/$ROUNDS: max throughput, 64 connections, ${DURATION}s each"
+    throughput direct "$r" "$direct" "$SIM_KEY" "$SIM_FAST_PID"
+    throughput aoai-lb "$r" "$via_lb" "$CLIENT_KEY" "$LB_FAST_PID"
+    throughput nginx "$r" "$via_ngx" "$CLIENT_KEY" $(nginx_pids)
+    [[ $SKIP_LITELLM == 1 ]] || throughput litellm "$r" "$via_llm" "$CLIENT_KEY" $(tree "$LITELLM_PID")
+    log "round $r/$ROUNDS: $STREAMS concurrent streams"
+    streams direct "$r" "$s_direct" "$SIM_KEY"
+    streams aoai-lb "$r" "$s_lb" "$CLIENT_KEY" "$LB_STREAM_PID"
+    streams nginx "$r" "$s_ngx" "$CLIENT_KEY" $(nginx_pids)
+  done
+
+  # Free the CPU and memory of everything but what the open-streams test needs.
+  stop "$LB_FAST_PID"; stop "$LB_STREAM_PID"; stop "$NGX_PID"
+  [[ -z ${LITELLM_PID:-} ]] || stop "$LITELLM_PID"
+  stop "$SIM_FAST_PID"; stop "$SIM_STREAM_PID"
+
+  log "open streams: $OPEN_STREAMS through aoai-lb"
+  # Long streams (an event a second for 10 minutes) that the client closes
+  # once every one of them is open at the same time.
+  start_sims open "$P_SIM_OPEN" --ttft-ms 0 --token-ms 1000 --reply-tokens 600
+  SIM_OPEN_PID=$SIM_PID
+  start_gateway open "$P_LB_OPEN" "$P_SIM_OPEN"
+  local idle; sleep 0.5; idle=$(mem_kib VmRSS "$LB_PID")
+  local marker="$RUN/all-open"; rm -f "$marker"
+  local at_open="$RUN/rss-at-open"; : >"$at_open"
+  (
+    for ((i = 0; i < 1200; i++)); do
+      if [[ -f $marker ]]; then mem_kib VmRSS "$LB_PID" >"$at_open"; break; fi
+      sleep 0.05
+    done
+  ) &
+  local sampler=$!
+  local out
+  out=$(pinned "$CPU_LOAD" "$BIN/aoai-bench" streams --url "http://127.0.0.1:$P_LB_OPEN$CHAT_PATH" \
+    --key "$CLIENT_KEY" --streams "$OPEN_STREAMS" --ramp-ms 5000 --close-after-open-ms 1000 \
+    --open-marker "$marker" --expected-gap-ms 1000 --timeout-s 90)
+  wait "$sampler" || true
+  local hwm after
+  hwm=$(mem_kib VmHWM "$LB_PID")
+  sleep 2
+  after=$(mem_kib VmRSS "$LB_PID")
+  record "open-streams" "$(printf '{"test":"open_streams","target":"aoai-lb","streams":%d,"idle_rss_kib":%d,"rss_at_all_open_kib":%s,"hwm_kib":%d,"rss_after_close_kib":%d,"nofile":%d,"client":%s}' \
+    "$OPEN_STREAMS" "$idle" "$(cat "$at_open" | grep . || echo null)" "$hwm" "$after" "$nofile" "$out")"
+  log "  open streams: $(python3 -c 'import json,sys; d=json.loads(sys.argv[1]); print(d["outcomes"], "max open", d["max_open"])' "$out"), peak $hwm KiB, idle $idle KiB"
+  stop "$LB_PID"; stop "$SIM_OPEN_PID"
+
+  python3 "$HERE/report.py" "$RAW" "$OUT"
+  log "done in $(($(date +%s) - begin)) s: $OUT/results.md"
+}
+
+main "$@"
