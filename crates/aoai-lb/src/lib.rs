@@ -6,3 +6,5 @@
 
 pub mod config;
 pub mod secret;
+pub mod logging;
+pub mod metrics;
