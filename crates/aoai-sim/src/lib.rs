@@ -24,6 +24,7 @@ mod config;
 mod fault;
 mod journal;
 mod media;
+mod multipart;
 mod openai;
 mod ratelimit;
 mod realtime;

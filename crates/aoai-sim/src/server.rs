@@ -86,7 +86,6 @@ pub(crate) struct Instance {
     pub(crate) journal: Journal,
     pub(crate) faults: FaultSet,
     pub(crate) limiter: RateLimiter,
-    #[allow(dead_code)] // used by the files/batches/responses routes
     pub(crate) store: Store,
     pub(crate) shutdown: CancellationToken,
     pub(crate) region_hv: http::HeaderValue,

@@ -164,7 +164,6 @@ pub(crate) enum Payload {
     Full(Bytes),
     Frames(VecDeque<Timed>),
     /// Switch protocols; the response is a bare 101 with these headers.
-    #[allow(dead_code)] // produced by the realtime route
     Upgrade,
 }
 
