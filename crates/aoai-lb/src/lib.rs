@@ -8,3 +8,5 @@ pub mod config;
 pub mod secret;
 pub mod logging;
 pub mod metrics;
+pub mod cli;
+pub mod demo;

@@ -349,6 +349,9 @@ fn render_text(v: &serde_json::Value) -> String {
                     }
                     let f = |n: &str| match a.get(n) {
                         Some(serde_json::Value::String(x)) => x.clone(),
+                        Some(serde_json::Value::Number(x)) if n == "ms" => {
+                            format!("{:.1}", x.as_f64().unwrap_or(0.0))
+                        }
                         Some(serde_json::Value::Null) | None => "-".to_owned(),
                         Some(other) => other.to_string(),
                     };
@@ -363,6 +366,14 @@ fn render_text(v: &serde_json::Value) -> String {
                 }
                 line.push(']');
             }
+            serde_json::Value::Number(n) if k.ends_with("_ms") => match n.as_f64() {
+                Some(ms) => {
+                    let _ = write!(line, " {k}={ms:.1}");
+                }
+                None => {
+                    let _ = write!(line, " {k}={n}");
+                }
+            },
             other => {
                 let _ = write!(line, " {k}={other}");
             }
@@ -399,6 +410,7 @@ mod tests {
             "timestamp": "2026-01-01T00:00:00.000Z", "level": "INFO",
             "target": "aoai_lb::access", "message": "request",
             "method": "POST", "path": "/openai/x", "status": 200,
+            "total_ms": 12.3456,
             "attempts": [{"instance": "a", "outcome": "throttled", "status": 429, "ms": 1.5},
                          {"instance": "b", "outcome": "ok", "status": 200, "ms": 3.0}],
             "error": null, "streamed": true
@@ -415,6 +427,10 @@ mod tests {
             "{line}"
         );
         assert!(!line.contains("error="), "{line}");
+        assert!(
+            line.contains("total_ms=12.3") && !line.contains("12.34"),
+            "{line}"
+        );
     }
 
     #[test]

@@ -1,0 +1,394 @@
+//! Command line and environment: what the operator asked for.
+//!
+//! The variable names are the seed app's contract and must not change:
+//! `OPENAI_INSTANCES` (the JSON document), `API_KEY` (the client key),
+//! `PORT`, plus `OPENAI_CONFIG_PATH`, `HOST`, `ADMIN_PORT`, `ADMIN_HOST`,
+//! `ALLOW_UNAUTHENTICATED`, `LOG_FORMAT`, `LOG_LEVEL` and `RUST_LOG`.
+//! A flag always overrides the matching variable. Secrets are read from the
+//! environment only, never from flags, so they do not show up in `ps`.
+//!
+//! Resolution is a pure function of the parsed flags and an environment
+//! lookup, so it is tested without touching the process environment.
+
+use std::path::PathBuf;
+
+use clap::Parser;
+
+use crate::config::{Config, ConfigError};
+use crate::logging::LogFormat;
+use crate::secret::Secret;
+
+/// The client key the demo uses when `API_KEY` is not set.
+pub const DEMO_CLIENT_KEY: &str = "demo-key";
+
+const ENV_HELP: &str = "\
+Environment (flags override):
+  OPENAI_INSTANCES       the configuration document as a JSON string
+  OPENAI_CONFIG_PATH     the configuration document as a file (same as --config)
+  API_KEY                key clients must send (Authorization: Bearer <key> or api-key: <key>)
+  ALLOW_UNAUTHENTICATED  true to run without API_KEY (an open proxy; logs a warning)
+  HOST, PORT             public listener (default 0.0.0.0:8000)
+  ADMIN_HOST, ADMIN_PORT admin listener for /metrics and /admin/backends (default HOST:8001)
+  LOG_FORMAT             json (default) or text
+  RUST_LOG, LOG_LEVEL    log filter (RUST_LOG wins; default info)";
+
+/// A load-balancing gateway for Azure OpenAI.
+#[derive(Debug, Parser)]
+#[command(name = "aoai-lb", version, about, after_help = ENV_HELP)]
+pub struct Cli {
+    /// Read the configuration document from FILE [env: OPENAI_CONFIG_PATH].
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Public listener port [env: PORT] [default: 8000].
+    #[arg(long)]
+    pub port: Option<u16>,
+    /// Public listener address [env: HOST] [default: 0.0.0.0].
+    #[arg(long)]
+    pub host: Option<String>,
+    /// Admin listener port (/metrics, /admin/backends) [env: ADMIN_PORT] [default: 8001].
+    #[arg(long)]
+    pub admin_port: Option<u16>,
+    /// Admin listener address [env: ADMIN_HOST] [default: the public address].
+    #[arg(long)]
+    pub admin_host: Option<String>,
+    /// Run without a client key: anyone who reaches the port can use the
+    /// backends [env: ALLOW_UNAUTHENTICATED=true].
+    #[arg(long)]
+    pub allow_unauthenticated: bool,
+    /// Log format: json or text [env: LOG_FORMAT] [default: json; text with --demo].
+    #[arg(long, value_name = "FORMAT")]
+    pub log_format: Option<String>,
+    /// Run in front of two in-process simulated instances, no Azure needed.
+    #[arg(long)]
+    pub demo: bool,
+}
+
+/// Where the configuration document comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConfigSource {
+    /// `OPENAI_INSTANCES`.
+    Env(String),
+    /// `--config` or `OPENAI_CONFIG_PATH`.
+    File(PathBuf),
+    /// `--demo`: built from the simulated instances at start-up.
+    Demo,
+}
+
+/// Everything the binary needs to start, resolved from flags and env.
+#[derive(Debug)]
+pub struct Settings {
+    pub source: ConfigSource,
+    pub host: String,
+    pub port: u16,
+    pub admin_host: Option<String>,
+    pub admin_port: u16,
+    /// `None` only with `allow_unauthenticated` (checked by the server).
+    pub client_key: Option<Secret>,
+    pub allow_unauthenticated: bool,
+    pub log_format: LogFormat,
+    pub rust_log: Option<String>,
+    pub log_level: Option<String>,
+    pub demo: bool,
+}
+
+/// A start-up problem, on one line, never containing a secret.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// No configuration source at all.
+    #[error(
+        "no configuration: set OPENAI_INSTANCES to the JSON document, or OPENAI_CONFIG_PATH / --config to a file containing it (or try --demo)"
+    )]
+    NoConfig,
+    /// Both environment sources set; neither wins silently.
+    #[error(
+        "both OPENAI_INSTANCES and OPENAI_CONFIG_PATH are set: set only one (or pass --config to choose the file)"
+    )]
+    TwoConfigs,
+    /// An environment variable has an unusable value.
+    #[error("{var}: {reason}")]
+    Env { var: &'static str, reason: String },
+    /// The configuration file could not be read.
+    #[error("cannot read configuration file {path}: {reason}")]
+    ReadFile { path: String, reason: String },
+    /// The document is invalid.
+    #[error("invalid configuration: {0}")]
+    Config(ConfigError),
+}
+
+// By hand rather than `#[from]`: the message already contains the cause,
+// and a `source` would make error reporters print it twice.
+impl From<ConfigError> for CliError {
+    fn from(e: ConfigError) -> Self {
+        Self::Config(e)
+    }
+}
+
+fn non_empty(v: Option<String>) -> Option<String> {
+    v.filter(|s| !s.trim().is_empty())
+}
+
+fn env_port(var: &'static str, v: Option<String>) -> Result<Option<u16>, CliError> {
+    match non_empty(v) {
+        None => Ok(None),
+        Some(s) => s.trim().parse().map(Some).map_err(|_| CliError::Env {
+            var,
+            reason: format!("must be a port number (0-65535), got {s:?}"),
+        }),
+    }
+}
+
+fn env_bool(var: &'static str, v: Option<String>) -> Result<bool, CliError> {
+    match non_empty(v).map(|s| s.trim().to_ascii_lowercase()) {
+        None => Ok(false),
+        Some(s) => match s.as_str() {
+            "true" | "1" | "yes" | "on" => Ok(true),
+            "false" | "0" | "no" | "off" => Ok(false),
+            _ => Err(CliError::Env {
+                var,
+                reason: format!("must be true or false, got {s:?}"),
+            }),
+        },
+    }
+}
+
+impl Settings {
+    /// Combines flags with the environment (`env` looks a variable up).
+    ///
+    /// # Errors
+    /// [`CliError`] for a missing or ambiguous configuration source or an
+    /// unusable variable. The client key is not checked here: the server
+    /// refuses to start without one unless unauthenticated mode is chosen.
+    pub fn resolve(cli: Cli, env: impl Fn(&str) -> Option<String>) -> Result<Settings, CliError> {
+        let source = if cli.demo {
+            ConfigSource::Demo
+        } else if let Some(path) = cli.config {
+            ConfigSource::File(path)
+        } else {
+            match (
+                non_empty(env("OPENAI_INSTANCES")),
+                non_empty(env("OPENAI_CONFIG_PATH")),
+            ) {
+                (Some(_), Some(_)) => return Err(CliError::TwoConfigs),
+                (Some(doc), None) => ConfigSource::Env(doc),
+                (None, Some(path)) => ConfigSource::File(PathBuf::from(path)),
+                (None, None) => return Err(CliError::NoConfig),
+            }
+        };
+        let log_format = match cli.log_format.or_else(|| non_empty(env("LOG_FORMAT"))) {
+            Some(s) => s.parse().map_err(|reason| CliError::Env {
+                var: "LOG_FORMAT",
+                reason,
+            })?,
+            None if cli.demo => LogFormat::Text,
+            None => LogFormat::Json,
+        };
+        let port = match cli.port {
+            Some(p) => p,
+            None => env_port("PORT", env("PORT"))?.unwrap_or(8000),
+        };
+        let admin_port = match cli.admin_port {
+            Some(p) => p,
+            None => env_port("ADMIN_PORT", env("ADMIN_PORT"))?.unwrap_or(8001),
+        };
+        let host = cli
+            .host
+            .or_else(|| non_empty(env("HOST")))
+            .map(|h| h.trim().to_owned())
+            .unwrap_or_else(|| "0.0.0.0".to_owned());
+        let admin_host = cli
+            .admin_host
+            .or_else(|| non_empty(env("ADMIN_HOST")))
+            .map(|h| h.trim().to_owned());
+        let allow_unauthenticated = cli.allow_unauthenticated
+            || env_bool("ALLOW_UNAUTHENTICATED", env("ALLOW_UNAUTHENTICATED"))?;
+        let client_key = match non_empty(env("API_KEY")) {
+            Some(k) => Some(Secret::new(k.trim())),
+            None if cli.demo && !allow_unauthenticated => Some(Secret::new(DEMO_CLIENT_KEY)),
+            None => None,
+        };
+        Ok(Settings {
+            source,
+            host,
+            port,
+            admin_host,
+            admin_port,
+            client_key,
+            allow_unauthenticated,
+            log_format,
+            rust_log: non_empty(env("RUST_LOG")),
+            log_level: non_empty(env("LOG_LEVEL")),
+            demo: cli.demo,
+        })
+    }
+
+    /// Reads and validates the configuration document (not for
+    /// [`ConfigSource::Demo`], whose document is built at start-up).
+    ///
+    /// # Errors
+    /// [`CliError::ReadFile`] or [`CliError::Config`].
+    pub fn load_config(&self) -> Result<Config, CliError> {
+        match &self.source {
+            ConfigSource::Env(doc) => Ok(Config::from_json(doc)?),
+            ConfigSource::File(path) => {
+                let text = std::fs::read_to_string(path).map_err(|e| CliError::ReadFile {
+                    path: path.display().to_string(),
+                    reason: e.to_string(),
+                })?;
+                Ok(Config::from_json(&text)?)
+            }
+            ConfigSource::Demo => Err(CliError::NoConfig),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+
+    fn resolve(args: &[&str], env: &[(&str, &str)]) -> Result<Settings, CliError> {
+        let map: HashMap<String, String> = env
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        let mut argv = vec!["aoai-lb"];
+        argv.extend_from_slice(args);
+        Settings::resolve(Cli::try_parse_from(argv).unwrap(), |k| map.get(k).cloned())
+    }
+
+    const DOC: &str = r#"{"instances":[{"name":"a","url":"http://127.0.0.1:9","api_key":"k"}]}"#;
+
+    #[test]
+    fn uses_the_seed_defaults() {
+        let s = resolve(&[], &[("OPENAI_INSTANCES", DOC), ("API_KEY", "ck")]).unwrap();
+        assert_eq!(s.host, "0.0.0.0");
+        assert_eq!(s.port, 8000);
+        assert_eq!(s.admin_port, 8001);
+        assert_eq!(s.log_format, LogFormat::Json);
+        assert!(s.client_key.unwrap().matches(b"ck"));
+        assert!(!s.allow_unauthenticated);
+        assert_eq!(s.source, ConfigSource::Env(DOC.to_owned()));
+    }
+
+    #[test]
+    fn flags_override_the_environment() {
+        let s = resolve(
+            &[
+                "--port",
+                "9000",
+                "--host",
+                "127.0.0.1",
+                "--admin-port",
+                "9001",
+                "--config",
+                "/x.json",
+                "--log-format",
+                "text",
+            ],
+            &[
+                ("OPENAI_INSTANCES", DOC),
+                ("PORT", "7000"),
+                ("HOST", "10.0.0.1"),
+                ("ADMIN_PORT", "7001"),
+                ("LOG_FORMAT", "json"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(s.port, 9000);
+        assert_eq!(s.host, "127.0.0.1");
+        assert_eq!(s.admin_port, 9001);
+        assert_eq!(s.log_format, LogFormat::Text);
+        assert_eq!(s.source, ConfigSource::File("/x.json".into()));
+    }
+
+    #[test]
+    fn reads_ports_and_hosts_from_the_environment() {
+        let s = resolve(
+            &[],
+            &[
+                ("OPENAI_CONFIG_PATH", "/c.json"),
+                ("PORT", "7000"),
+                ("HOST", "127.0.0.1"),
+                ("ADMIN_PORT", "7001"),
+            ],
+        )
+        .unwrap();
+        assert_eq!((s.port, s.admin_port), (7000, 7001));
+        assert_eq!(s.host, "127.0.0.1");
+        assert_eq!(s.source, ConfigSource::File("/c.json".into()));
+    }
+
+    #[test]
+    fn refuses_missing_or_ambiguous_configuration() {
+        assert!(matches!(resolve(&[], &[]), Err(CliError::NoConfig)));
+        assert!(matches!(
+            resolve(
+                &[],
+                &[("OPENAI_INSTANCES", DOC), ("OPENAI_CONFIG_PATH", "/c")]
+            ),
+            Err(CliError::TwoConfigs)
+        ));
+        assert!(matches!(
+            resolve(&[], &[("OPENAI_INSTANCES", "  ")]),
+            Err(CliError::NoConfig)
+        ));
+    }
+
+    #[test]
+    fn names_the_variable_with_a_bad_value() {
+        let e = resolve(&[], &[("OPENAI_INSTANCES", DOC), ("PORT", "http")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("PORT: "), "{e}");
+        let e = resolve(
+            &[],
+            &[
+                ("OPENAI_INSTANCES", DOC),
+                ("ALLOW_UNAUTHENTICATED", "maybe"),
+            ],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.starts_with("ALLOW_UNAUTHENTICATED: "), "{e}");
+    }
+
+    #[test]
+    fn treats_an_empty_api_key_as_unset() {
+        let s = resolve(&[], &[("OPENAI_INSTANCES", DOC), ("API_KEY", " ")]).unwrap();
+        assert!(s.client_key.is_none());
+        let s = resolve(
+            &[],
+            &[("OPENAI_INSTANCES", DOC), ("ALLOW_UNAUTHENTICATED", "TRUE")],
+        )
+        .unwrap();
+        assert!(s.allow_unauthenticated);
+    }
+
+    #[test]
+    fn demo_defaults_to_a_printed_key_and_text_logs() {
+        let s = resolve(&["--demo"], &[]).unwrap();
+        assert_eq!(s.source, ConfigSource::Demo);
+        assert!(s.client_key.unwrap().matches(DEMO_CLIENT_KEY.as_bytes()));
+        assert_eq!(s.log_format, LogFormat::Text);
+        let s = resolve(&["--demo"], &[("API_KEY", "mine")]).unwrap();
+        assert!(s.client_key.unwrap().matches(b"mine"));
+    }
+
+    #[test]
+    fn reports_config_errors_with_the_field() {
+        let s = resolve(
+            &[],
+            &[(
+                "OPENAI_INSTANCES",
+                r#"{"instances":[{"name":"a","url":"nope","api_key":"k"}]}"#,
+            )],
+        )
+        .unwrap();
+        let e = s.load_config().unwrap_err().to_string();
+        assert!(
+            e.starts_with("invalid configuration: instances[0].url: "),
+            "{e}"
+        );
+    }
+}
