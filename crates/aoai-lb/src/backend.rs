@@ -1,0 +1,477 @@
+//! Phase 3 (state): what the gateway knows about each instance right now.
+//!
+//! Owns the per-instance live state: in-flight requests, the 429 cooldown
+//! deadline, the circuit breaker (consecutive failures, exponential open
+//! period, a single half-open probe), a latency EWMA and counters. All of it
+//! is atomics, so the hot path never takes a lock; races between concurrent
+//! updates only ever make a decision one request stale, never inconsistent
+//! in a way that loses an instance.
+//!
+//! Time is milliseconds since the gateway started ([`Clock`]); `0` means
+//! "no deadline".
+
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering};
+use std::time::Instant;
+
+use http::HeaderValue;
+
+use crate::config::{BreakerConfig, InstanceConfig};
+
+/// Monotonic milliseconds since the gateway was built.
+#[derive(Debug, Clone, Copy)]
+pub struct Clock {
+    start: Instant,
+}
+
+impl Clock {
+    /// A clock starting now.
+    pub fn new() -> Self {
+        Self {
+            start: Instant::now(),
+        }
+    }
+
+    /// Milliseconds since start, plus one so that `0` stays free to mean
+    /// "no deadline".
+    pub fn now_ms(&self) -> u64 {
+        u64::try_from(self.start.elapsed().as_millis())
+            .unwrap_or(u64::MAX - 1)
+            .saturating_add(1)
+    }
+}
+
+impl Default for Clock {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Circuit breaker state as shown in the admin output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BreakerState {
+    /// Requests flow.
+    Closed,
+    /// Requests are refused until the open period ends.
+    Open,
+    /// The open period ended; one probe request decides.
+    HalfOpen,
+}
+
+impl BreakerState {
+    /// `closed`, `open` or `half_open`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BreakerState::Closed => "closed",
+            BreakerState::Open => "open",
+            BreakerState::HalfOpen => "half_open",
+        }
+    }
+}
+
+const CLOSED: u8 = 0;
+const OPEN: u8 = 1;
+
+/// Per-instance metric handles, created on first use so that they bind to
+/// whatever recorder is installed by then.
+pub struct BackendMetrics {
+    /// `aoai_lb_in_flight{instance}`.
+    pub in_flight: metrics::Gauge,
+    /// `aoai_lb_cooldowns_total{instance}`.
+    pub cooldowns: metrics::Counter,
+    /// `aoai_lb_breaker_open{instance}`.
+    pub breaker_open: metrics::Gauge,
+    /// `aoai_lb_requests_total{instance, code}` for 1xx..5xx (index = class - 1).
+    pub requests: [metrics::Counter; 5],
+    /// `aoai_lb_upstream_attempts_total{instance, outcome}` by [`Outcome`].
+    pub attempts: [metrics::Counter; Outcome::ALL.len()],
+}
+
+impl BackendMetrics {
+    fn new(name: &str) -> Self {
+        let instance = name.to_owned();
+        let class = |c: &'static str| metrics::counter!("aoai_lb_requests_total", "instance" => instance.clone(), "code" => c);
+        Self {
+            in_flight: metrics::gauge!("aoai_lb_in_flight", "instance" => instance.clone()),
+            cooldowns: metrics::counter!("aoai_lb_cooldowns_total", "instance" => instance.clone()),
+            breaker_open: metrics::gauge!("aoai_lb_breaker_open", "instance" => instance.clone()),
+            requests: [
+                class("1xx"),
+                class("2xx"),
+                class("3xx"),
+                class("4xx"),
+                class("5xx"),
+            ],
+            attempts: Outcome::ALL.map(|o| {
+                metrics::counter!("aoai_lb_upstream_attempts_total", "instance" => instance.clone(), "outcome" => o.as_str())
+            }),
+        }
+    }
+}
+
+/// The result of one attempt on one instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// 1xx–3xx, or a 4xx that is the client's business (see `ClientError`).
+    Ok,
+    /// A 4xx returned as is (400, 404 "Resource not found", ...).
+    ClientError,
+    /// 429.
+    Throttled,
+    /// 408, 500, 502, 503, 504.
+    ServerError,
+    /// No response headers within the timeout.
+    Timeout,
+    /// Connect, TLS or protocol failure before response headers.
+    ConnectError,
+    /// 401/403 from the instance: its key is wrong.
+    BackendAuthError,
+    /// 404 `DeploymentNotFound`: the instance lacks the deployment.
+    DeploymentNotFound,
+}
+
+impl Outcome {
+    /// Every outcome, in metric-handle order.
+    pub const ALL: [Outcome; 8] = [
+        Outcome::Ok,
+        Outcome::ClientError,
+        Outcome::Throttled,
+        Outcome::ServerError,
+        Outcome::Timeout,
+        Outcome::ConnectError,
+        Outcome::BackendAuthError,
+        Outcome::DeploymentNotFound,
+    ];
+
+    /// The `outcome` label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Ok => "ok",
+            Outcome::ClientError => "client_error",
+            Outcome::Throttled => "throttled",
+            Outcome::ServerError => "server_error",
+            Outcome::Timeout => "timeout",
+            Outcome::ConnectError => "connect_error",
+            Outcome::BackendAuthError => "backend_auth_error",
+            Outcome::DeploymentNotFound => "deployment_not_found",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+
+    /// Whether another instance should be tried after this outcome.
+    pub fn retry_elsewhere(self) -> bool {
+        !matches!(self, Outcome::Ok | Outcome::ClientError)
+    }
+}
+
+/// One configured instance with its live state.
+pub struct Backend {
+    /// Position in the configuration document.
+    pub index: usize,
+    /// The configuration (name, URL, key, priority, weight, deployments).
+    pub config: InstanceConfig,
+    /// `scheme://host[:port]` followed by the URL's path prefix, no
+    /// trailing slash: request paths are appended to it.
+    pub base: String,
+    /// The `Host` header for this instance.
+    pub host: HeaderValue,
+    /// The `api-key` header, marked sensitive so HTTP/2 never indexes it.
+    pub api_key: HeaderValue,
+    base_open_ms: u64,
+    state: State,
+    metrics: OnceLock<BackendMetrics>,
+}
+
+struct State {
+    in_flight: AtomicU32,
+    cooldown_until: AtomicU64,
+    breaker: AtomicU8,
+    failures: AtomicU32,
+    open_until: AtomicU64,
+    open_ms: AtomicU64,
+    probing: AtomicBool,
+    /// f64 bits of the latency EWMA in ms; 0 = no sample yet.
+    latency_ewma: AtomicU64,
+    requests: AtomicU64,
+    failures_total: AtomicU64,
+}
+
+/// Why an instance cannot take a request now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unavailable {
+    /// Cooling down after a 429 until this [`Clock`] time.
+    Cooling(u64),
+    /// Breaker open (or its single probe is already out).
+    BreakerOpen,
+}
+
+/// Weight of a new latency sample in the EWMA.
+const EWMA_ALPHA: f64 = 0.2;
+
+impl Backend {
+    /// Builds the live state for one instance.
+    ///
+    /// # Errors
+    /// The field (`url` or `api_key`) that cannot go into an HTTP header.
+    pub fn new(
+        index: usize,
+        config: InstanceConfig,
+        breaker: &BreakerConfig,
+    ) -> Result<Self, &'static str> {
+        let url = &config.url;
+        let host_str = url.host_str().ok_or("url")?;
+        let host = match url.port() {
+            Some(p) => format!("{host_str}:{p}"),
+            None => host_str.to_owned(),
+        };
+        let prefix = url.path().trim_end_matches('/');
+        let base = format!("{}://{}{}", url.scheme(), host, prefix);
+        let host = HeaderValue::from_str(&host).map_err(|_| "url")?;
+        let mut api_key = HeaderValue::from_str(config.api_key.expose()).map_err(|_| "api_key")?;
+        api_key.set_sensitive(true);
+        Ok(Self {
+            index,
+            config,
+            base,
+            host,
+            api_key,
+            base_open_ms: breaker.open_ms,
+            state: State {
+                in_flight: AtomicU32::new(0),
+                cooldown_until: AtomicU64::new(0),
+                breaker: AtomicU8::new(CLOSED),
+                failures: AtomicU32::new(0),
+                open_until: AtomicU64::new(0),
+                open_ms: AtomicU64::new(breaker.open_ms),
+                probing: AtomicBool::new(false),
+                latency_ewma: AtomicU64::new(0),
+                requests: AtomicU64::new(0),
+                failures_total: AtomicU64::new(0),
+            },
+            metrics: OnceLock::new(),
+        })
+    }
+
+    /// The instance name from the configuration.
+    pub fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    /// Metric handles for this instance.
+    pub fn metrics(&self) -> &BackendMetrics {
+        self.metrics
+            .get_or_init(|| BackendMetrics::new(&self.config.name))
+    }
+
+    /// Requests currently being served (including streaming bodies).
+    pub fn in_flight(&self) -> u32 {
+        self.state.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// The cooldown deadline, if it is still in the future.
+    pub fn cooling_until(&self, now: u64) -> Option<u64> {
+        let until = self.state.cooldown_until.load(Ordering::Relaxed);
+        (until > now).then_some(until)
+    }
+
+    /// Breaker state at `now`.
+    pub fn breaker_state(&self, now: u64) -> BreakerState {
+        if self.state.breaker.load(Ordering::Acquire) == CLOSED {
+            BreakerState::Closed
+        } else if now >= self.state.open_until.load(Ordering::Relaxed) {
+            BreakerState::HalfOpen
+        } else {
+            BreakerState::Open
+        }
+    }
+
+    /// Whether the instance could take a request at `now`, without
+    /// claiming anything.
+    pub fn check(&self, now: u64) -> Result<(), Unavailable> {
+        if let Some(until) = self.cooling_until(now) {
+            return Err(Unavailable::Cooling(until));
+        }
+        match self.breaker_state(now) {
+            BreakerState::Closed => Ok(()),
+            BreakerState::Open => Err(Unavailable::BreakerOpen),
+            BreakerState::HalfOpen if self.state.probing.load(Ordering::Relaxed) => {
+                Err(Unavailable::BreakerOpen)
+            }
+            BreakerState::HalfOpen => Ok(()),
+        }
+    }
+
+    /// Claims the instance for one attempt: for a half-open breaker this
+    /// takes the single probe slot, and fails if another request has it.
+    /// On success the in-flight count is raised; the returned guard lowers
+    /// it when dropped.
+    pub fn try_acquire(self: &std::sync::Arc<Self>, now: u64) -> Option<InFlight> {
+        let mut probe = false;
+        if self.breaker_state(now) == BreakerState::HalfOpen {
+            if self
+                .state
+                .probing
+                .compare_exchange(false, true, Ordering::AcqRel, Ordering::Relaxed)
+                .is_err()
+            {
+                return None;
+            }
+            probe = true;
+        } else if self.check(now).is_err() {
+            return None;
+        }
+        self.state.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.state.requests.fetch_add(1, Ordering::Relaxed);
+        self.metrics().in_flight.increment(1.0);
+        Some(InFlight {
+            backend: std::sync::Arc::clone(self),
+            probe,
+        })
+    }
+
+    /// Cools the instance down until `now + ms`. A later, shorter cooldown
+    /// never shortens an existing longer one.
+    pub fn cool_down(&self, now: u64, ms: u64) {
+        let until = now.saturating_add(ms);
+        let prev = self
+            .state
+            .cooldown_until
+            .fetch_max(until, Ordering::Relaxed);
+        if prev < until {
+            self.metrics().cooldowns.increment(1);
+        }
+    }
+
+    /// Records a success for the breaker (any response that is not a
+    /// server-side failure).
+    pub fn record_success(&self, probe: bool) {
+        self.state.failures.store(0, Ordering::Relaxed);
+        if probe || self.state.breaker.load(Ordering::Relaxed) != CLOSED {
+            self.close_breaker();
+        }
+    }
+
+    /// Records a 5xx, timeout or connection failure. Opens the breaker at
+    /// the threshold; a failed probe reopens it for twice as long (capped).
+    pub fn record_failure(&self, now: u64, probe: bool, cfg: &BreakerConfig) {
+        self.state.failures_total.fetch_add(1, Ordering::Relaxed);
+        if probe {
+            let next = self
+                .state
+                .open_ms
+                .load(Ordering::Relaxed)
+                .saturating_mul(2)
+                .min(cfg.max_open_ms);
+            self.state.open_ms.store(next, Ordering::Relaxed);
+            self.open_breaker(now, next);
+            return;
+        }
+        let n = self.state.failures.fetch_add(1, Ordering::Relaxed) + 1;
+        if n >= cfg.failure_threshold && self.state.breaker.load(Ordering::Relaxed) == CLOSED {
+            let ms = self.state.open_ms.load(Ordering::Relaxed);
+            self.open_breaker(now, ms);
+        }
+    }
+
+    fn open_breaker(&self, now: u64, ms: u64) {
+        self.state
+            .open_until
+            .store(now.saturating_add(ms), Ordering::Relaxed);
+        self.state.breaker.store(OPEN, Ordering::Release);
+        self.state.probing.store(false, Ordering::Release);
+        self.metrics().breaker_open.set(1.0);
+    }
+
+    fn close_breaker(&self) {
+        self.state.breaker.store(CLOSED, Ordering::Release);
+        self.state.probing.store(false, Ordering::Release);
+        // The backoff starts over from the configured period.
+        self.state
+            .open_ms
+            .store(self.base_open_ms, Ordering::Relaxed);
+        self.metrics().breaker_open.set(0.0);
+    }
+
+    /// Adds a time-to-headers sample to the latency EWMA.
+    pub fn record_latency(&self, ms: f64) {
+        let cell = &self.state.latency_ewma;
+        let mut cur = cell.load(Ordering::Relaxed);
+        loop {
+            let old = f64::from_bits(cur);
+            let new = if old == 0.0 {
+                ms
+            } else {
+                old + EWMA_ALPHA * (ms - old)
+            };
+            match cell.compare_exchange_weak(
+                cur,
+                new.to_bits(),
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return,
+                Err(v) => cur = v,
+            }
+        }
+    }
+
+    /// The latency EWMA in ms (0 before the first sample).
+    pub fn latency_ewma_ms(&self) -> f64 {
+        f64::from_bits(self.state.latency_ewma.load(Ordering::Relaxed))
+    }
+
+    /// Attempts started on this instance.
+    pub fn requests(&self) -> u64 {
+        self.state.requests.load(Ordering::Relaxed)
+    }
+
+    /// Failures (5xx, timeouts, connection errors) recorded.
+    pub fn failures(&self) -> u64 {
+        self.state.failures_total.load(Ordering::Relaxed)
+    }
+
+    /// Counts one attempt outcome in the metrics.
+    pub fn count_attempt(&self, o: Outcome) {
+        self.metrics().attempts[o.index()].increment(1);
+    }
+
+    /// Counts one final response with `status` in the metrics.
+    pub fn count_response(&self, status: u16) {
+        let class = usize::from((status / 100).clamp(1, 5)) - 1;
+        self.metrics().requests[class].increment(1);
+    }
+}
+
+/// One claimed attempt slot on a backend. Dropping it lowers the in-flight
+/// count (and frees the half-open probe slot if it was never resolved).
+pub struct InFlight {
+    backend: std::sync::Arc<Backend>,
+    probe: bool,
+}
+
+impl InFlight {
+    /// The backend this slot belongs to.
+    pub fn backend(&self) -> &std::sync::Arc<Backend> {
+        &self.backend
+    }
+
+    /// Whether this attempt is the breaker's half-open probe.
+    pub fn is_probe(&self) -> bool {
+        self.probe
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.backend.state.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.backend.metrics().in_flight.decrement(1.0);
+        if self.probe {
+            // A probe that ended without a verdict (client went away) must
+            // not keep the breaker half-open forever.
+            self.backend.state.probing.store(false, Ordering::Release);
+        }
+    }
+}

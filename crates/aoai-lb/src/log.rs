@@ -1,0 +1,218 @@
+//! Phase 7: the access record, one per request.
+//!
+//! Owns what the access line says: time, request ids, method, the path
+//! without its query string (queries can carry secrets), deployment, every
+//! attempt (instance, outcome, status, ms), the final instance and status,
+//! time to first byte, total time, bytes and whether the body streamed. It
+//! never holds a key, a header value other than the two ids, or a body.
+//!
+//! The record is written through [`crate::logging::access`] exactly once:
+//! when the response body ends, is aborted, or is dropped because the
+//! client went away (see [`crate::stream`]).
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use http::{HeaderValue, Method};
+use serde::{Serialize, Serializer};
+
+use crate::backend::Backend;
+
+/// One attempt on one instance.
+#[derive(Serialize, Clone)]
+pub struct Attempt {
+    /// The instance's configured name.
+    pub instance: InstanceName,
+    /// `ok`, `client_error`, `throttled`, `server_error`, `timeout`,
+    /// `connect_error`, `backend_auth_error` or `deployment_not_found`.
+    pub outcome: &'static str,
+    /// The response status, when headers arrived.
+    pub status: Option<u16>,
+    /// Time from sending to the verdict, in ms.
+    pub ms: f64,
+}
+
+/// An instance's name in a record, shared rather than copied.
+#[derive(Clone)]
+pub struct InstanceName(pub Arc<Backend>);
+
+impl InstanceName {
+    /// The configured name.
+    pub fn as_str(&self) -> &str {
+        self.0.name()
+    }
+}
+
+impl Serialize for InstanceName {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+/// The access line. Field names and meanings are a contract with log
+/// consumers.
+#[derive(Serialize)]
+pub struct AccessRecord {
+    /// RFC 3339 UTC with milliseconds, when the record is written.
+    pub timestamp: String,
+    /// Always `INFO`.
+    pub level: &'static str,
+    /// Always `aoai_lb::access`.
+    pub target: &'static str,
+    /// Always `request`.
+    pub message: &'static str,
+    /// The client's `x-ms-client-request-id`, or a generated id.
+    #[serde(serialize_with = "header_str")]
+    pub request_id: HeaderValue,
+    /// Azure's `apim-request-id` from the final response.
+    #[serde(serialize_with = "opt_header_str")]
+    pub apim_request_id: Option<HeaderValue>,
+    /// The request method.
+    #[serde(serialize_with = "method_str")]
+    pub method: Method,
+    /// The client's path, without the query string.
+    pub path: String,
+    /// The client-facing deployment, when the request names one.
+    pub deployment: Option<String>,
+    /// Every attempt, in order.
+    pub attempts: Vec<Attempt>,
+    /// The instance that produced the final response.
+    pub instance: Option<InstanceName>,
+    /// The status sent to the client.
+    pub status: u16,
+    /// Time from request start to the first response body byte.
+    pub ttfb_ms: Option<f64>,
+    /// Time from request start to the end of the response body.
+    pub total_ms: f64,
+    /// Response body bytes sent to the client.
+    pub bytes: u64,
+    /// Whether the body was an event stream.
+    pub streamed: bool,
+    /// Why the request failed inside the gateway, or how the body ended
+    /// badly (`stream_idle_timeout`, `upstream_aborted`,
+    /// `client_disconnected`).
+    pub error: Option<&'static str>,
+}
+
+fn header_str<S: Serializer>(v: &HeaderValue, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(v.to_str().unwrap_or("-"))
+}
+
+fn opt_header_str<S: Serializer>(v: &Option<HeaderValue>, s: S) -> Result<S::Ok, S::Error> {
+    match v {
+        Some(v) => header_str(v, s),
+        None => s.serialize_none(),
+    }
+}
+
+fn method_str<S: Serializer>(m: &Method, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(m.as_str())
+}
+
+impl AccessRecord {
+    /// Writes the record as one line.
+    pub fn emit(&self) {
+        crate::logging::access(self);
+    }
+}
+
+/// Milliseconds as a float, for records.
+pub fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// `YYYY-MM-DDTHH:MM:SS.mmmZ` for `t`.
+pub fn rfc3339_ms(t: SystemTime) -> String {
+    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let secs = d.as_secs();
+    let days = i64::try_from(secs / 86_400).unwrap_or(0);
+    let rem = secs % 86_400;
+    let (y, m, day) = civil_from_days(days);
+    format!(
+        "{y:04}-{m:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        d.subsec_millis()
+    )
+}
+
+/// Days since 1970-01-01 to (year, month, day), proleptic Gregorian
+/// (Howard Hinnant's well-known algorithm).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = if m <= 2 { y + 1 } else { y };
+    (
+        y,
+        u32::try_from(m).unwrap_or(1),
+        u32::try_from(d).unwrap_or(1),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formats_timestamps_as_rfc3339_utc_with_millis() {
+        let t = UNIX_EPOCH + Duration::from_millis(1_767_225_600_123);
+        assert_eq!(rfc3339_ms(t), "2026-01-01T00:00:00.123Z");
+        let t = UNIX_EPOCH + Duration::from_secs(951_782_400 + 3661);
+        assert_eq!(rfc3339_ms(t), "2000-02-29T01:01:01.000Z");
+    }
+
+    #[test]
+    fn serialises_the_contract_fields() {
+        let r = AccessRecord {
+            timestamp: rfc3339_ms(UNIX_EPOCH),
+            level: "INFO",
+            target: "aoai_lb::access",
+            message: "request",
+            request_id: HeaderValue::from_static("abc"),
+            apim_request_id: None,
+            method: Method::POST,
+            path: "/openai/x".to_owned(),
+            deployment: Some("gpt-4o".to_owned()),
+            attempts: Vec::new(),
+            instance: None,
+            status: 200,
+            ttfb_ms: Some(1.5),
+            total_ms: 2.0,
+            bytes: 10,
+            streamed: false,
+            error: None,
+        };
+        let v = serde_json::to_value(&r).unwrap();
+        for k in [
+            "timestamp",
+            "level",
+            "target",
+            "message",
+            "request_id",
+            "apim_request_id",
+            "method",
+            "path",
+            "deployment",
+            "attempts",
+            "instance",
+            "status",
+            "ttfb_ms",
+            "total_ms",
+            "bytes",
+            "streamed",
+            "error",
+        ] {
+            assert!(v.get(k).is_some(), "{k} missing in {v}");
+        }
+        assert_eq!(v["method"], "POST");
+        assert_eq!(v["request_id"], "abc");
+    }
+}

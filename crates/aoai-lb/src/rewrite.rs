@@ -1,0 +1,319 @@
+//! Phase 4: the upstream request, built from the client's.
+//!
+//! Owns every change made to a request on its way to an instance, and the
+//! headers removed from a response on its way back. Nothing else changes:
+//!
+//! - URL: the instance's base URL (its path prefix kept) + the client path
+//!   (with `/openai` added when missing, and the deployment segment renamed
+//!   per the instance's `deployments` map) + the query string, untouched.
+//! - Headers: the client's `authorization` and `api-key` are removed and the
+//!   instance's `api-key` set; `Host` is overwritten; hop-by-hop headers are
+//!   removed (RFC 9110 §7.6.1); `x-ms-client-request-id` carries the request
+//!   id.
+//! - Body: on `/openai/v1/*` and `/openai/responses` only the bytes of the
+//!   top-level `model` string's value change, and only when the instance
+//!   maps the name; every other byte is kept as sent. GET and HEAD send no
+//!   body.
+
+use bytes::{Bytes, BytesMut};
+use http::header::{self, HeaderName};
+use http::{HeaderMap, HeaderValue, Method, Uri};
+
+use crate::backend::Backend;
+use crate::route::Route;
+
+/// `x-ms-client-request-id`: the request id Azure echoes and logs.
+pub static CLIENT_REQUEST_ID: HeaderName = HeaderName::from_static("x-ms-client-request-id");
+/// `api-key`: Azure's key header.
+pub static API_KEY: HeaderName = HeaderName::from_static("api-key");
+
+/// Hop-by-hop headers that are always removed (RFC 9110 §7.6.1 lists
+/// Connection and the fields it names, plus Proxy-Connection, Keep-Alive,
+/// TE, Transfer-Encoding and Upgrade; RFC 9110 §6.6.2 adds Trailer).
+static HOP_BY_HOP: [HeaderName; 7] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+/// Whether the request asks to switch to WebSocket (`Connection: upgrade`
+/// with `Upgrade: websocket`). This must be checked before
+/// [`strip_hop_by_hop`], which removes exactly those headers.
+pub fn is_websocket_upgrade(headers: &HeaderMap) -> bool {
+    let upgrade = headers
+        .get_all(header::UPGRADE)
+        .iter()
+        .any(|v| has_token(v.as_bytes(), b"websocket"));
+    upgrade
+        && headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .any(|v| has_token(v.as_bytes(), b"upgrade"))
+}
+
+fn has_token(list: &[u8], token: &[u8]) -> bool {
+    list.split(|&c| c == b',')
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
+}
+
+/// Removes hop-by-hop headers: every field named in `Connection`, then the
+/// fixed list. With `keep_upgrade`, `Connection: upgrade` and `Upgrade`
+/// survive so a WebSocket handshake can pass.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    if headers.contains_key(header::CONNECTION) {
+        // Collected first: the map cannot be changed while its values are
+        // borrowed. Connection headers are short and rare on the hot path.
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .flat_map(|v| v.as_bytes().split(|&c| c == b','))
+            .filter_map(|t| HeaderName::from_bytes(t.trim_ascii()).ok())
+            .collect();
+        for name in named {
+            if keep_upgrade && name == header::UPGRADE {
+                continue;
+            }
+            headers.remove(&name);
+        }
+    }
+    for name in &HOP_BY_HOP {
+        if keep_upgrade && (name == header::CONNECTION || name == header::UPGRADE) {
+            continue;
+        }
+        headers.remove(name);
+    }
+    if keep_upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+}
+
+/// Prepares the client's headers once per request, for every attempt:
+/// removes credentials, `Host`, hop-by-hop headers and `Content-Length`
+/// (the upstream body's length is set from the buffered body), and sets
+/// `x-ms-client-request-id`.
+pub fn prepare_request_headers(headers: &mut HeaderMap, request_id: &HeaderValue, websocket: bool) {
+    strip_hop_by_hop(headers, websocket);
+    headers.remove(header::AUTHORIZATION);
+    headers.remove(&API_KEY);
+    headers.remove(header::HOST);
+    headers.remove(header::CONTENT_LENGTH);
+    headers.insert(CLIENT_REQUEST_ID.clone(), request_id.clone());
+}
+
+/// The per-attempt header map: the prepared headers plus this instance's
+/// `Host` and `api-key`.
+pub fn attempt_headers(prepared: &HeaderMap, backend: &Backend) -> HeaderMap {
+    let mut h = prepared.clone();
+    h.insert(header::HOST, backend.host.clone());
+    h.insert(API_KEY.clone(), backend.api_key.clone());
+    h
+}
+
+/// The upstream URI for `backend`: base URL + path (prefixed, deployment
+/// segment renamed) + `?query`.
+///
+/// # Errors
+/// When the result is not a valid URI (it cannot be for a path that passed
+/// routing and a validated base URL, but the parser has the last word).
+pub fn upstream_uri(
+    backend: &Backend,
+    path: &str,
+    query: Option<&str>,
+    route: &Route,
+    backend_deployment: Option<&str>,
+) -> Result<Uri, http::uri::InvalidUri> {
+    let mut s = String::with_capacity(
+        backend.base.len() + path.len() + 8 + query.map_or(0, |q| q.len() + 1) + 16,
+    );
+    s.push_str(&backend.base);
+    if route.add_prefix {
+        s.push_str("/openai");
+    }
+    match (
+        &route.path_span,
+        backend_deployment,
+        route.deployment.as_deref(),
+    ) {
+        (Some(span), Some(to), Some(from)) if to != from => {
+            s.push_str(&path[..span.start]);
+            s.push_str(to);
+            s.push_str(&path[span.end..]);
+        }
+        _ => s.push_str(path),
+    }
+    if let Some(q) = query {
+        s.push('?');
+        s.push_str(q);
+    }
+    Uri::from_maybe_shared(Bytes::from(s))
+}
+
+/// The upstream body for an attempt: empty for GET and HEAD; the client's
+/// bytes with only the `model` value replaced when the instance maps the
+/// name; otherwise the client's bytes, shared, not copied.
+pub fn upstream_body(
+    method: &Method,
+    body: &Bytes,
+    route: &Route,
+    backend_deployment: Option<&str>,
+) -> Bytes {
+    if *method == Method::GET || *method == Method::HEAD {
+        return Bytes::new();
+    }
+    match (
+        &route.model_span,
+        backend_deployment,
+        route.deployment.as_deref(),
+    ) {
+        (Some(span), Some(to), Some(from)) if to != from && span.end <= body.len() => {
+            splice_json_string(body, span.clone(), to)
+        }
+        _ => body.clone(),
+    }
+}
+
+/// Replaces the contents of a JSON string (`span`, between its quotes) by
+/// `value`, escaped as JSON requires.
+fn splice_json_string(body: &Bytes, span: std::ops::Range<usize>, value: &str) -> Bytes {
+    let escaped;
+    let value = if value.bytes().any(|b| b == b'"' || b == b'\\' || b < 0x20) {
+        // `to_string` of a `&str` always succeeds; keep the raw value if not.
+        escaped = serde_json::to_string(value).unwrap_or_default();
+        escaped
+            .get(1..escaped.len().saturating_sub(1))
+            .unwrap_or(value)
+    } else {
+        value
+    };
+    let mut out = BytesMut::with_capacity(body.len() - span.len() + value.len());
+    out.extend_from_slice(&body[..span.start]);
+    out.extend_from_slice(value.as_bytes());
+    out.extend_from_slice(&body[span.end..]);
+    out.freeze()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{BreakerConfig, Config};
+    use crate::route::{apply_body_model, classify};
+
+    fn backend(url: &str) -> Backend {
+        let doc =
+            format!(r#"{{"instances":[{{"name":"a","url":"{url}","api_key":"backend-key"}}]}}"#);
+        let c = Config::from_json(&doc).unwrap();
+        Backend::new(0, c.instances[0].clone(), &BreakerConfig::default()).unwrap()
+    }
+
+    #[test]
+    fn keeps_the_base_path_prefix_and_query() {
+        let b = backend("https://apim.example.com/aoai/");
+        let p = "/openai/deployments/gpt-4o/chat/completions";
+        let r = classify(&Method::POST, p).unwrap();
+        let u = upstream_uri(
+            &b,
+            p,
+            Some("api-version=2024-10-21&x=%2F"),
+            &r,
+            Some("gpt-4o"),
+        )
+        .unwrap();
+        assert_eq!(
+            u.to_string(),
+            "https://apim.example.com/aoai/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21&x=%2F"
+        );
+    }
+
+    #[test]
+    fn renames_the_deployment_segment_and_adds_the_prefix() {
+        let b = backend("http://127.0.0.1:9000");
+        let p = "/deployments/gpt-4o/chat/completions";
+        let r = classify(&Method::POST, p).unwrap();
+        let u = upstream_uri(&b, p, None, &r, Some("gpt-4o-ptu")).unwrap();
+        assert_eq!(
+            u.to_string(),
+            "http://127.0.0.1:9000/openai/deployments/gpt-4o-ptu/chat/completions"
+        );
+        assert_eq!(b.host, "127.0.0.1:9000");
+    }
+
+    #[test]
+    fn splices_only_the_model_value() {
+        let body = Bytes::from_static(
+            br#"{ "messages":[{"role":"user","content":"model"}],  "model":"gpt-4o" ,"n":1}"#,
+        );
+        let mut r = classify(&Method::POST, "/openai/v1/chat/completions").unwrap();
+        apply_body_model(&mut r, &body).unwrap();
+        let out = upstream_body(&Method::POST, &body, &r, Some("gpt-4o-ptu"));
+        assert_eq!(
+            &out[..],
+            &br#"{ "messages":[{"role":"user","content":"model"}],  "model":"gpt-4o-ptu" ,"n":1}"#
+                [..]
+        );
+        // Unmapped: the very same bytes.
+        let same = upstream_body(&Method::POST, &body, &r, Some("gpt-4o"));
+        assert_eq!(same.as_ptr(), body.as_ptr());
+    }
+
+    #[test]
+    fn get_and_head_send_no_body() {
+        let body = Bytes::from_static(b"x");
+        let r = classify(&Method::GET, "/openai/models").unwrap();
+        assert!(upstream_body(&Method::GET, &body, &r, None).is_empty());
+        assert!(upstream_body(&Method::HEAD, &body, &r, None).is_empty());
+    }
+
+    #[test]
+    fn strips_hop_by_hop_and_connection_named_headers() {
+        let mut h = HeaderMap::new();
+        for (k, v) in [
+            ("connection", "keep-alive, x-private"),
+            ("keep-alive", "timeout=5"),
+            ("x-private", "1"),
+            ("te", "trailers"),
+            ("trailer", "x"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "h2c"),
+            ("proxy-connection", "keep-alive"),
+            ("x-keep", "yes"),
+        ] {
+            h.append(k, HeaderValue::from_static(v));
+        }
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert_eq!(h["x-keep"], "yes");
+    }
+
+    #[test]
+    fn keeps_a_websocket_upgrade() {
+        let mut h = HeaderMap::new();
+        h.insert("connection", HeaderValue::from_static("Upgrade"));
+        h.insert("upgrade", HeaderValue::from_static("websocket"));
+        assert!(is_websocket_upgrade(&h));
+        strip_hop_by_hop(&mut h, true);
+        assert_eq!(h["upgrade"], "websocket");
+        assert_eq!(h["connection"], "upgrade");
+    }
+
+    #[test]
+    fn removes_client_credentials_and_sets_the_instance_key() {
+        let b = backend("http://127.0.0.1:9000");
+        let mut h = HeaderMap::new();
+        h.insert("authorization", HeaderValue::from_static("Bearer client"));
+        h.insert("api-key", HeaderValue::from_static("client"));
+        h.insert("host", HeaderValue::from_static("gateway"));
+        h.insert("content-length", HeaderValue::from_static("5"));
+        prepare_request_headers(&mut h, &HeaderValue::from_static("rid"), false);
+        let a = attempt_headers(&h, &b);
+        assert!(a.get("authorization").is_none());
+        assert_eq!(a["api-key"], "backend-key");
+        assert!(a["api-key"].is_sensitive());
+        assert_eq!(a["host"], "127.0.0.1:9000");
+        assert_eq!(a["x-ms-client-request-id"], "rid");
+        assert!(a.get("content-length").is_none());
+    }
+}

@@ -1,0 +1,617 @@
+//! Phase 5: talking to instances, with failover.
+//!
+//! Owns the upstream HTTP client (pooled keep-alive, HTTP/1.1 and HTTP/2 by
+//! ALPN, rustls with the webpki roots plus optional extra CAs), reading the
+//! client's body into memory up to the cap so it can be replayed, the
+//! per-attempt timeouts, and the failover loop:
+//!
+//! | Instance answer                                  | Action                          |
+//! |--------------------------------------------------|---------------------------------|
+//! | connect/TLS error, no headers in time            | next instance; breaker failure  |
+//! | 429                                              | next instance; cool this one    |
+//! | 500, 502, 503, 504                               | next instance; breaker failure  |
+//! | 408                                              | next instance                   |
+//! | 401, 403 (the instance's key is wrong)           | next instance; breaker failure  |
+//! | 404 with code `DeploymentNotFound`               | next instance                   |
+//! | anything else (2xx, 3xx, other 4xx)              | returned to the client as is    |
+//!
+//! Each instance is tried at most once per request. Once response headers
+//! are returned, nothing is retried (see [`crate::stream`]).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::{Bytes, BytesMut};
+use http::{HeaderMap, Method, Request, Response, StatusCode, header};
+use http_body::Body;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+use crate::backend::{Backend, InFlight, Outcome};
+use crate::config::{Config, CooldownConfig};
+use crate::error::{GatewayError, ProxyError};
+use crate::log::{Attempt, InstanceName, ms};
+use crate::proxy::Inner;
+use crate::rewrite;
+use crate::route::Route;
+use crate::select::IndexSet;
+
+/// The pooled upstream client.
+pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+
+/// Largest error body (429, 5xx, 401/403, 404) kept in memory so it can be
+/// returned unchanged if no other instance does better. Azure's error
+/// bodies are a few hundred bytes.
+const MAX_ERROR_BODY: usize = 256 * 1024;
+
+/// Builds the upstream client from the configuration.
+///
+/// # Errors
+/// When the extra CA file cannot be read or holds no certificate, or TLS
+/// cannot be initialised.
+pub fn build_client(config: &Config) -> Result<UpstreamClient, GatewayError> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    if let Some(path) = &config.upstream.extra_ca_file {
+        use rustls_pki_types::pem::PemObject;
+        let certs = rustls_pki_types::CertificateDer::pem_file_iter(path)
+            .map_err(|e| GatewayError::ExtraCa(e.to_string()))?;
+        let mut added = 0usize;
+        for cert in certs {
+            let cert = cert.map_err(|e| GatewayError::ExtraCa(e.to_string()))?;
+            roots
+                .add(cert)
+                .map_err(|e| GatewayError::ExtraCa(e.to_string()))?;
+            added += 1;
+        }
+        if added == 0 {
+            return Err(GatewayError::ExtraCa(
+                "no PEM certificate found in the file".to_owned(),
+            ));
+        }
+    }
+    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| GatewayError::Tls(e.to_string()))?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(config.timeouts.connect));
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .enable_http2()
+        .wrap_connector(http);
+    Ok(Client::builder(TokioExecutor::new())
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(config.upstream.pool_idle_timeout)
+        .pool_max_idle_per_host(config.upstream.pool_max_idle_per_host)
+        .build(https))
+}
+
+/// Reads the client's body into memory, refusing more than `limit` bytes.
+///
+/// A declared `Content-Length` over the cap is refused before reading
+/// anything; otherwise reading stops at the first byte past the cap, so an
+/// unbounded body is never read to its end.
+///
+/// # Errors
+/// [`ProxyError::BodyTooLarge`] over the cap, [`ProxyError::ClientBody`]
+/// when the client's body fails.
+pub async fn read_body(
+    body: Incoming,
+    headers: &HeaderMap,
+    limit: usize,
+) -> Result<Bytes, ProxyError> {
+    if let Some(len) = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        && len > limit as u64
+    {
+        return Err(ProxyError::BodyTooLarge { limit });
+    }
+    read_capped(body, limit, None).await.map_err(|e| match e {
+        ReadError::TooLarge => ProxyError::BodyTooLarge { limit },
+        ReadError::Failed | ReadError::Idle => ProxyError::ClientBody,
+    })
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ReadError {
+    TooLarge,
+    Failed,
+    Idle,
+}
+
+/// Collects a body up to `limit` bytes, with an optional gap timeout. A
+/// single-frame body is returned without copying.
+async fn read_capped<B>(
+    mut body: B,
+    limit: usize,
+    idle: Option<Duration>,
+) -> Result<Bytes, ReadError>
+where
+    B: Body<Data = Bytes> + Unpin,
+{
+    let mut first: Option<Bytes> = None;
+    let mut rest: Option<BytesMut> = None;
+    let mut total = 0usize;
+    loop {
+        let next = body.frame();
+        let frame = match idle {
+            Some(d) => tokio::time::timeout(d, next)
+                .await
+                .map_err(|_| ReadError::Idle)?,
+            None => next.await,
+        };
+        let Some(frame) = frame else { break };
+        let Ok(data) = frame.map_err(|_| ReadError::Failed)?.into_data() else {
+            continue;
+        };
+        total += data.len();
+        if total > limit {
+            return Err(ReadError::TooLarge);
+        }
+        match (&mut first, &mut rest) {
+            (None, _) => first = Some(data),
+            (Some(f), None) => {
+                let mut buf = BytesMut::with_capacity(f.len() + data.len());
+                buf.extend_from_slice(f);
+                buf.extend_from_slice(&data);
+                rest = Some(buf);
+            }
+            (Some(_), Some(buf)) => buf.extend_from_slice(&data),
+        }
+    }
+    Ok(match (first, rest) {
+        (_, Some(buf)) => buf.freeze(),
+        (Some(f), None) => f,
+        (None, None) => Bytes::new(),
+    })
+}
+
+/// What the failover loop ended with.
+pub enum Sent {
+    /// An instance's response to stream back as is.
+    Stream {
+        /// The response, body unread.
+        response: Response<Incoming>,
+        /// The instance's in-flight slot, held until the body ends.
+        slot: InFlight,
+    },
+    /// An instance's response whose body was already read: an error kept
+    /// as the last answer, or a non-retryable 404.
+    Buffered {
+        /// Status and headers as the instance sent them.
+        parts: http::response::Parts,
+        /// The body as the instance sent it.
+        body: Bytes,
+        /// The instance that answered.
+        backend: Arc<Backend>,
+    },
+    /// No instance gave a usable answer.
+    Failed(ProxyError),
+}
+
+/// How a response status is handled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    /// Returned to the client.
+    Final(Outcome),
+    /// Tried elsewhere.
+    Retry(Outcome),
+    /// 404: depends on the body's code.
+    Check404,
+}
+
+fn verdict(status: StatusCode) -> Verdict {
+    match status.as_u16() {
+        429 => Verdict::Retry(Outcome::Throttled),
+        408 | 500 | 502 | 503 | 504 => Verdict::Retry(Outcome::ServerError),
+        401 | 403 => Verdict::Retry(Outcome::BackendAuthError),
+        404 => Verdict::Check404,
+        400..=499 => Verdict::Final(Outcome::ClientError),
+        _ => Verdict::Final(Outcome::Ok),
+    }
+}
+
+/// Whether an error body is Azure's `DeploymentNotFound`.
+fn is_deployment_not_found(body: &[u8]) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Outer {
+        error: Option<InnerErr>,
+    }
+    #[derive(serde::Deserialize)]
+    struct InnerErr {
+        code: Option<serde_json::Value>,
+    }
+    serde_json::from_slice::<Outer>(body)
+        .ok()
+        .and_then(|o| o.error)
+        .and_then(|e| e.code)
+        .is_some_and(|c| c.as_str() == Some("DeploymentNotFound"))
+}
+
+/// One request's input to the failover loop.
+pub struct Outgoing<'a> {
+    /// Method of the client request.
+    pub method: &'a Method,
+    /// The client path (without query).
+    pub path: &'a str,
+    /// The client query string.
+    pub query: Option<&'a str>,
+    /// Headers prepared by [`rewrite::prepare_request_headers`].
+    pub headers: &'a HeaderMap,
+    /// Routing result.
+    pub route: &'a Route,
+    /// The buffered client body.
+    pub body: &'a Bytes,
+}
+
+/// Tries candidates in selector order until one gives an answer to return.
+/// Every attempt is appended to `attempts`; `upstream_wait` accumulates
+/// time spent waiting on instances (for the overhead metric).
+pub async fn failover(
+    gw: &Inner,
+    out: &Outgoing<'_>,
+    attempts: &mut Vec<Attempt>,
+    upstream_wait: &mut Duration,
+) -> Sent {
+    let dep = out.route.deployment.as_deref();
+    let serves = |b: &Backend| dep.is_none_or(|d| b.config.backend_deployment(d).is_some());
+    let mut exclude = IndexSet::default();
+    let mut last_response: Option<(http::response::Parts, Bytes, Arc<Backend>)> = None;
+    let mut last_failure: Option<ProxyError> = None;
+    let mut rng = fastrand::Rng::new();
+    let timeouts = gw.config.timeouts;
+
+    loop {
+        let now = gw.clock.now_ms();
+        let Some(i) = gw
+            .selector
+            .pick(&gw.backends, serves, exclude, now, &mut rng)
+        else {
+            break;
+        };
+        exclude.insert(i);
+        let backend = &gw.backends[i];
+        let Some(slot) = backend.try_acquire(now) else {
+            // Lost the half-open probe to another request.
+            continue;
+        };
+        let backend_dep = dep.and_then(|d| backend.config.backend_deployment(d));
+        let uri = match rewrite::upstream_uri(backend, out.path, out.query, out.route, backend_dep)
+        {
+            Ok(u) => u,
+            Err(_) => return Sent::Failed(ProxyError::Internal),
+        };
+        let mut req = Request::new(Full::new(rewrite::upstream_body(
+            out.method,
+            out.body,
+            out.route,
+            backend_dep,
+        )));
+        *req.method_mut() = out.method.clone();
+        *req.uri_mut() = uri;
+        *req.headers_mut() = rewrite::attempt_headers(out.headers, backend);
+
+        let started = Instant::now();
+        let result = tokio::time::timeout(timeouts.response_headers, gw.client.request(req)).await;
+        let mut elapsed = started.elapsed();
+
+        let (outcome, status) = match result {
+            Err(_) => {
+                backend.record_failure(
+                    gw.clock.now_ms(),
+                    slot.is_probe(),
+                    &gw.config.circuit_breaker,
+                );
+                last_failure = Some(ProxyError::UpstreamTimeout);
+                (Outcome::Timeout, None)
+            }
+            Ok(Err(_)) => {
+                // The error text is not kept: it can name the instance.
+                backend.record_failure(
+                    gw.clock.now_ms(),
+                    slot.is_probe(),
+                    &gw.config.circuit_breaker,
+                );
+                last_failure = Some(ProxyError::UpstreamConnect);
+                (Outcome::ConnectError, None)
+            }
+            Ok(Ok(response)) => {
+                let status = response.status();
+                let v = verdict(status);
+                if let Verdict::Final(outcome) = v {
+                    backend.record_success(slot.is_probe());
+                    backend.record_latency(ms(elapsed));
+                    record(backend, attempts, outcome, Some(status), elapsed);
+                    *upstream_wait += elapsed;
+                    return Sent::Stream { response, slot };
+                }
+                let (parts, body) = response.into_parts();
+                let read = read_capped(body, MAX_ERROR_BODY, Some(timeouts.stream_idle)).await;
+                elapsed = started.elapsed();
+                let body = read.ok();
+                let outcome = match v {
+                    Verdict::Retry(o) => o,
+                    _ if body.as_deref().is_some_and(is_deployment_not_found) => {
+                        Outcome::DeploymentNotFound
+                    }
+                    _ => Outcome::ClientError,
+                };
+                let now = gw.clock.now_ms();
+                match outcome {
+                    Outcome::Throttled => {
+                        backend.record_success(slot.is_probe());
+                        backend.cool_down(
+                            now,
+                            cooldown_ms(&parts.headers, &gw.config.cooldown, SystemTime::now()),
+                        );
+                    }
+                    Outcome::ServerError if status != StatusCode::REQUEST_TIMEOUT => {
+                        backend.record_failure(now, slot.is_probe(), &gw.config.circuit_breaker);
+                    }
+                    Outcome::BackendAuthError => {
+                        backend.record_failure(now, slot.is_probe(), &gw.config.circuit_breaker);
+                    }
+                    _ => backend.record_success(slot.is_probe()),
+                }
+                if outcome == Outcome::ClientError {
+                    record(backend, attempts, outcome, Some(status), elapsed);
+                    *upstream_wait += elapsed;
+                    return match body {
+                        Some(body) => Sent::Buffered {
+                            parts,
+                            body,
+                            backend: Arc::clone(backend),
+                        },
+                        None => Sent::Failed(ProxyError::UpstreamConnect),
+                    };
+                }
+                match body {
+                    Some(body) => last_response = Some((parts, body, Arc::clone(backend))),
+                    None => last_failure = Some(ProxyError::UpstreamConnect),
+                }
+                (outcome, Some(status))
+            }
+        };
+        record(backend, attempts, outcome, status, elapsed);
+        *upstream_wait += elapsed;
+        drop(slot);
+    }
+
+    let now = gw.clock.now_ms();
+    if let Some(retry_after_ms) = gw.selector.all_cooling(&gw.backends, serves, now) {
+        return Sent::Failed(ProxyError::AllCooling { retry_after_ms });
+    }
+    if let Some((parts, body, backend)) = last_response {
+        return Sent::Buffered {
+            parts,
+            body,
+            backend,
+        };
+    }
+    Sent::Failed(last_failure.unwrap_or(ProxyError::NoBackend))
+}
+
+fn record(
+    backend: &Arc<Backend>,
+    attempts: &mut Vec<Attempt>,
+    outcome: Outcome,
+    status: Option<StatusCode>,
+    elapsed: Duration,
+) {
+    backend.count_attempt(outcome);
+    attempts.push(Attempt {
+        instance: InstanceName(Arc::clone(backend)),
+        outcome: outcome.as_str(),
+        status: status.map(|s| s.as_u16()),
+        ms: ms(elapsed),
+    });
+}
+
+/// How long to cool an instance after a 429: `retry-after-ms`, else
+/// `retry-after` (seconds or an HTTP date), else `x-ratelimit-reset-requests`
+/// / `x-ratelimit-reset-tokens`, else `cooldown.default_ms`; at least 1 ms
+/// and at most `cooldown.max_ms`. Zero or negative values count as absent
+/// (the Responses API sends `x-ratelimit-reset-tokens: 0`).
+pub fn cooldown_ms(headers: &HeaderMap, cfg: &CooldownConfig, now: SystemTime) -> u64 {
+    let text = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim)
+    };
+    let positive = |x: f64| (x.is_finite() && x > 0.0).then_some(x);
+    let ms = text("retry-after-ms")
+        .and_then(|v| v.parse::<f64>().ok())
+        .and_then(positive)
+        .or_else(|| {
+            text("retry-after").and_then(|v| match v.parse::<f64>() {
+                Ok(secs) => positive(secs * 1000.0),
+                Err(_) => httpdate::parse_http_date(v)
+                    .ok()
+                    .and_then(|t| t.duration_since(now).ok())
+                    .map(|d| d.as_secs_f64() * 1000.0)
+                    .and_then(positive),
+            })
+        })
+        .or_else(|| {
+            text("x-ratelimit-reset-requests")
+                .and_then(parse_reset)
+                .and_then(positive)
+        })
+        .or_else(|| {
+            text("x-ratelimit-reset-tokens")
+                .and_then(parse_reset)
+                .and_then(positive)
+        });
+    match ms {
+        // Saturating float-to-int conversion; the cap applies after.
+        Some(ms) => (ms.ceil() as u64).clamp(1, cfg.max_ms),
+        None => cfg.default_ms.clamp(1, cfg.max_ms),
+    }
+}
+
+/// `x-ratelimit-reset-*` in ms: plain seconds (`"12"`, `"0.5"`) or a Go-style
+/// duration (`"1m30s"`, `"250ms"`, `"6m0s"`).
+fn parse_reset(v: &str) -> Option<f64> {
+    if let Ok(secs) = v.parse::<f64>() {
+        return Some(secs * 1000.0);
+    }
+    let mut total = 0.0;
+    let mut rest = v;
+    if rest.is_empty() {
+        return None;
+    }
+    while !rest.is_empty() {
+        let num_len = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(rest.len());
+        if num_len == 0 {
+            return None;
+        }
+        let n: f64 = rest[..num_len].parse().ok()?;
+        rest = &rest[num_len..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
+        let factor = match &rest[..unit_len] {
+            "h" => 3_600_000.0,
+            "m" => 60_000.0,
+            "s" => 1000.0,
+            "ms" => 1.0,
+            _ => return None,
+        };
+        total += n * factor;
+        rest = &rest[unit_len..];
+    }
+    Some(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    fn h(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut m = HeaderMap::new();
+        for (k, v) in pairs {
+            m.insert(*k, HeaderValue::from_static(v));
+        }
+        m
+    }
+
+    const CFG: CooldownConfig = CooldownConfig {
+        default_ms: 10_000,
+        max_ms: 60_000,
+    };
+
+    #[test]
+    fn cooldown_prefers_retry_after_ms_then_retry_after() {
+        let now = SystemTime::now();
+        assert_eq!(
+            cooldown_ms(
+                &h(&[("retry-after-ms", "1500"), ("retry-after", "9")]),
+                &CFG,
+                now
+            ),
+            1500
+        );
+        assert_eq!(cooldown_ms(&h(&[("retry-after", "3")]), &CFG, now), 3000);
+        assert_eq!(cooldown_ms(&h(&[("retry-after", "0.25")]), &CFG, now), 250);
+        assert_eq!(cooldown_ms(&h(&[]), &CFG, now), 10_000);
+    }
+
+    #[test]
+    fn cooldown_reads_an_http_date() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let later = httpdate::fmt_http_date(now + Duration::from_secs(7));
+        let mut m = HeaderMap::new();
+        m.insert("retry-after", HeaderValue::from_str(&later).unwrap());
+        assert_eq!(cooldown_ms(&m, &CFG, now), 7000);
+    }
+
+    #[test]
+    fn cooldown_falls_back_to_ratelimit_reset_and_caps() {
+        let now = SystemTime::now();
+        assert_eq!(
+            cooldown_ms(&h(&[("x-ratelimit-reset-requests", "2s")]), &CFG, now),
+            2000
+        );
+        assert_eq!(
+            cooldown_ms(&h(&[("x-ratelimit-reset-tokens", "1m30s")]), &CFG, now),
+            60_000
+        );
+        assert_eq!(
+            cooldown_ms(
+                &h(&[
+                    ("x-ratelimit-reset-tokens", "0"),
+                    ("x-ratelimit-reset-requests", "250ms")
+                ]),
+                &CFG,
+                now
+            ),
+            250
+        );
+        assert_eq!(
+            cooldown_ms(&h(&[("retry-after", "86400")]), &CFG, now),
+            60_000
+        );
+        assert_eq!(
+            cooldown_ms(&h(&[("x-ratelimit-reset-tokens", "-1")]), &CFG, now),
+            10_000
+        );
+    }
+
+    #[test]
+    fn classifies_statuses_per_the_retry_table() {
+        for s in [408, 429, 500, 502, 503, 504, 401, 403] {
+            assert!(
+                matches!(verdict(StatusCode::from_u16(s).unwrap()), Verdict::Retry(_)),
+                "{s}"
+            );
+        }
+        for s in [200, 201, 204, 400, 409, 413, 422] {
+            assert!(
+                matches!(verdict(StatusCode::from_u16(s).unwrap()), Verdict::Final(_)),
+                "{s}"
+            );
+        }
+        assert_eq!(verdict(StatusCode::NOT_FOUND), Verdict::Check404);
+    }
+
+    #[test]
+    fn recognises_deployment_not_found_bodies() {
+        assert!(is_deployment_not_found(
+            br#"{"error":{"code":"DeploymentNotFound","message":"x"}}"#
+        ));
+        assert!(!is_deployment_not_found(
+            br#"{"error":{"code":"404","message":"Resource not found"}}"#
+        ));
+        assert!(!is_deployment_not_found(b"not json"));
+    }
+
+    #[tokio::test]
+    async fn read_capped_stops_past_the_limit() {
+        let body = Full::new(Bytes::from_static(b"0123456789"));
+        assert_eq!(read_capped(body, 5, None).await, Err(ReadError::TooLarge));
+        let body = Full::new(Bytes::from_static(b"01234"));
+        assert_eq!(
+            read_capped(body, 5, None).await.unwrap(),
+            Bytes::from_static(b"01234")
+        );
+    }
+}
