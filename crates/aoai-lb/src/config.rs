@@ -162,7 +162,12 @@ pub struct ServerConfig {
     pub header_read_timeout: Duration,
     /// Most request headers accepted. Default 100.
     pub max_headers: usize,
-    /// Time in-flight requests get to finish after SIGTERM. Default 30 s.
+    /// After SIGTERM, how long the listener keeps accepting while `/readyz`
+    /// already answers 503, so load balancers stop routing here before
+    /// connections are refused. Default 1 s; 0 stops accepting at once.
+    pub drain_delay: Duration,
+    /// Time in-flight requests get to finish once the listener has stopped
+    /// accepting. Default 30 s.
     pub shutdown_grace: Duration,
 }
 
@@ -172,6 +177,7 @@ impl Default for ServerConfig {
             max_connections: 20_000,
             header_read_timeout: Duration::from_secs(10),
             max_headers: 100,
+            drain_delay: Duration::from_secs(1),
             shutdown_grace: Duration::from_secs(30),
         }
     }
@@ -266,6 +272,7 @@ struct RawServer {
     max_connections: Option<usize>,
     header_read_timeout_ms: Option<u64>,
     max_headers: Option<usize>,
+    drain_delay_ms: Option<u64>,
     shutdown_grace_ms: Option<u64>,
 }
 
@@ -447,6 +454,10 @@ impl RawDocument {
                 self.server.max_headers,
                 ds.max_headers,
             )?,
+            drain_delay: match self.server.drain_delay_ms {
+                None => ds.drain_delay,
+                Some(ms) => Duration::from_millis(ms),
+            },
             shutdown_grace: match self.server.shutdown_grace_ms {
                 None => ds.shutdown_grace,
                 Some(ms) => Duration::from_millis(ms),
@@ -693,7 +704,7 @@ mod tests {
             "max_request_body_bytes":1024,
             "cooldown":{"default_ms":5,"max_ms":6},
             "circuit_breaker":{"failure_threshold":2,"open_ms":7,"max_open_ms":8},
-            "server":{"max_connections":9,"header_read_timeout_ms":10,"max_headers":11,"shutdown_grace_ms":12},
+            "server":{"max_connections":9,"header_read_timeout_ms":10,"max_headers":11,"drain_delay_ms":0,"shutdown_grace_ms":12},
             "upstream":{"pool_idle_timeout_ms":13,"pool_max_idle_per_host":14}}"#;
         let c = Config::from_json(doc).unwrap();
         assert_eq!(c.instances[0].priority, 2);
@@ -702,6 +713,7 @@ mod tests {
         assert_eq!(c.cooldown.max_ms, 6);
         assert_eq!(c.circuit_breaker.max_open_ms, 8);
         assert_eq!(c.server.max_headers, 11);
+        assert_eq!(c.server.drain_delay, Duration::ZERO);
         assert_eq!(c.upstream.pool_max_idle_per_host, 14);
     }
 }

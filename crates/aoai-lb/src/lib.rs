@@ -6,10 +6,10 @@
 
 pub mod config;
 pub mod secret;
+pub mod admin;
 pub mod logging;
 pub mod metrics;
-pub mod cli;
-pub mod demo;
+pub mod server;
 pub mod auth;
 pub mod backend;
 pub mod error;
@@ -20,3 +20,5 @@ pub mod route;
 pub mod select;
 pub mod send;
 pub mod stream;
+pub mod cli;
+pub mod demo;

@@ -1,1 +1,176 @@
-fn main() {}
+//! The `aoai-lb` binary: read flags and environment, set up logging and
+//! metrics, validate the configuration, serve, and shut down gracefully on
+//! SIGTERM or SIGINT.
+//!
+//! Every start-up problem ends the process before it listens, with one log
+//! line saying what is wrong and how to fix it, and a non-zero exit code.
+//! A second signal during the drain ends the grace period early.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use aoai_lb::cli::{Cli, ConfigSource, Settings};
+use aoai_lb::logging::{self, LogFormat};
+use aoai_lb::server::{ServeError, ServeOptions, spawn};
+use clap::Parser;
+use tokio::signal::unix::{SignalKind, signal};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let early_format = cli
+        .log_format
+        .clone()
+        .or_else(|| std::env::var("LOG_FORMAT").ok())
+        .and_then(|f| f.parse::<LogFormat>().ok())
+        .unwrap_or(if cli.demo {
+            LogFormat::Text
+        } else {
+            LogFormat::Json
+        });
+    let resolved = Settings::resolve(cli, |k| std::env::var(k).ok());
+    let (format, rust_log, log_level) = match &resolved {
+        Ok(s) => (s.log_format, s.rust_log.clone(), s.log_level.clone()),
+        Err(_) => (early_format, None, None),
+    };
+    let filter = match logging::filter(rust_log.as_deref(), log_level.as_deref()) {
+        Ok(f) => f,
+        Err(e) => {
+            // Logging is not up yet; this is the one line we can give.
+            eprintln!("aoai-lb: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let guard = match logging::init(format, filter) {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("aoai-lb: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let code = match resolved {
+        Err(e) => {
+            tracing::error!("{e}");
+            ExitCode::from(1)
+        }
+        Ok(settings) => match run(settings) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                tracing::error!("{e}");
+                ExitCode::from(1)
+            }
+        },
+    };
+    // Drains every pending log line before the process exits.
+    guard.finish();
+    code
+}
+
+fn run(settings: Settings) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| anyhow::anyhow!("cannot start the async runtime: {e}"))?;
+    runtime.block_on(serve(settings))
+}
+
+async fn serve(settings: Settings) -> anyhow::Result<()> {
+    // Kept alive until the gateway has stopped.
+    let mut demo = None;
+    let config = match settings.source {
+        ConfigSource::Demo => {
+            let d = aoai_lb::demo::start().await?;
+            let config = d.config.clone();
+            demo = Some(d);
+            config
+        }
+        _ => settings.load_config()?,
+    };
+    if settings.client_key.is_none() && !settings.allow_unauthenticated {
+        return Err(ServeError::MissingClientKey.into());
+    }
+    let config = Arc::new(config);
+    for inst in &config.instances {
+        tracing::info!(
+            instance = %inst.name,
+            host = inst.url.host_str().unwrap_or(""),
+            priority = inst.priority,
+            weight = inst.weight,
+            deployments = inst
+                .deployments
+                .as_ref()
+                .map(|d| d.0.keys().cloned().collect::<Vec<_>>().join(","))
+                .unwrap_or_else(|| "*".to_owned()),
+            "backend configured"
+        );
+    }
+    if settings.client_key.is_none() && settings.allow_unauthenticated {
+        tracing::warn!(
+            "client authentication is OFF (--allow-unauthenticated): anyone who can reach this port can use the configured backends; set API_KEY to require a key"
+        );
+    }
+
+    let opts = ServeOptions {
+        host: settings.host.clone(),
+        port: settings.port,
+        admin_host: settings.admin_host.clone(),
+        admin_port: settings.admin_port,
+        client_key: settings.client_key.clone(),
+        allow_unauthenticated: settings.allow_unauthenticated,
+    };
+    let mut term = signal(SignalKind::terminate())
+        .map_err(|e| anyhow::anyhow!("cannot watch SIGTERM: {e}"))?;
+    let mut int =
+        signal(SignalKind::interrupt()).map_err(|e| anyhow::anyhow!("cannot watch SIGINT: {e}"))?;
+    let handle = spawn(config.clone(), opts).await?;
+
+    if let Some(d) = &demo {
+        let host = match settings.host.as_str() {
+            "0.0.0.0" | "::" | "[::]" => "127.0.0.1".to_owned(),
+            h if h.contains(':') && !h.starts_with('[') => format!("[{h}]"),
+            h => h.to_owned(),
+        };
+        let base = format!("http://{host}:{}", handle.local_addr().port());
+        let key = settings.client_key.as_ref().map_or("<any>", |k| k.expose());
+        let names: Vec<&str> = d.sims.iter().map(|s| s.name()).collect();
+        tracing::info!(
+            backends = names.join(","),
+            url = %base,
+            "demo ready: two simulated instances behind the gateway"
+        );
+        // Plain text on stderr, so it can be copied as is whatever the
+        // log format.
+        eprintln!(
+            "\nTry it:\n\n{}\n\nStreaming:\n\n{}\n",
+            aoai_lb::demo::curl(&base, key, false),
+            aoai_lb::demo::curl(&base, key, true)
+        );
+    }
+
+    let control = handle.control();
+    let signal_name = tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    };
+    tracing::info!(
+        signal = signal_name,
+        drain_delay_ms = u64::try_from(config.server.drain_delay.as_millis()).unwrap_or(u64::MAX),
+        grace_ms = u64::try_from(config.server.shutdown_grace.as_millis()).unwrap_or(u64::MAX),
+        "shutting down: /readyz is 503 now, the listener closes after the drain delay, then in-flight requests get the grace period"
+    );
+    control.shutdown();
+    let mut wait = std::pin::pin!(handle.wait());
+    tokio::select! {
+        () = &mut wait => {}
+        _ = async { tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} } } => {
+            tracing::warn!("second signal: closing remaining connections now");
+            control.abort();
+            wait.await;
+        }
+    }
+    if let Some(d) = demo {
+        for s in &d.sims {
+            s.stop();
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,533 @@
+//! The client-facing HTTP server: listener, connection limits, health
+//! routes and graceful shutdown.
+//!
+//! Each accepted connection is served by hyper (HTTP/1.1 with keep-alive,
+//! or HTTP/2 with prior knowledge). This module owns everything that is
+//! about connections rather than requests:
+//! - a cap on open connections: one over the cap is closed at once, so an
+//!   overload sheds new clients instead of slowing everyone;
+//! - a deadline for request headers (slowloris), a header count limit and
+//!   a bounded read buffer (which bounds the header size);
+//! - `/health`, `/openai/health` (the seed app's routes), `/healthz`
+//!   (liveness) and `/readyz` (readiness), answered before the gateway and
+//!   without auth;
+//! - graceful shutdown in phases: `/readyz` turns 503 (while the listener
+//!   still accepts for `server.drain_delay`, so load balancers notice), the
+//!   listener stops accepting, in-flight requests and streams get
+//!   `server.shutdown_grace` to finish, then whatever is left is closed.
+//!
+//! Everything else goes to a [`Handler`], in production the
+//! [`crate::proxy::Gateway`].
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response, StatusCode, header};
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{Config, ServerConfig};
+use crate::secret::Secret;
+
+/// Largest read buffer per connection. hyper refuses a request head that
+/// does not fit (431), so this is also the cap on total header bytes.
+const MAX_HEAD_BYTES: usize = 64 * 1024;
+
+/// What the server forwards to: the gateway, or a stand-in in tests.
+pub trait Handler: Clone + Send + Sync + 'static {
+    /// The response body type.
+    type Body: http_body::Body<Data = Bytes, Error = Self::BodyError> + Send + 'static;
+    /// The body's error type.
+    type BodyError: Into<Box<dyn std::error::Error + Send + Sync>>;
+
+    /// Answers one request that is not a health route.
+    fn handle(&self, req: Request<Incoming>) -> impl Future<Output = Response<Self::Body>> + Send;
+
+    /// True while at least one backend can take a request (for `/readyz`).
+    fn ready(&self) -> bool;
+
+    /// The `/admin/backends` document, as JSON bytes. Never contains a key.
+    fn backends_json(&self) -> Vec<u8>;
+}
+
+/// Where to listen and how to authenticate clients.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// Address or host name of the public listener. Default `0.0.0.0`.
+    pub host: String,
+    /// Public port; 0 picks a free one. Default 8000.
+    pub port: u16,
+    /// Host of the admin listener (`/metrics`, `/admin/backends`).
+    /// Default: same as `host`.
+    pub admin_host: Option<String>,
+    /// Admin port; 0 picks a free one. Default 8001.
+    pub admin_port: u16,
+    /// The key clients must present. `None` is refused unless
+    /// `allow_unauthenticated` is set.
+    pub client_key: Option<Secret>,
+    /// Serve without client auth (explicit operator opt-out).
+    pub allow_unauthenticated: bool,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        Self {
+            host: "0.0.0.0".to_owned(),
+            port: 8000,
+            admin_host: None,
+            admin_port: 8001,
+            client_key: None,
+            allow_unauthenticated: false,
+        }
+    }
+}
+
+impl ServeOptions {
+    /// Both listeners on 127.0.0.1 with ephemeral ports: for tests.
+    pub fn local(client_key: Option<Secret>) -> Self {
+        Self {
+            host: "127.0.0.1".to_owned(),
+            port: 0,
+            admin_host: None,
+            admin_port: 0,
+            allow_unauthenticated: client_key.is_none(),
+            client_key,
+        }
+    }
+}
+
+/// The server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// No client key and no explicit opt-out.
+    #[error(
+        "API_KEY is not set: set API_KEY=<key> to require clients to send it, or pass --allow-unauthenticated (ALLOW_UNAUTHENTICATED=true) to run an open proxy"
+    )]
+    MissingClientKey,
+    /// A listener could not bind.
+    #[error("cannot listen on {addr} ({listener}): {source}")]
+    Bind {
+        listener: &'static str,
+        addr: String,
+        source: std::io::Error,
+    },
+    /// The gateway rejected the configuration.
+    #[error("cannot start the gateway: {0}")]
+    Gateway(String),
+    /// The metrics recorder could not be installed.
+    #[error(transparent)]
+    Metrics(#[from] crate::metrics::MetricsError),
+}
+
+/// State shared by the accept loop and every connection.
+struct Shared {
+    cfg: ServerConfig,
+    builder: auto::Builder<TokioExecutor>,
+    /// Set first on shutdown: `/readyz` answers 503 from then on.
+    draining: AtomicBool,
+    open: AtomicUsize,
+    /// Shutdown requested: `/readyz` is 503; the listener keeps accepting
+    /// for `drain_delay`.
+    shutdown: CancellationToken,
+    /// The listener has stopped: every connection finishes what it is
+    /// doing and closes.
+    closing: CancellationToken,
+    /// Forced: close every connection now (grace period over).
+    force: CancellationToken,
+}
+
+/// A running server. Dropping it closes everything at once; call
+/// [`ServerHandle::shutdown`] and [`ServerHandle::wait`] for a graceful stop.
+pub struct ServerHandle {
+    local: SocketAddr,
+    admin: SocketAddr,
+    shared: Arc<Shared>,
+    admin_stop: CancellationToken,
+    driver: Option<JoinHandle<()>>,
+}
+
+impl ServerHandle {
+    /// The public listener's address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local
+    }
+
+    /// The admin listener's address.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin
+    }
+
+    /// True once shutdown has begun.
+    pub fn is_draining(&self) -> bool {
+        self.shared.draining.load(Ordering::Acquire)
+    }
+
+    /// Starts a graceful shutdown: `/readyz` turns 503 at once; after
+    /// `server.drain_delay` the listener stops accepting and in-flight
+    /// requests get `server.shutdown_grace` to finish.
+    /// Returns at once; [`ServerHandle::wait`] completes when done.
+    pub fn shutdown(&self) {
+        begin_shutdown(&self.shared);
+    }
+
+    /// A cloneable way to stop the server from elsewhere (a signal task).
+    pub fn control(&self) -> ServerControl {
+        ServerControl {
+            shared: self.shared.clone(),
+        }
+    }
+
+    /// Waits until the server has stopped (after [`ServerHandle::shutdown`],
+    /// once in-flight work finished or the grace period ran out).
+    pub async fn wait(mut self) {
+        if let Some(driver) = self.driver.take() {
+            let _ = driver.await;
+        }
+    }
+}
+
+impl Drop for ServerHandle {
+    fn drop(&mut self) {
+        if self.driver.is_some() {
+            begin_shutdown(&self.shared);
+            self.shared.force.cancel();
+            self.admin_stop.cancel();
+        }
+    }
+}
+
+/// Stops a running server; see [`ServerHandle::control`].
+#[derive(Clone)]
+pub struct ServerControl {
+    shared: Arc<Shared>,
+}
+
+impl ServerControl {
+    /// Same as [`ServerHandle::shutdown`].
+    pub fn shutdown(&self) {
+        begin_shutdown(&self.shared);
+    }
+
+    /// Ends the grace period now: every open connection is closed.
+    pub fn abort(&self) {
+        begin_shutdown(&self.shared);
+        self.shared.force.cancel();
+    }
+}
+
+fn begin_shutdown(shared: &Shared) {
+    // Order matters: readiness goes first so a probe during the drain
+    // already sees 503.
+    shared.draining.store(true, Ordering::Release);
+    shared.shutdown.cancel();
+}
+
+/// Starts the gateway's public and admin listeners.
+///
+/// # Errors
+/// [`ServeError::MissingClientKey`] when no key is given and
+/// unauthenticated mode was not chosen; [`ServeError::Bind`] when a port is
+/// taken; [`ServeError::Gateway`] when the gateway cannot be built.
+pub async fn spawn(config: Arc<Config>, opts: ServeOptions) -> Result<ServerHandle, ServeError> {
+    if opts.client_key.is_none() && !opts.allow_unauthenticated {
+        return Err(ServeError::MissingClientKey);
+    }
+    let gateway = crate::proxy::Gateway::new(config.clone(), opts.client_key.clone())
+        .map_err(|e| ServeError::Gateway(e.to_string()))?;
+    serve(gateway, config.server, opts).await
+}
+
+impl Handler for crate::proxy::Gateway {
+    type Body = crate::proxy::ProxyBody;
+    type BodyError = <crate::proxy::ProxyBody as http_body::Body>::Error;
+
+    fn handle(&self, req: Request<Incoming>) -> impl Future<Output = Response<Self::Body>> + Send {
+        crate::proxy::Gateway::handle(self, req)
+    }
+
+    fn ready(&self) -> bool {
+        self.any_available()
+    }
+
+    fn backends_json(&self) -> Vec<u8> {
+        serde_json::to_vec(&serde_json::json!({ "backends": self.backends() }))
+            .unwrap_or_else(|_| b"{\"backends\":[]}".to_vec())
+    }
+}
+
+/// Starts the listeners in front of any [`Handler`]. `spawn` is this with
+/// the gateway; tests use it with stand-ins.
+///
+/// # Errors
+/// [`ServeError::Bind`] when a listener cannot bind.
+pub async fn serve<H: Handler>(
+    handler: H,
+    cfg: ServerConfig,
+    opts: ServeOptions,
+) -> Result<ServerHandle, ServeError> {
+    let prometheus = crate::metrics::install()?;
+    let listener = bind("public", &opts.host, opts.port).await?;
+    let admin_host = opts.admin_host.as_deref().unwrap_or(&opts.host);
+    let admin_listener = bind("admin", admin_host, opts.admin_port).await?;
+    let local = local_addr("public", &listener, &opts.host)?;
+    let admin = local_addr("admin", &admin_listener, admin_host)?;
+
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .keep_alive(true)
+        .header_read_timeout(cfg.header_read_timeout)
+        .max_headers(cfg.max_headers)
+        .max_buf_size(MAX_HEAD_BYTES);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(MAX_HEAD_BYTES).unwrap_or(u32::MAX));
+
+    let shared = Arc::new(Shared {
+        cfg,
+        builder,
+        draining: AtomicBool::new(false),
+        open: AtomicUsize::new(0),
+        shutdown: CancellationToken::new(),
+        closing: CancellationToken::new(),
+        force: CancellationToken::new(),
+    });
+    let admin_stop = CancellationToken::new();
+    let admin_task = tokio::spawn(crate::admin::run(
+        admin_listener,
+        handler.clone(),
+        prometheus,
+        admin_stop.clone(),
+    ));
+    let driver = tokio::spawn(drive(
+        listener,
+        handler,
+        shared.clone(),
+        admin_stop.clone(),
+        admin_task,
+    ));
+    tracing::info!(
+        address = %local,
+        admin_address = %admin,
+        "listening"
+    );
+    Ok(ServerHandle {
+        local,
+        admin,
+        shared,
+        admin_stop,
+        driver: Some(driver),
+    })
+}
+
+async fn bind(listener: &'static str, host: &str, port: u16) -> Result<TcpListener, ServeError> {
+    // A bare IPv6 address needs brackets to be parsed together with a port.
+    let addr = if host.contains(':') && !host.starts_with('[') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    };
+    TcpListener::bind(&addr)
+        .await
+        .map_err(|source| ServeError::Bind {
+            listener,
+            addr,
+            source,
+        })
+}
+
+fn local_addr(
+    listener: &'static str,
+    l: &TcpListener,
+    host: &str,
+) -> Result<SocketAddr, ServeError> {
+    l.local_addr().map_err(|source| ServeError::Bind {
+        listener,
+        addr: host.to_owned(),
+        source,
+    })
+}
+
+/// Accepts until shutdown, then drains within the grace period.
+async fn drive<H: Handler>(
+    listener: TcpListener,
+    handler: H,
+    shared: Arc<Shared>,
+    admin_stop: CancellationToken,
+    admin_task: JoinHandle<()>,
+) {
+    let tracker = TaskTracker::new();
+    let drain_delay = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(drain_delay);
+    let mut shutting_down = false;
+    loop {
+        tokio::select! {
+            biased;
+            () = shared.force.cancelled() => break,
+            () = shared.shutdown.cancelled(), if !shutting_down => {
+                shutting_down = true;
+                tracing::info!(
+                    delay_ms = u64::try_from(shared.cfg.drain_delay.as_millis()).unwrap_or(u64::MAX),
+                    "not ready; still accepting during the drain delay"
+                );
+                drain_delay
+                    .as_mut()
+                    .reset(tokio::time::Instant::now() + shared.cfg.drain_delay);
+            }
+            () = &mut drain_delay, if shutting_down => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _peer)) => admit(stream, &handler, &shared, &tracker),
+                Err(e) => {
+                    // Out of file descriptors and the like: back off briefly
+                    // instead of spinning on the error.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            },
+        }
+    }
+    drop(listener);
+    shared.closing.cancel();
+    tracker.close();
+    let open = shared.open.load(Ordering::Acquire);
+    tracing::info!(
+        open_connections = open,
+        grace_ms = u64::try_from(shared.cfg.shutdown_grace.as_millis()).unwrap_or(u64::MAX),
+        "draining"
+    );
+    if tokio::time::timeout(shared.cfg.shutdown_grace, tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            open_connections = shared.open.load(Ordering::Acquire),
+            "grace period over; closing remaining connections"
+        );
+        shared.force.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(1), tracker.wait()).await;
+    }
+    admin_stop.cancel();
+    let _ = admin_task.await;
+    tracing::info!("stopped");
+}
+
+/// Counts an open connection for as long as it lives.
+struct OpenGuard(Arc<Shared>);
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        let now = self.0.open.fetch_sub(1, Ordering::AcqRel) - 1;
+        metrics::gauge!(crate::metrics::OPEN_CONNECTIONS).set(now as f64);
+    }
+}
+
+fn admit<H: Handler>(stream: TcpStream, handler: &H, shared: &Arc<Shared>, tracker: &TaskTracker) {
+    let open = shared.open.fetch_add(1, Ordering::AcqRel) + 1;
+    if open > shared.cfg.max_connections {
+        shared.open.fetch_sub(1, Ordering::AcqRel);
+        metrics::counter!(crate::metrics::REJECTED_CONNECTIONS_TOTAL).increment(1);
+        // Dropping the stream closes it: an overloaded server sheds the
+        // newcomer rather than queueing it.
+        drop(stream);
+        return;
+    }
+    metrics::gauge!(crate::metrics::OPEN_CONNECTIONS).set(open as f64);
+    let guard = OpenGuard(shared.clone());
+    let _ = stream.set_nodelay(true);
+    tracker.spawn(serve_connection(stream, handler.clone(), guard));
+}
+
+async fn serve_connection<H: Handler>(stream: TcpStream, handler: H, guard: OpenGuard) {
+    let shared = guard.0.clone();
+    // hyper's header timeout starts once HTTP/1 parsing starts; a client
+    // that connects and sends nothing (or only part of the HTTP/2 preface)
+    // is caught by this first-request deadline instead.
+    let seen = Arc::new(AtomicBool::new(false));
+    let svc = {
+        let seen = seen.clone();
+        let shared = shared.clone();
+        service_fn(move |req: Request<Incoming>| {
+            seen.store(true, Ordering::Relaxed);
+            let handler = handler.clone();
+            let shared = shared.clone();
+            async move { Ok::<_, Infallible>(route(req, &handler, &shared).await) }
+        })
+    };
+    let conn = shared
+        .builder
+        .serve_connection_with_upgrades(TokioIo::new(stream), svc);
+    tokio::pin!(conn);
+    let first_deadline = tokio::time::sleep(shared.cfg.header_read_timeout);
+    tokio::pin!(first_deadline);
+    let mut first_checked = false;
+    let mut graceful = false;
+    loop {
+        tokio::select! {
+            _ = conn.as_mut() => break,
+            () = &mut first_deadline, if !first_checked => {
+                first_checked = true;
+                if !seen.load(Ordering::Relaxed) {
+                    break;
+                }
+            }
+            () = shared.closing.cancelled(), if !graceful => {
+                graceful = true;
+                conn.as_mut().graceful_shutdown();
+            }
+            () = shared.force.cancelled() => break,
+        }
+    }
+    drop(guard);
+}
+
+type RouteBody<H> = Either<Full<Bytes>, <H as Handler>::Body>;
+
+async fn route<H: Handler>(
+    req: Request<Incoming>,
+    handler: &H,
+    shared: &Shared,
+) -> Response<RouteBody<H>> {
+    match req.uri().path() {
+        "/health" | "/openai/health" => json(StatusCode::OK, br#"{"status":"healthy"}"#),
+        "/healthz" => json(StatusCode::OK, br#"{"status":"ok"}"#),
+        "/readyz" => {
+            if shared.draining.load(Ordering::Acquire) {
+                json(StatusCode::SERVICE_UNAVAILABLE, br#"{"status":"draining"}"#)
+            } else if !handler.ready() {
+                json(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    br#"{"status":"no_backend_available"}"#,
+                )
+            } else {
+                json(StatusCode::OK, br#"{"status":"ready"}"#)
+            }
+        }
+        _ => handler.handle(req).await.map(Either::Right),
+    }
+}
+
+fn json<B>(status: StatusCode, body: &'static [u8]) -> Response<Either<Full<Bytes>, B>> {
+    let mut resp = Response::new(Either::Left(Full::new(Bytes::from_static(body))));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp
+}

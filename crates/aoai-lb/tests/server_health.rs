@@ -1,0 +1,56 @@
+//! Health routes and readiness, answered by the server before the gateway.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use common::*;
+use http::{Method, StatusCode};
+
+#[tokio::test]
+async fn answers_the_seed_health_routes_without_auth() {
+    let sims = sims(1).await;
+    let gw = start_gateway(&config_for(&sims), Some(CLIENT_KEY)).await;
+    for path in ["/health", "/openai/health"] {
+        let (status, headers, body) = send(
+            Method::GET,
+            &format!("{}{path}", gw.url()),
+            &[] as &[(&str, &str)],
+            "",
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{path}");
+        assert_eq!(headers["content-type"], "application/json");
+        assert_eq!(&body[..], br#"{"status":"healthy"}"#, "{path}");
+    }
+    assert_eq!(sims[0].request_count(), 0, "health never reaches a backend");
+}
+
+#[tokio::test]
+async fn answers_liveness_and_readiness() {
+    let sims = sims(1).await;
+    let gw = start_gateway(&config_for(&sims), Some(CLIENT_KEY)).await;
+    let none: &[(&str, &str)] = &[];
+    let (s, _, _) = send(Method::GET, &format!("{}/healthz", gw.url()), none, "").await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, _, body) = send(Method::GET, &format!("{}/readyz", gw.url()), none, "").await;
+    assert_eq!(s, StatusCode::OK, "{body:?}");
+}
+
+#[tokio::test]
+async fn other_paths_still_require_the_client_key() {
+    let sims = sims(1).await;
+    let gw = start_gateway(&config_for(&sims), Some(CLIENT_KEY)).await;
+    let url = format!("{}{}", gw.url(), chat_path("gpt-4o"));
+    let (s, _, _) = send(
+        Method::POST,
+        &url,
+        &[("content-type", "application/json")],
+        chat_body(false),
+    )
+    .await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    let (s, _, body) = send(Method::POST, &url, &auth(), chat_body(false)).await;
+    assert_eq!(s, StatusCode::OK, "{body:?}");
+    assert_eq!(sims[0].request_count(), 1);
+}
