@@ -33,8 +33,14 @@ if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$VENV/.requirements.sha256" 2>/dev/n
 fi
 
 # ---------------------------------------------------------------- binaries
-say "building aoai-sim and aoai-lb"
-(cd "$ROOT" && cargo build -q -p aoai-sim -p aoai-lb)
+AOAI_TARGET="${AOAI_TARGET:-gateway}"
+if [ "$AOAI_TARGET" = gateway ]; then
+  say "building aoai-sim and aoai-lb"
+  (cd "$ROOT" && cargo build -q -p aoai-sim -p aoai-lb)
+else
+  say "building aoai-sim"
+  (cd "$ROOT" && cargo build -q -p aoai-sim)
+fi
 if [ -n "${CARGO_TARGET_DIR:-}" ]; then
   TARGET_DIR="$CARGO_TARGET_DIR"
 else
@@ -44,7 +50,7 @@ fi
 case "$TARGET_DIR" in /*) ;; *) TARGET_DIR="$ROOT/$TARGET_DIR" ;; esac
 SIM_BIN="$TARGET_DIR/debug/aoai-sim"
 LB_BIN="$TARGET_DIR/debug/aoai-lb"
-for b in "$SIM_BIN" "$LB_BIN"; do
+for b in "$SIM_BIN" $([ "$AOAI_TARGET" = gateway ] && echo "$LB_BIN"); do
   [ -x "$b" ] || { say "missing binary $b"; exit 2; }
 done
 
@@ -111,7 +117,6 @@ print(json.dumps({"instances": [{"name": f"sim{i}", "url": u, "api_key": key} fo
 EOF
 )"
 
-AOAI_TARGET="${AOAI_TARGET:-gateway}"
 if [ "$AOAI_TARGET" = gateway ]; then
   say "starting aoai-lb on 127.0.0.1:$LB_PORT (admin $LB_ADMIN_PORT)"
   OPENAI_INSTANCES="$INSTANCES" API_KEY="$CLIENT_KEY" HOST=127.0.0.1 PORT="$LB_PORT" \

@@ -19,10 +19,18 @@ def test_batch_is_created_on_the_instance_holding_its_input_file(azure, recorder
     idx, _ = assert_served_by_owner_once(settings, fleet, sent)
     assert idx == owner, f"batch created on instance {idx}, its input file is on {owner}"
 
+    got = batch
     for _ in range(FOLLOW_UPS):
         got = azure.batches.retrieve(batch.id)
         assert got.id == batch.id and got.input_file_id == f.id
     assert_served_by_owner(settings, fleet, owner, "GET", f"/openai/batches/{batch.id}", FOLLOW_UPS)
+
+    # The output file is named only in a retrieve's answer; reading it must
+    # reach the same instance.
+    assert got.status == "completed" and got.output_file_id
+    out = azure.files.content(got.output_file_id).read()
+    assert b'"custom_id": "batch-input"' in out or b'"custom_id":"batch-input"' in out
+    assert_served_by_owner(settings, fleet, owner, "GET", f"/openai/files/{got.output_file_id}/content", 1)
 
     listed = [b.id for b in azure.batches.list()]
     assert batch.id in listed

@@ -81,9 +81,9 @@ def test_files_list_shows_uploads_from_every_instance(client, recorder, fleet, s
         f, owner = upload(client, recorder, fleet, settings, f"list-{n}")
         uploaded[f.id] = owner
         fleet.reset()
-        if n >= 2 and len(set(uploaded.values())) >= 2:
+        if n >= 2 and len(set(uploaded.values())) >= min(2, len(fleet.sims)):
             break
-    assert len(set(uploaded.values())) >= 2, "the gateway spread uploads over the instances"
+    assert len(set(uploaded.values())) >= min(2, len(fleet.sims)), "the gateway spread uploads over the instances"
 
     listed = {f.id for f in client.files.list()}
     missing = set(uploaded) - listed

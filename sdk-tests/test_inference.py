@@ -13,7 +13,7 @@ import openai
 import pytest
 
 from conftest import assert_forwarded_once
-from harness import API_VERSION, DEPLOYMENT, EMBEDDING_DEPLOYMENT, header
+from harness import API_VERSION, DEPLOYMENT, EMBEDDING_DEPLOYMENT, Recorder, header
 
 
 def _is_azure(client: openai.OpenAI) -> bool:
@@ -144,17 +144,22 @@ def test_speech_bytes_through_the_gateway_equal_the_instance_bytes(azure, record
     assert sent.headers.get("accept") == "application/octet-stream"
     idx, _ = assert_forwarded_once(settings, fleet, sent, deployment="tts")
 
+    direct_recorder = Recorder()
     direct_client = openai.AzureOpenAI(
         azure_endpoint=settings.sim_urls[idx],
         api_key=settings.sim_key,
         api_version=API_VERSION,
         max_retries=0,
+        http_client=direct_recorder.http_client(),
     )
     with direct_client:
         direct = direct_client.audio.speech.create(**params).read()
     assert len(through) > 0
     assert through == direct, "binary audio must be byte-exact through the gateway"
-    assert sent.response_headers.get("content-type") == "audio/mpeg"
+    direct_sent = direct_recorder.only("/audio/speech")
+    assert direct_sent.sha256 == sent.sha256, "the same request was sent both ways"
+    for h in ("content-type",):
+        assert sent.response_headers.get(h) == direct_sent.response_headers.get(h), h
 
 
 def test_models_list_is_served_by_one_instance(client, recorder, fleet, settings):
