@@ -1,3 +1,4 @@
+# syntax=docker/dockerfile:1
 # aoai-lb container image.
 #
 #   docker build -t aoai-lb .
@@ -11,23 +12,14 @@
 FROM rust:1.95-slim-bookworm AS build
 WORKDIR /src
 
-# Dependencies first, so that a source change does not rebuild them: build
-# the workspace once with stub sources, then with the real ones.
 COPY Cargo.toml Cargo.lock ./
-COPY crates/aoai-lb/Cargo.toml crates/aoai-lb/Cargo.toml
-COPY crates/aoai-sim/Cargo.toml crates/aoai-sim/Cargo.toml
-COPY crates/aoai-bench/Cargo.toml crates/aoai-bench/Cargo.toml
-RUN for c in aoai-lb aoai-sim aoai-bench; do \
-        mkdir -p crates/$c/src && echo 'fn main() {}' > crates/$c/src/main.rs && touch crates/$c/src/lib.rs; \
-    done \
-    && cargo build --release --locked -p aoai-lb \
-    && rm -rf crates/*/src
-
 COPY crates crates
-# The stub build left newer timestamps on the stub outputs; touching the real
-# sources makes cargo rebuild the workspace crates from them.
-RUN find crates -name '*.rs' -exec touch {} + \
-    && cargo build --release --locked -p aoai-lb \
+# Cache mounts keep the registry and compiled dependencies between builds
+# (BuildKit), so a source change does not rebuild every dependency. The
+# binary is copied out because the target cache is not part of the image.
+RUN --mount=type=cache,target=/usr/local/cargo/registry \
+    --mount=type=cache,target=/src/target \
+    cargo build --release --locked -p aoai-lb \
     && cp target/release/aoai-lb /aoai-lb
 
 # ---- runtime -------------------------------------------------------------
