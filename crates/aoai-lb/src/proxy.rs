@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use bytes::Bytes;
-use http::{HeaderName, HeaderValue, Method, Request, Response, header};
+use http::{HeaderName, HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
@@ -60,8 +60,10 @@ pub struct Inner {
     pub backends: Vec<Arc<Backend>>,
     /// The instance selector.
     pub selector: Selector,
-    /// The pooled upstream client.
+    /// The pooled upstream client (HTTP/1.1 and HTTP/2 by ALPN).
     pub client: UpstreamClient,
+    /// An HTTP/1.1-only client for WebSocket handshakes.
+    pub client_h1: UpstreamClient,
     /// Monotonic ms for cooldowns and breakers.
     pub clock: Clock,
 }
@@ -111,7 +113,8 @@ impl Gateway {
             })
             .collect::<Result<Vec<_>, _>>()?;
         let selector = Selector::new(&backends);
-        let client = send::build_client(&config)?;
+        let client = send::build_client(&config, true)?;
+        let client_h1 = send::build_client(&config, false)?;
         Ok(Gateway {
             inner: Arc::new(Inner {
                 config,
@@ -119,6 +122,7 @@ impl Gateway {
                 backends,
                 selector,
                 client,
+                client_h1,
                 clock: Clock::new(),
             }),
         })
@@ -193,6 +197,11 @@ impl Gateway {
             Err(b) => return local_error(ProxyError::BadRequest(b), rec, start),
         };
         let websocket = rewrite::is_websocket_upgrade(&parts.headers);
+        let client_upgrade = if websocket {
+            parts.extensions.remove::<hyper::upgrade::OnUpgrade>()
+        } else {
+            None
+        };
 
         let body = if parts.method == Method::GET || parts.method == Method::HEAD {
             drop(body);
@@ -203,14 +212,19 @@ impl Gateway {
                 Err(e) => return local_error(e, rec, start),
             }
         };
-        if route.scope == Scope::BodyModel {
-            if route::body_is_json(&parts.headers) {
+        match route.scope {
+            Scope::BodyModel if route::body_is_json(&parts.headers) => {
                 if let Err(b) = route::apply_body_model(&mut route, &body) {
                     return local_error(ProxyError::BadRequest(b), rec, start);
                 }
-            } else {
-                route.scope = Scope::Any;
             }
+            Scope::BodyModel => route.scope = Scope::Any,
+            Scope::QueryDeployment => {
+                if let Err(b) = route::apply_query_deployment(&mut route, parts.uri.query()) {
+                    return local_error(ProxyError::BadRequest(b), rec, start);
+                }
+            }
+            Scope::PathDeployment | Scope::Any => {}
         }
         rec.deployment.clone_from(&route.deployment);
 
@@ -231,12 +245,21 @@ impl Gateway {
             headers: &parts.headers,
             route: &route,
             body: &body,
+            websocket: client_upgrade.is_some(),
         };
         let mut upstream_wait = std::time::Duration::ZERO;
         let sent = send::failover(gw, &out, &mut rec.attempts, &mut upstream_wait).await;
 
         let (mut rparts, body, slot, backend) = match sent {
             Sent::Failed(e) => return local_error(e, rec, start),
+            Sent::Stream { response, slot }
+                if response.status() == StatusCode::SWITCHING_PROTOCOLS =>
+            {
+                return match client_upgrade {
+                    Some(client) => tunnel(response, slot, client, rec, start),
+                    None => local_error(ProxyError::Internal, rec, start),
+                };
+            }
             Sent::Stream { response, slot } => {
                 let (p, b) = response.into_parts();
                 let backend = Arc::clone(slot.backend());
@@ -260,7 +283,8 @@ impl Gateway {
             .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
         rec.instance = Some(InstanceName(Arc::clone(&backend)));
         backend.count_response(rec.status);
-        metrics::histogram!("aoai_lb_overhead_seconds")
+        global_metrics()
+            .overhead
             .record(start.elapsed().saturating_sub(upstream_wait).as_secs_f64());
 
         let finish = Finish {
@@ -282,6 +306,67 @@ impl Gateway {
     }
 }
 
+/// Joins the client's and the instance's upgraded connections and copies
+/// bytes both ways until either side closes. The access record is written
+/// when the tunnel ends; the in-flight slot is held until then.
+fn tunnel(
+    mut response: Response<Incoming>,
+    slot: crate::backend::InFlight,
+    client: hyper::upgrade::OnUpgrade,
+    mut rec: AccessRecord,
+    start: Instant,
+) -> Response<ProxyBody> {
+    let upstream = hyper::upgrade::on(&mut response);
+    let (mut parts, _) = response.into_parts();
+    parts
+        .headers
+        .insert(GATEWAY_REQUEST_ID.clone(), rec.request_id.clone());
+    rec.status = parts.status.as_u16();
+    rec.apim_request_id = parts.headers.get(&APIM_REQUEST_ID).cloned();
+    rec.instance = Some(InstanceName(Arc::clone(slot.backend())));
+    rec.streamed = true;
+    slot.backend().count_response(rec.status);
+    tokio::spawn(async move {
+        let mut error = None;
+        let mut bytes = 0;
+        match (client.await, upstream.await) {
+            (Ok(c), Ok(u)) => {
+                let mut c = hyper_util::rt::TokioIo::new(c);
+                let mut u = hyper_util::rt::TokioIo::new(u);
+                match tokio::io::copy_bidirectional(&mut c, &mut u).await {
+                    Ok((up, down)) => bytes = up + down,
+                    Err(_) => error = Some("tunnel_aborted"),
+                }
+            }
+            _ => error = Some("upgrade_failed"),
+        }
+        rec.bytes = bytes;
+        rec.error = error;
+        rec.total_ms = crate::log::ms(start.elapsed());
+        rec.timestamp = rfc3339_ms(SystemTime::now());
+        rec.emit();
+        drop(slot);
+    });
+    Response::from_parts(parts, full_body(Bytes::new()))
+}
+
+/// Process-wide metric handles, created on first use (after the recorder
+/// is installed) so the hot path skips the registry lookup.
+pub(crate) struct GlobalMetrics {
+    pub(crate) overhead: metrics::Histogram,
+    pub(crate) duration_streamed: metrics::Histogram,
+    pub(crate) duration_plain: metrics::Histogram,
+}
+
+pub(crate) fn global_metrics() -> &'static GlobalMetrics {
+    static CELL: std::sync::OnceLock<GlobalMetrics> = std::sync::OnceLock::new();
+    CELL.get_or_init(|| GlobalMetrics {
+        overhead: metrics::histogram!("aoai_lb_overhead_seconds"),
+        duration_streamed: metrics::histogram!("aoai_lb_request_duration_seconds", "streamed" => "true"),
+        duration_plain: metrics::histogram!("aoai_lb_request_duration_seconds", "streamed" => "false"),
+    })
+}
+
 enum Either {
     Stream(Incoming),
     Full(Full<Bytes>),
@@ -298,10 +383,10 @@ fn local_error(e: ProxyError, mut rec: AccessRecord, start: Instant) -> Response
     metrics::counter!("aoai_lb_requests_total", "instance" => "none", "code" => status_class(status))
         .increment(1);
     let elapsed = start.elapsed();
-    metrics::histogram!("aoai_lb_request_duration_seconds", "streamed" => "false")
-        .record(elapsed.as_secs_f64());
+    let m = global_metrics();
+    m.duration_plain.record(elapsed.as_secs_f64());
     if rec.attempts.is_empty() {
-        metrics::histogram!("aoai_lb_overhead_seconds").record(elapsed.as_secs_f64());
+        m.overhead.record(elapsed.as_secs_f64());
     }
     rec.status = status;
     rec.error = Some(e.label());

@@ -5,7 +5,8 @@
 //!
 //! - URL: the instance's base URL (its path prefix kept) + the client path
 //!   (with `/openai` added when missing, and the deployment segment renamed
-//!   per the instance's `deployments` map) + the query string, untouched.
+//!   per the instance's `deployments` map) + the query string, untouched
+//!   except for a realtime request's renamed `deployment`/`model` value.
 //! - Headers: the client's `authorization` and `api-key` are removed and the
 //!   instance's `api-key` set; `Host` is overwritten; hop-by-hop headers are
 //!   removed (RFC 9110 §7.6.1); `x-ms-client-request-id` carries the request
@@ -147,7 +148,18 @@ pub fn upstream_uri(
     }
     if let Some(q) = query {
         s.push('?');
-        s.push_str(q);
+        match (
+            &route.query_span,
+            backend_deployment,
+            route.deployment.as_deref(),
+        ) {
+            (Some(span), Some(to), Some(from)) if to != from && span.end <= q.len() => {
+                s.push_str(&q[..span.start]);
+                s.push_str(to);
+                s.push_str(&q[span.end..]);
+            }
+            _ => s.push_str(q),
+        }
     }
     Uri::from_maybe_shared(Bytes::from(s))
 }

@@ -28,6 +28,9 @@ use crate::error::BadRequest;
 pub enum Scope {
     /// The `{dep}` segment of `/openai/deployments/{dep}/...`.
     PathDeployment,
+    /// The query parameter `deployment` (dated realtime) or `model` (v1
+    /// realtime) of a WebSocket request.
+    QueryDeployment,
     /// The body's top-level `model` (v1 and dated responses, with a body).
     BodyModel,
     /// Not deployment-scoped: any instance may serve it.
@@ -50,6 +53,9 @@ pub struct Route {
     /// Byte range of the `model` string's contents (between the quotes) in
     /// the body.
     pub model_span: Option<Range<usize>>,
+    /// Byte range of the deployment parameter's value in the query string
+    /// (realtime).
+    pub query_span: Option<Range<usize>>,
     /// The stateful object the request names (`file-…`, `batch_…`, `resp_…`,
     /// `thread_…`, `asst_…`, `vs_…`, `ftjob-…`, or a body's
     /// `previous_response_id`), for instance affinity. Not used for
@@ -83,6 +89,7 @@ pub fn classify(method: &Method, path: &str) -> Result<Route, BadRequest> {
         deployment: None,
         path_span: None,
         model_span: None,
+        query_span: None,
         affinity_key: None,
     };
 
@@ -98,6 +105,8 @@ pub fn classify(method: &Method, path: &str) -> Result<Route, BadRequest> {
         route.path_span = Some(start..start + len);
     } else if body_method(method) && model_scoped(rest) {
         route.scope = Scope::BodyModel;
+    } else if *method == Method::GET && (rest == "/realtime" || rest == "/v1/realtime") {
+        route.scope = Scope::QueryDeployment;
     }
     route.affinity_key = affinity_in_path(rest);
     Ok(route)
@@ -221,6 +230,41 @@ fn hex(c: u8) -> Option<u8> {
         b'A'..=b'F' => Some(c - b'A' + 10),
         _ => None,
     }
+}
+
+/// Reads the realtime deployment from the query: `deployment=` on the
+/// dated surface, `model=` (or `deployment=`) on v1. Without one, the
+/// request goes to any instance and the instance answers.
+///
+/// # Errors
+/// [`BadRequest::InvalidEncoding`] or [`BadRequest::EncodedSlash`] for a
+/// badly encoded value.
+pub fn apply_query_deployment(route: &mut Route, query: Option<&str>) -> Result<(), BadRequest> {
+    let Some(q) = query else {
+        route.scope = Scope::Any;
+        return Ok(());
+    };
+    let mut found = None;
+    let mut pos = 0;
+    for pair in q.split('&') {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let start = pos + k.len() + 1;
+        if (k == "model" || k == "deployment") && !v.is_empty() {
+            // `model` wins over `deployment` when both are present (v1).
+            if found.is_none() || k == "model" {
+                found = Some(start..start + v.len());
+            }
+        }
+        pos += pair.len() + 1;
+    }
+    match found {
+        Some(span) => {
+            route.deployment = Some(percent_decode(&q[span.clone()])?);
+            route.query_span = Some(span);
+        }
+        None => route.scope = Scope::Any,
+    }
+    Ok(())
 }
 
 /// Whether a body with these headers should be read as JSON for `model`.
@@ -427,6 +471,22 @@ mod tests {
         apply_body_model(&mut r, br#"{"messages":[]}"#).unwrap();
         assert_eq!(r.scope, Scope::Any);
         assert_eq!(r.deployment, None);
+    }
+
+    #[test]
+    fn reads_the_realtime_deployment_from_the_query() {
+        let mut r = classify(&Method::GET, "/openai/realtime").unwrap();
+        assert_eq!(r.scope, Scope::QueryDeployment);
+        let q = "api-version=2025-04-01-preview&deployment=gpt-4o-rt";
+        apply_query_deployment(&mut r, Some(q)).unwrap();
+        assert_eq!(r.deployment.as_deref(), Some("gpt-4o-rt"));
+        assert_eq!(&q[r.query_span.clone().unwrap()], "gpt-4o-rt");
+        let mut r = classify(&Method::GET, "/openai/v1/realtime").unwrap();
+        apply_query_deployment(&mut r, Some("model=rt")).unwrap();
+        assert_eq!(r.deployment.as_deref(), Some("rt"));
+        let mut r = classify(&Method::GET, "/openai/v1/realtime").unwrap();
+        apply_query_deployment(&mut r, None).unwrap();
+        assert_eq!(r.scope, Scope::Any);
     }
 
     #[test]

@@ -48,12 +48,14 @@ pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
 /// bodies are a few hundred bytes.
 const MAX_ERROR_BODY: usize = 256 * 1024;
 
-/// Builds the upstream client from the configuration.
+/// Builds the upstream client from the configuration. With `http2`, ALPN
+/// offers h2 and http/1.1; without, only http/1.1 (WebSocket upgrades need
+/// an HTTP/1.1 connection).
 ///
 /// # Errors
 /// When the extra CA file cannot be read or holds no certificate, or TLS
 /// cannot be initialised.
-pub fn build_client(config: &Config) -> Result<UpstreamClient, GatewayError> {
+pub fn build_client(config: &Config, http2: bool) -> Result<UpstreamClient, GatewayError> {
     let mut roots = rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     if let Some(path) = &config.upstream.extra_ca_file {
@@ -86,12 +88,15 @@ pub fn build_client(config: &Config) -> Result<UpstreamClient, GatewayError> {
     http.enforce_http(false);
     http.set_nodelay(true);
     http.set_connect_timeout(Some(config.timeouts.connect));
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
+    let builder = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_or_http()
-        .enable_http1()
-        .enable_http2()
-        .wrap_connector(http);
+        .enable_http1();
+    let https = if http2 {
+        builder.enable_http2().wrap_connector(http)
+    } else {
+        builder.wrap_connector(http)
+    };
     Ok(Client::builder(TokioExecutor::new())
         .pool_timer(TokioTimer::new())
         .pool_idle_timeout(config.upstream.pool_idle_timeout)
@@ -257,6 +262,8 @@ pub struct Outgoing<'a> {
     pub route: &'a Route,
     /// The buffered client body.
     pub body: &'a Bytes,
+    /// A WebSocket handshake: sent over HTTP/1.1 so it can be upgraded.
+    pub websocket: bool,
 }
 
 /// Tries candidates in selector order until one gives an answer to return.
@@ -275,6 +282,11 @@ pub async fn failover(
     let mut last_failure: Option<ProxyError> = None;
     let mut rng = fastrand::Rng::new();
     let timeouts = gw.config.timeouts;
+    let client = if out.websocket {
+        &gw.client_h1
+    } else {
+        &gw.client
+    };
 
     loop {
         let now = gw.clock.now_ms();
@@ -307,7 +319,7 @@ pub async fn failover(
         *req.headers_mut() = rewrite::attempt_headers(out.headers, backend);
 
         let started = Instant::now();
-        let result = tokio::time::timeout(timeouts.response_headers, gw.client.request(req)).await;
+        let result = tokio::time::timeout(timeouts.response_headers, client.request(req)).await;
         let mut elapsed = started.elapsed();
 
         let (outcome, status) = match result {

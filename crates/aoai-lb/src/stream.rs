@@ -83,11 +83,13 @@ impl Finish {
             slot.backend()
                 .record_failure(self.clock.now_ms(), slot.is_probe(), &self.breaker);
         }
-        metrics::histogram!(
-            "aoai_lb_request_duration_seconds",
-            "streamed" => if r.streamed { "true" } else { "false" }
-        )
-        .record(end.duration_since(self.start).as_secs_f64());
+        let m = crate::proxy::global_metrics();
+        let h = if r.streamed {
+            &m.duration_streamed
+        } else {
+            &m.duration_plain
+        };
+        h.record(end.duration_since(self.start).as_secs_f64());
         r.emit();
         // The in-flight slot is released here, with the record written.
         drop(self.in_flight.take());
