@@ -14,7 +14,12 @@ use serde::{Deserialize, Serialize};
 /// One way to misbehave. Deserialises from JSON tagged by `kind`, e.g.
 /// `{"kind":"fail","count":3,"status":503}`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+#[serde(
+    tag = "kind",
+    rename_all = "snake_case",
+    deny_unknown_fields,
+    try_from = "serde_json::Value"
+)]
 pub enum Fault {
     /// Fail the next `count` requests (None = every request) with `status`; body None =
     /// Azure's canonical body for that status. A 429 carries `retry-after` (s, rounded
@@ -69,6 +74,81 @@ pub enum Fault {
     },
     /// Any prompt containing `trigger` gets Azure's 400 `content_filter` body.
     ContentFilter { trigger: String },
+}
+
+/// The same shape, externally tagged: serde reads internally tagged enums through
+/// a buffer that loses field paths, so a fault is re-read in this form to name
+/// the offending field in errors (`count: invalid type ...`).
+#[derive(Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields, remote = "Fault")]
+enum Tagged {
+    Fail {
+        #[serde(default)]
+        count: Option<u32>,
+        status: u16,
+        #[serde(default)]
+        body: Option<String>,
+        #[serde(default)]
+        retry_after_ms: Option<u64>,
+    },
+    FailFraction {
+        fraction: f64,
+        status: u16,
+        #[serde(default)]
+        seed: u64,
+    },
+    Hang {
+        #[serde(default)]
+        count: Option<u32>,
+        #[serde(default)]
+        ms: Option<u64>,
+    },
+    CloseMidStream {
+        #[serde(default)]
+        count: Option<u32>,
+        after_chunks: u32,
+    },
+    ResetBeforeResponse {
+        #[serde(default)]
+        count: Option<u32>,
+    },
+    Drip {
+        #[serde(default)]
+        count: Option<u32>,
+        bytes: usize,
+        interval_ms: u64,
+    },
+    ContentFilter {
+        trigger: String,
+    },
+}
+
+impl TryFrom<serde_json::Value> for Fault {
+    type Error = String;
+
+    fn try_from(v: serde_json::Value) -> Result<Self, String> {
+        let serde_json::Value::Object(mut obj) = v else {
+            return Err("a fault must be a JSON object with a `kind`".to_owned());
+        };
+        let kind = match obj.remove("kind") {
+            Some(serde_json::Value::String(k)) => k,
+            Some(_) => return Err("kind: expected a string".to_owned()),
+            None => return Err("missing field `kind`".to_owned()),
+        };
+        let mut outer = serde_json::Map::new();
+        outer.insert(kind, serde_json::Value::Object(obj));
+        let mut track = serde_path_to_error::Track::new();
+        let de =
+            serde_path_to_error::Deserializer::new(serde_json::Value::Object(outer), &mut track);
+        Tagged::deserialize(de).map_err(|e| {
+            let path = track.path().to_string();
+            // Drop the variant name the wrapper added; keep the field path.
+            match path.split_once('.') {
+                Some((_, field)) => format!("{field}: {e}"),
+                None => e.to_string(),
+            }
+        })
+    }
 }
 
 impl Fault {
@@ -293,6 +373,16 @@ mod tests {
             serde_json::from_str(r#"{"kind":"close_mid_stream","after_chunks":2}"#).unwrap();
         assert_eq!(f.kind(), "close_mid_stream");
         assert!(serde_json::from_str::<Fault>(r#"{"kind":"fail","status":1,"x":1}"#).is_err());
+    }
+
+    #[test]
+    fn fault_errors_name_the_field() {
+        let e = serde_json::from_str::<Fault>(r#"{"kind":"hang","count":"x"}"#).unwrap_err();
+        assert!(e.to_string().starts_with("count: invalid type"), "{e}");
+        let e = serde_json::from_str::<Fault>(r#"{"kind":"explode"}"#).unwrap_err();
+        assert!(e.to_string().contains("unknown variant `explode`"), "{e}");
+        let e = serde_json::from_str::<Fault>(r#"{"status":500}"#).unwrap_err();
+        assert!(e.to_string().contains("kind"), "{e}");
     }
 
     #[test]
