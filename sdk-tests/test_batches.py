@@ -4,10 +4,11 @@ file, and the batch then lives only there."""
 
 from __future__ import annotations
 
-from conftest import assert_forwarded_once
+from conftest import affinity_pending, assert_forwarded_once
 from test_files import FOLLOW_UPS, assert_served_by_owner, upload
 
 
+@affinity_pending
 def test_batch_is_created_on_the_instance_holding_its_input_file(azure, recorder, fleet, settings):
     f, owner = upload(azure, recorder, fleet, settings, "batch-input")
 

@@ -9,7 +9,7 @@ import json
 import openai
 import pytest
 
-from conftest import assert_backend_credentials, assert_forwarded_once
+from conftest import affinity_pending, list_merge_pending, assert_backend_credentials, assert_forwarded_once
 
 FOLLOW_UPS = 4
 
@@ -53,6 +53,7 @@ def assert_served_by_owner(settings, fleet, owner: int, method: str, path: str, 
         assert_backend_credentials(settings, e)
 
 
+@affinity_pending
 def test_uploaded_file_can_be_retrieved_read_and_deleted_through_the_gateway(client, recorder, fleet, settings):
     f, owner = upload(client, recorder, fleet, settings, "retrieve-me")
     prefix = "/openai/files" if isinstance(client, openai.AzureOpenAI) else "/openai/v1/files"
@@ -74,6 +75,7 @@ def test_uploaded_file_can_be_retrieved_read_and_deleted_through_the_gateway(cli
         client.files.retrieve(f.id)
 
 
+@list_merge_pending
 def test_files_list_shows_uploads_from_every_instance(client, recorder, fleet, settings):
     uploaded: dict[str, int] = {}
     # Upload until the files sit on at least two instances (bounded).

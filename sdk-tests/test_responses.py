@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import openai
 
-from conftest import assert_forwarded_once
+from conftest import affinity_pending, assert_forwarded_once
 from harness import API_VERSION, DEPLOYMENT
 from test_batches import assert_served_by_owner_once
 from test_files import FOLLOW_UPS, assert_served_by_owner
@@ -16,6 +16,7 @@ def _prefix(client) -> str:
     return "/openai/responses" if isinstance(client, openai.AzureOpenAI) else "/openai/v1/responses"
 
 
+@affinity_pending
 def test_response_is_created_then_retrieved_from_its_instance(client, recorder, fleet, settings):
     r = client.responses.create(model=DEPLOYMENT, input="Say hello")
     assert r.id.startswith("resp") and r.status == "completed"
@@ -31,6 +32,7 @@ def test_response_is_created_then_retrieved_from_its_instance(client, recorder, 
     assert_served_by_owner(settings, fleet, owner, "GET", f"{_prefix(client)}/{r.id}", FOLLOW_UPS)
 
 
+@affinity_pending
 def test_previous_response_id_chain_continues_on_the_instance_that_holds_it(client, recorder, fleet, settings):
     first = client.responses.create(model=DEPLOYMENT, input="My name is Ada.")
     owner, _ = assert_forwarded_once(settings, fleet, recorder.only(_prefix(client), method="POST"), deployment=DEPLOYMENT)
