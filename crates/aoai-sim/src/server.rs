@@ -101,16 +101,18 @@ impl Instance {
         if pct == 0 || d.is_zero() {
             return d;
         }
-        let f = {
-            let mut rng = self
-                .jitter
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            rng.f64()
-        };
-        let j = f64::from(pct.min(100)) / 100.0;
-        d.mul_f64((1.0 - j + 2.0 * j * f).max(0.0))
+        let mut rng = self
+            .jitter
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        jitter(&mut rng, d, pct)
     }
+}
+
+/// `d` scaled by a factor drawn uniformly from `[1 - pct%, 1 + pct%]`.
+pub(crate) fn jitter(rng: &mut fastrand::Rng, d: Duration, pct: u8) -> Duration {
+    let j = f64::from(pct.min(100)) / 100.0;
+    d.mul_f64((1.0 - j + 2.0 * j * rng.f64()).max(0.0))
 }
 
 /// A running instance. Cheap to clone; stopping one clone stops the instance.
@@ -332,4 +334,29 @@ async fn serve_conn(inst: Arc<Instance>, conn: Arc<ConnShared>, stream: tokio::n
         () = kill.cancelled() => {}
     }
     drop(conn);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jitter_is_reproducible_for_a_seed_and_stays_in_its_band() {
+        let d = Duration::from_millis(100);
+        let run = |seed| {
+            let mut rng = fastrand::Rng::with_seed(seed);
+            (0..100)
+                .map(|_| jitter(&mut rng, d, 30))
+                .collect::<Vec<_>>()
+        };
+        let a = run(9);
+        assert_eq!(a, run(9));
+        assert_ne!(a, run(10));
+        assert!(
+            a.iter()
+                .all(|x| *x >= Duration::from_millis(70) && *x <= Duration::from_millis(130))
+        );
+        assert!(a.iter().any(|x| *x < Duration::from_millis(90)));
+        assert!(a.iter().any(|x| *x > Duration::from_millis(110)));
+    }
 }

@@ -154,15 +154,18 @@ async fn stream_chunks_are_spaced_by_the_latency_model() {
     let (status, _, frames, err) = stream_frames(&chat_url(&sim.url(), "d"), body).await;
     assert_eq!(status, StatusCode::OK);
     assert!(err.is_none(), "{err:?}");
-    // Token frames are frames 2..6 (after prompt filter and role).
-    let first_token = frames[2].0.duration_since(started);
-    assert!(first_token >= Duration::from_millis(200), "{first_token:?}");
-    for w in frames[2..6].windows(2) {
-        let gap = w[1].0.duration_since(w[0].0);
-        assert!(gap >= Duration::from_millis(45), "gap {gap:?}");
+    // prompt filter, role, 4 tokens, finish, DONE: each its own chunk.
+    assert_eq!(frames.len(), 8);
+    // Token k (1-based) leaves no earlier than ttft + k * per_token; delays are
+    // relative to the previous chunk, so these lower bounds hold under any load.
+    for k in 1..=4u32 {
+        let at = frames[1 + k as usize].0.duration_since(started);
+        let due = Duration::from_millis(150 + 60 * u64::from(k));
+        assert!(at >= due, "token {k} at {at:?}, due {due:?}");
     }
-    let total = frames.last().unwrap().0.duration_since(started);
-    assert!(total >= Duration::from_millis(390), "{total:?}");
+    // Headers and the prompt annotation wait for the first token's ttft only.
+    let first = frames[0].0.duration_since(started);
+    assert!(first >= Duration::from_millis(150), "{first:?}");
 }
 
 #[tokio::test]
@@ -310,4 +313,78 @@ async fn embeddings_are_deterministic_and_honour_dimensions() {
     assert_eq!(first, aoai_sim::embedding_vector(b"hello", 4)[0]);
     let bad = post_json(&url, json!({"input": 5})).await;
     assert_eq!(bad.status, StatusCode::BAD_REQUEST);
+}
+
+#[tokio::test]
+async fn jitter_moves_delays_within_the_configured_band() {
+    let sim = one(InstanceConfig::new("a")
+        .reply_tokens(1)
+        .latency(60, 0)
+        .jitter(80, 7))
+    .await;
+    let mut took = Vec::new();
+    for _ in 0..6 {
+        let t = std::time::Instant::now();
+        post_json(&chat_url(&sim.url(), "d"), chat_body("x")).await;
+        took.push(t.elapsed().as_millis() as i64);
+    }
+    // 60 ms +-80% is [12, 108] ms; a sleep is never shorter than asked.
+    assert!(took.iter().all(|t| *t >= 12), "{took:?}");
+    assert!(took.iter().any(|t| (t - 60).abs() > 5), "{took:?}");
+}
+
+#[tokio::test]
+async fn per_deployment_overrides_apply_to_that_deployment_only() {
+    let sim = one(InstanceConfig::new("a")
+        .deployment_latency("slow", 300, 0)
+        .deployment_rate_limit("tight", 6, 0))
+    .await;
+    let t = std::time::Instant::now();
+    post_json(&chat_url(&sim.url(), "fast"), chat_body("x")).await;
+    assert!(t.elapsed() < Duration::from_millis(250));
+    let t = std::time::Instant::now();
+    post_json(&chat_url(&sim.url(), "slow"), chat_body("x")).await;
+    assert!(t.elapsed() >= Duration::from_millis(300));
+    assert_eq!(
+        post_json(&chat_url(&sim.url(), "tight"), chat_body("x"))
+            .await
+            .status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        post_json(&chat_url(&sim.url(), "tight"), chat_body("x"))
+            .await
+            .status,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    assert_eq!(
+        post_json(&chat_url(&sim.url(), "fast"), chat_body("x"))
+            .await
+            .status,
+        StatusCode::OK
+    );
+}
+
+#[tokio::test]
+async fn remaining_quota_headers_reflect_the_quota_on_every_response() {
+    let sim = one(InstanceConfig::new("a").rate_limit(600, 1000)).await;
+    let r = post_json(&chat_url(&sim.url(), "d"), chat_body("abcd")).await; // 2 + 8 tokens
+    assert_eq!(r.header("x-ratelimit-remaining-requests"), Some("99"));
+    assert_eq!(r.header("x-ratelimit-remaining-tokens"), Some("990"));
+    // A response that costs nothing still reports what is left.
+    let r = send(
+        Method::GET,
+        &format!("{}/openai/models?{V}", sim.url()),
+        &[("api-key", KEY)],
+        "",
+    )
+    .await;
+    assert_eq!(
+        r.header("x-ratelimit-remaining-requests"),
+        Some(aoai_sim::UNLIMITED_REMAINING_REQUESTS.to_string().as_str())
+    );
+    // Without a quota the figures are the documented "unlimited" ones.
+    let free = one(InstanceConfig::new("b")).await;
+    let r = post_json(&chat_url(&free.url(), "d"), chat_body("x")).await;
+    assert_eq!(r.header("x-ratelimit-remaining-tokens"), Some("10000000"));
 }
