@@ -4,21 +4,21 @@
 //! authenticate → route → select a backend → rewrite → send (with retries)
 //! → stream back → log.
 
-pub mod config;
-pub mod secret;
 pub mod admin;
-pub mod logging;
-pub mod metrics;
-pub mod server;
 pub mod auth;
 pub mod backend;
+pub mod cli;
+pub mod config;
+pub mod demo;
 pub mod error;
 pub mod log;
+pub mod logging;
+pub mod metrics;
 pub mod proxy;
 pub mod rewrite;
 pub mod route;
+pub mod secret;
 pub mod select;
 pub mod send;
+pub mod server;
 pub mod stream;
-pub mod cli;
-pub mod demo;

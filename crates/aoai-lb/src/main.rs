@@ -16,6 +16,7 @@ use clap::Parser;
 use tokio::signal::unix::{SignalKind, signal};
 
 fn main() -> ExitCode {
+    install_panic_hook();
     let cli = Cli::parse();
     let early_format = cli
         .log_format
@@ -103,6 +104,11 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
             "backend configured"
         );
     }
+    if settings.client_key.is_some() && settings.allow_unauthenticated && !settings.demo {
+        tracing::info!(
+            "API_KEY is set, so clients must send it; --allow-unauthenticated has no effect"
+        );
+    }
     if settings.client_key.is_none() && settings.allow_unauthenticated {
         tracing::warn!(
             "client authentication is OFF (--allow-unauthenticated): anyone who can reach this port can use the configured backends; set API_KEY to require a key"
@@ -173,4 +179,30 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// A bug must not print a multi-line panic report with a backtrace hint
+/// into the container logs: report it as one JSON line on stderr instead
+/// (the log buffer may not get the chance to drain if the process aborts).
+fn install_panic_hook() {
+    std::panic::set_hook(Box::new(|info| {
+        let at = info
+            .location()
+            .map(|l| format!("{}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        let what = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        let line = serde_json::json!({
+            "level": "ERROR",
+            "target": "aoai_lb",
+            "message": "internal error",
+            "panic": what,
+            "location": at,
+        });
+        eprintln!("{line}");
+    }));
 }

@@ -295,7 +295,11 @@ pub async fn serve<H: Handler>(
     builder
         .http2()
         .timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(MAX_HEAD_BYTES).unwrap_or(u32::MAX));
+        .max_header_list_size(u32::try_from(MAX_HEAD_BYTES).unwrap_or(u32::MAX))
+        // HTTP/2 has no header deadline between requests; pings find peers
+        // that vanished without closing.
+        .keep_alive_interval(Some(Duration::from_secs(30)))
+        .keep_alive_timeout(Duration::from_secs(20));
 
     let shared = Arc::new(Shared {
         cfg,

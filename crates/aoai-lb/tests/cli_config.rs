@@ -314,3 +314,25 @@ async fn log_level_warn_hides_info_lines() {
         bin.lines()
     );
 }
+
+#[test]
+fn exits_cleanly_when_the_port_is_taken() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port().to_string();
+    let (status, lines) = run_binary(
+        &["--host", "127.0.0.1", "--port", &port, "--admin-port", "0"],
+        &[
+            ("OPENAI_INSTANCES", &good_doc("http://127.0.0.1:9")),
+            ("API_KEY", CLIENT_KEY),
+        ],
+        EXIT_WAIT,
+    );
+    assert_eq!(status.code(), Some(1), "{lines:#?}");
+    let last = &lines.last().unwrap().1;
+    assert!(last.contains("cannot listen on 127.0.0.1:"), "{last}");
+    assert!(
+        lines
+            .iter()
+            .all(|(_, l)| !l.contains(SECRET) && !l.contains("panicked"))
+    );
+}
