@@ -93,8 +93,9 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
 }
 
 /// Prepares the client's headers once per request, for every attempt:
-/// removes credentials, `Host`, hop-by-hop headers and `Content-Length`
-/// (the upstream body's length is set from the buffered body), and sets
+/// removes credentials, `Host`, hop-by-hop headers, `Expect` and
+/// `Content-Length` (the upstream body's length is set from the buffered
+/// body), and sets
 /// `x-ms-client-request-id`.
 pub fn prepare_request_headers(headers: &mut HeaderMap, request_id: &HeaderValue, websocket: bool) {
     strip_hop_by_hop(headers, websocket);
@@ -102,6 +103,9 @@ pub fn prepare_request_headers(headers: &mut HeaderMap, request_id: &HeaderValue
     headers.remove(&API_KEY);
     headers.remove(header::HOST);
     headers.remove(header::CONTENT_LENGTH);
+    // The body is already read in full, so `Expect: 100-continue` was
+    // answered by us and means nothing upstream.
+    headers.remove(header::EXPECT);
     headers.insert(CLIENT_REQUEST_ID.clone(), request_id.clone());
 }
 

@@ -99,7 +99,10 @@ impl Finish {
 /// A response body passed through frame by frame, with accounting.
 pub struct Tracked<B: Body> {
     inner: B,
-    idle: Option<(Pin<Box<Sleep>>, Duration)>,
+    idle: Option<Duration>,
+    /// Armed on the first wait for the instance, so a body that is already
+    /// buffered never touches the timer wheel.
+    sleep: Option<Pin<Box<Sleep>>>,
     last_activity: Instant,
     bytes: u64,
     first_byte: Option<Instant>,
@@ -110,11 +113,11 @@ impl<B: Body> Tracked<B> {
     /// Wraps `inner`. With `idle`, a gap longer than that between frames
     /// aborts the body with [`StreamError::Idle`].
     pub fn new(inner: B, idle: Option<Duration>, finish: Finish) -> Self {
-        let now = Instant::now();
         Self {
             inner,
-            idle: idle.map(|d| (Box::pin(tokio::time::sleep_until((now + d).into())), d)),
-            last_activity: now,
+            idle,
+            sleep: None,
+            last_activity: Instant::now(),
             bytes: 0,
             first_byte: None,
             finish: Some(Box::new(finish)),
@@ -129,16 +132,20 @@ impl<B: Body> Tracked<B> {
 
     /// True when the idle timer fired for real (not merely re-armed).
     fn idle_expired(&mut self, cx: &mut Context<'_>) -> bool {
-        let Some((sleep, d)) = self.idle.as_mut() else {
+        let Some(d) = self.idle else {
             return false;
         };
+        let deadline = self.last_activity + d;
+        let sleep = self
+            .sleep
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline.into())));
         loop {
             if sleep.as_mut().poll(cx).is_pending() {
                 return false;
             }
             // The timer is armed once and only pushed forward when it
             // fires, instead of being reset on every chunk.
-            let deadline = self.last_activity + *d;
+            let deadline = self.last_activity + d;
             if deadline <= Instant::now() {
                 return true;
             }
@@ -229,4 +236,101 @@ pub async fn drain<B: Body<Data = Bytes> + Unpin>(mut body: B) -> Result<Vec<u8>
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::Backend;
+    use crate::config::Config;
+    use http::{HeaderValue, Method};
+    use http_body_util::{Full, StreamBody};
+    use std::sync::Arc;
+
+    fn backend() -> Arc<Backend> {
+        let c = Config::from_json(
+            r#"{"instances":[{"name":"a","url":"http://127.0.0.1:9","api_key":"k"}]}"#,
+        )
+        .unwrap();
+        Arc::new(Backend::new(0, c.instances[0].clone(), &c.circuit_breaker).unwrap())
+    }
+
+    fn finish(b: &Arc<Backend>) -> Finish {
+        Finish {
+            record: AccessRecord {
+                timestamp: String::new(),
+                level: "INFO",
+                target: "aoai_lb::access",
+                message: "request",
+                request_id: HeaderValue::from_static("t"),
+                apim_request_id: None,
+                method: Method::POST,
+                path: "/".into(),
+                deployment: None,
+                attempts: Vec::new(),
+                instance: None,
+                status: 200,
+                ttfb_ms: None,
+                total_ms: 0.0,
+                bytes: 0,
+                streamed: false,
+                error: None,
+            },
+            start: Instant::now(),
+            in_flight: b.try_acquire(1),
+            breaker: BreakerConfig::default(),
+            clock: Clock::new(),
+        }
+    }
+
+    #[tokio::test]
+    async fn passes_bytes_through_and_releases_the_slot_at_the_end() {
+        let b = backend();
+        let body = Tracked::new(Full::new(Bytes::from_static(b"hello")), None, finish(&b));
+        assert_eq!(b.in_flight(), 1);
+        let out = drain(body).await.unwrap();
+        assert_eq!(out, b"hello");
+        assert_eq!(b.in_flight(), 0);
+    }
+
+    #[tokio::test]
+    async fn an_idle_gap_fails_the_body_instead_of_ending_it() {
+        let b = backend();
+        use futures_util::StreamExt as _;
+        let chunks = futures_util::stream::iter(vec![Ok::<_, std::convert::Infallible>(
+            Frame::data(Bytes::from_static(b"data: 1\n\n")),
+        )])
+        .chain(futures_util::stream::pending());
+        let body = Tracked::new(
+            StreamBody::new(Box::pin(chunks)),
+            Some(Duration::from_millis(50)),
+            finish(&b),
+        );
+        let started = Instant::now();
+        let r = drain(body).await;
+        assert!(r.is_err(), "an idle stream must end with an error");
+        assert!(started.elapsed() >= Duration::from_millis(50));
+        assert_eq!(b.failures(), 1, "fed to the breaker");
+        assert_eq!(b.in_flight(), 0);
+    }
+
+    #[tokio::test]
+    async fn dropping_an_unfinished_body_releases_the_slot() {
+        let b = backend();
+        let chunks =
+            futures_util::stream::pending::<Result<Frame<Bytes>, std::convert::Infallible>>();
+        let body = Tracked::new(
+            StreamBody::new(Box::pin(chunks)),
+            Some(Duration::from_secs(60)),
+            finish(&b),
+        );
+        assert_eq!(b.in_flight(), 1);
+        drop(body);
+        assert_eq!(b.in_flight(), 0);
+        assert_eq!(
+            b.failures(),
+            0,
+            "a client leaving is not the instance's fault"
+        );
+    }
 }
