@@ -52,7 +52,7 @@ pub enum Fault {
         ms: Option<u64>,
     },
     /// Send `after_chunks` body chunks, then close the connection without ending the
-    /// body. On a non-streamed reply the headers and the first half of the body are
+    /// body; a stream with fewer chunks is cut before its last one. On a non-streamed reply the headers and the first half of the body are
     /// sent (whatever `after_chunks` is), then the connection closes.
     CloseMidStream {
         #[serde(default)]

@@ -616,7 +616,10 @@ fn finish(
             SimBody::timed(drip(&b, bytes, interval_ms), None, Some(tracker))
         }
         (Payload::Frames(frames), Some(Applied::CloseMidStream(k))) => {
-            SimBody::timed(frames, Some(k as usize), Some(tracker))
+            // A stream shorter than K chunks is still cut before its last chunk,
+            // so the fault always bites.
+            let k = (k as usize).min(frames.len().saturating_sub(1));
+            SimBody::timed(frames, Some(k), Some(tracker))
         }
         (Payload::Frames(frames), Some(Applied::Drip { bytes, interval_ms })) => {
             let mut all = Vec::new();

@@ -256,6 +256,27 @@ async fn close_mid_stream_cuts_the_sse_after_k_chunks() {
 }
 
 #[tokio::test]
+async fn close_mid_stream_beyond_the_stream_length_still_withholds_done() {
+    let sim = one(InstanceConfig::new("a")
+        .reply_tokens(2)
+        .fault(Fault::CloseMidStream {
+            count: Some(1),
+            after_chunks: 100,
+        }))
+    .await;
+    let mut body = chat_body("x");
+    body["stream"] = json!(true);
+    let (_, _, frames, err) = stream_frames(&chat_url(&sim.url(), "d"), body).await;
+    assert!(err.is_some());
+    let text: String = frames
+        .iter()
+        .map(|(_, b)| String::from_utf8_lossy(b).into_owned())
+        .collect();
+    assert!(!text.contains("[DONE]"), "{text}");
+    assert!(text.contains("finish_reason\":\"stop"), "{text}");
+}
+
+#[tokio::test]
 async fn close_mid_stream_on_a_plain_reply_sends_half_the_body() {
     let sim = one(InstanceConfig::new("a").fault(Fault::CloseMidStream {
         count: Some(1),
