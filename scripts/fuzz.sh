@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# Runs every fuzz target in fuzz/ for a fixed time box and fails on the first
+# crash, panic, timeout or out-of-memory. The committed corpus
+# (fuzz/corpus/<target>) seeds each run and is never written to: new inputs
+# go to a scratch directory. A crashing input is saved under
+# fuzz/artifacts/<target>/ and printed.
+#
+# Usage: scripts/fuzz.sh [SECONDS_PER_TARGET] [TARGET...]
+#   SECONDS_PER_TARGET defaults to 20.
+#   FUZZ_SANITIZER=address  builds with AddressSanitizer (default: none; the
+#                           project forbids unsafe code, so the fuzzers look
+#                           for panics, overflows, hangs and runaway memory).
+#   FUZZ_TOOLCHAIN=nightly  the toolchain for cargo fuzz; when it is not
+#                           installed, the stable one is used with
+#                           RUSTC_BOOTSTRAP=1.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+CARGO_FUZZ_VERSION=0.13.1
+SECS="${1:-20}"
+shift || true
+SANITIZER="${FUZZ_SANITIZER:-none}"
+TOOLCHAIN="${FUZZ_TOOLCHAIN:-nightly}"
+
+installed="$(cargo fuzz --version 2>/dev/null || true)"
+if [ "${installed#cargo-fuzz }" != "$CARGO_FUZZ_VERSION" ]; then
+  echo "==> installing cargo-fuzz $CARGO_FUZZ_VERSION"
+  cargo install --locked "cargo-fuzz@$CARGO_FUZZ_VERSION"
+fi
+
+if rustup toolchain list 2>/dev/null | grep -q "^$TOOLCHAIN"; then
+  fuzz() { cargo "+$TOOLCHAIN" fuzz "$@"; }
+else
+  echo "==> toolchain $TOOLCHAIN not installed; using the default one with RUSTC_BOOTSTRAP=1"
+  fuzz() { RUSTC_BOOTSTRAP=1 cargo fuzz "$@"; }
+fi
+
+if [ "$#" -gt 0 ]; then
+  targets=("$@")
+else
+  mapfile -t targets < <(sed -n 's/^name = "\(.*\)"$/\1/p' fuzz/Cargo.toml | grep -v '^aoai-lb-fuzz$')
+fi
+
+scratch="$(mktemp -d)"
+trap 'rm -rf "$scratch"' EXIT
+
+echo "==> building ${#targets[@]} fuzz targets (sanitizer: $SANITIZER)"
+fuzz build --sanitizer "$SANITIZER" --debug-assertions
+
+failed=0
+summary=()
+for t in "${targets[@]}"; do
+  echo "==> fuzzing $t for ${SECS}s"
+  mkdir -p "$scratch/$t" "fuzz/artifacts/$t"
+  log="$scratch/$t.log"
+  if fuzz run --sanitizer "$SANITIZER" --debug-assertions "$t" \
+      "$scratch/$t" "fuzz/corpus/$t" -- \
+      -max_total_time="$SECS" -timeout=10 -rss_limit_mb=2048 -max_len=65536 \
+      -print_final_stats=1 >"$log" 2>&1; then
+    execs="$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -1)"
+    summary+=("$t: ok, ${execs:-?} executions in ${SECS}s")
+  else
+    failed=1
+    summary+=("$t: FAILED")
+    echo "---- $t output (last 40 lines) ----"
+    tail -40 "$log"
+  fi
+done
+
+echo
+echo "==> fuzz summary"
+printf '  %s\n' "${summary[@]}"
+exit "$failed"
