@@ -9,6 +9,7 @@ import io
 import json
 import wave
 
+import httpx2
 import openai
 import pytest
 
@@ -34,6 +35,16 @@ def _sse_payloads(raw: bytes) -> list[str]:
         if data:
             out.append("\n".join(data))
     return out
+
+
+def _delta(event: dict) -> tuple:
+    """What an SSE event carries apart from its random id and timestamp."""
+    choices = event.get("choices") or []
+    return (
+        tuple((c.get("delta") or {}).get("content") for c in choices),
+        tuple(c.get("finish_reason") for c in choices),
+        json.dumps(event.get("usage"), sort_keys=True),
+    )
 
 
 def test_chat_completion_reaches_one_instance_with_the_backend_key(client, recorder, fleet, settings):
@@ -84,8 +95,21 @@ def test_streamed_chat_yields_every_chunk_and_the_usage_chunk(client, recorder, 
     assert usage.usage.completion_tokens > 0
     assert usage.usage.total_tokens == usage.usage.prompt_tokens + usage.usage.completion_tokens
 
-    _, e = assert_forwarded_once(settings, fleet, sent, deployment=DEPLOYMENT)
+    idx, e = assert_forwarded_once(settings, fleet, sent, deployment=DEPLOYMENT)
     assert e["outcome"] == "completed"
+
+    # The same request straight to the instance that served it gives the same
+    # sequence of events: the gateway neither dropped, merged nor added any.
+    direct = httpx2.post(
+        settings.sim_urls[idx] + sent.path + (f"?{sent.query}" if sent.query else ""),
+        content=sent.body,
+        headers={"api-key": settings.sim_key, "content-type": "application/json"},
+        timeout=20.0,
+    )
+    assert direct.status_code == 200
+    direct_events = [json.loads(p) for p in _sse_payloads(direct.content)[:-1]]
+    assert len(direct_events) == len(events)
+    assert [_delta(e) for e in direct_events] == [_delta(e) for e in events]
 
 
 def test_completion_reaches_one_instance(azure, recorder, fleet, settings):
