@@ -33,7 +33,6 @@ mod server;
 mod service;
 mod store;
 
-pub use body::{BodyCut, SimBody};
 pub use config::{
     DEFAULT_API_KEY, DEFAULT_EMBEDDING_DIMENSIONS, DEFAULT_JOURNAL_CAPACITY,
     DEFAULT_MAX_BODY_BYTES, DEFAULT_REGION, DEFAULT_REPLY_TOKENS, DeploymentOverride,

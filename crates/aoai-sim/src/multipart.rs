@@ -148,4 +148,27 @@ mod tests {
             Some("q q")
         );
     }
+
+    proptest::proptest! {
+        /// Any field contents survive a round trip, CRLFs and dashes included.
+        #[test]
+        fn parts_round_trip(fields in proptest::collection::vec(
+            ("[a-z]{1,8}", proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64)), 1..5)
+        ) {
+            let boundary = "b0undary-7f3a";
+            let mut body = Vec::new();
+            for (name, data) in &fields {
+                body.extend_from_slice(format!("--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n").as_bytes());
+                body.extend_from_slice(data);
+                body.extend_from_slice(b"\r\n");
+            }
+            body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
+            let parsed = parse(&format!("multipart/form-data; boundary={boundary}"), &body).unwrap();
+            proptest::prop_assert_eq!(parsed.len(), fields.len());
+            for (p, (name, data)) in parsed.iter().zip(&fields) {
+                proptest::prop_assert_eq!(&p.name, name);
+                proptest::prop_assert_eq!(p.data, &data[..]);
+            }
+        }
+    }
 }

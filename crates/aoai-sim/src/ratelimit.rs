@@ -220,4 +220,37 @@ mod tests {
             40
         );
     }
+
+    proptest::proptest! {
+        /// Whatever the arrival pattern, a fixed window never admits more than
+        /// its quota: requests per 10 s window and tokens per 60 s window.
+        #[test]
+        fn never_admits_more_than_the_quota_per_window(
+            rpm in 1u32..120,
+            tpm in 1u32..5_000,
+            steps in proptest::collection::vec((0u64..3_000, 0u64..400), 1..200),
+        ) {
+            let rl = RateLimit { rpm, tpm };
+            let lim = RateLimiter::default();
+            let t0 = Instant::now();
+            let mut now_ms = 0u64;
+            let mut admitted: Vec<(u64, u64)> = Vec::new();
+            // Windows are aligned to the deployment's first request.
+            let first = steps[0].0;
+            for (gap, cost) in steps {
+                now_ms += gap;
+                if lim.charge("d", rl, cost, t0 + Duration::from_millis(now_ms)).is_ok() {
+                    admitted.push((now_ms - first, cost));
+                }
+            }
+            for w in 0..=(now_ms / 10_000) {
+                let n = admitted.iter().filter(|(t, _)| t / 10_000 == w).count() as u64;
+                proptest::prop_assert!(n <= u64::from(rpm).div_ceil(6));
+            }
+            for w in 0..=(now_ms / 60_000) {
+                let used: u64 = admitted.iter().filter(|(t, _)| t / 60_000 == w).map(|(_, c)| c).sum();
+                proptest::prop_assert!(used <= u64::from(tpm));
+            }
+        }
+    }
 }

@@ -452,3 +452,76 @@ async fn open_connections_counts_keep_alive_connections() {
     drop(c);
     assert!(eventually(|| sim.open_connections() == 0).await);
 }
+
+#[tokio::test]
+async fn admin_routes_are_off_by_default_and_journaled_as_ordinary_requests() {
+    let sim = one(InstanceConfig::new("a")).await;
+    let r = send(Method::GET, &format!("{}/_sim/journal", sim.url()), &[], "").await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    assert_eq!(sim.request_count(), 1);
+}
+
+#[tokio::test]
+async fn admin_routes_manage_faults_and_journal_without_being_journaled() {
+    let sim = one(InstanceConfig::new("a").admin(true)).await;
+    let admin = |m: Method, p: &'static str, b: &'static str| {
+        let url = format!("{}/_sim/{p}", sim.url());
+        async move { send(m, &url, &[], b).await }
+    };
+    let r = admin(
+        Method::POST,
+        "faults",
+        r#"{"kind":"fail","count":2,"status":502}"#,
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::CREATED);
+    let f = admin(Method::GET, "faults", "").await.json();
+    assert_eq!(f[0]["kind"], "fail");
+    assert_eq!(f[0]["count"], 2);
+    assert_eq!(
+        post_json(&chat_url(&sim.url(), "d"), chat_body("x"))
+            .await
+            .status,
+        StatusCode::BAD_GATEWAY
+    );
+    assert_eq!(
+        sim.faults()[0],
+        Fault::Fail {
+            count: Some(1),
+            status: 502,
+            body: None,
+            retry_after_ms: None
+        }
+    );
+    let j = admin(Method::GET, "journal", "").await.json();
+    assert_eq!(j["request_count"], 1);
+    assert_eq!(j["entries"][0]["fault"], "fail");
+    assert_eq!(
+        j["entries"][0]["headers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|h| h[0] == "api-key")
+            .unwrap()[1],
+        "***"
+    );
+    assert_eq!(
+        admin(Method::DELETE, "faults", "").await.status,
+        StatusCode::OK
+    );
+    assert!(sim.faults().is_empty());
+    assert_eq!(
+        admin(Method::DELETE, "journal", "").await.status,
+        StatusCode::OK
+    );
+    assert_eq!(sim.request_count(), 0);
+    let r = admin(
+        Method::POST,
+        "faults",
+        r#"{"kind":"drip","bytes":"many","interval_ms":1}"#,
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert!(r.text().contains("bytes"), "{}", r.text());
+    assert_eq!(sim.request_count(), 0);
+}
