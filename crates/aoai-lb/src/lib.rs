@@ -5,6 +5,7 @@
 //! → stream back → log.
 
 pub mod admin;
+pub mod affinity;
 pub mod auth;
 pub mod backend;
 pub mod cli;
