@@ -4,7 +4,7 @@ file, and the batch then lives only there."""
 
 from __future__ import annotations
 
-from conftest import affinity_pending, assert_forwarded_once
+from conftest import affinity_pending, list_merge_pending, assert_forwarded_once
 from test_files import FOLLOW_UPS, assert_served_by_owner, upload
 
 
@@ -33,8 +33,23 @@ def test_batch_is_created_on_the_instance_holding_its_input_file(azure, recorder
     assert b'"custom_id": "batch-input"' in out or b'"custom_id":"batch-input"' in out
     assert_served_by_owner(settings, fleet, owner, "GET", f"/openai/files/{got.output_file_id}/content", 1)
 
-    listed = [b.id for b in azure.batches.list()]
-    assert batch.id in listed
+
+
+@affinity_pending
+@list_merge_pending
+def test_batches_list_includes_batches_on_every_instance(azure, recorder, fleet, settings):
+    created: dict[str, int] = {}
+    for n in range(3 * len(fleet.sims)):
+        f, owner = upload(azure, recorder, fleet, settings, f"batch-list-{n}")
+        b = azure.batches.create(input_file_id=f.id, endpoint="/chat/completions", completion_window="24h")
+        created[b.id] = owner
+        fleet.reset()
+        recorder.clear()
+        if n >= 2 and len(set(created.values())) >= min(2, len(fleet.sims)):
+            break
+    listed = {b.id for b in azure.batches.list()}
+    missing = set(created) - listed
+    assert not missing, f"batches created through the gateway but not listed: {sorted(missing)}"
 
 
 def assert_served_by_owner_once(settings, fleet, sent):

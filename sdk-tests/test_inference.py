@@ -63,6 +63,9 @@ def test_chat_completion_reaches_one_instance_with_the_backend_key(client, recor
     if _is_azure(client):
         assert f"api-version={API_VERSION}" in sent.query
     assert_forwarded_once(settings, fleet, sent, deployment=DEPLOYMENT)
+    # Azure's response headers reach the client (SDKs and operators read them).
+    for h in ("apim-request-id", "x-ratelimit-remaining-requests", "x-ms-region"):
+        assert h in sent.response_headers, h
 
 
 def test_streamed_chat_yields_every_chunk_and_the_usage_chunk(client, recorder, fleet, settings):
@@ -150,10 +153,14 @@ def _wav(seconds: float = 0.25, rate: int = 8000) -> bytes:
     return buf.getvalue()
 
 
-def test_transcription_forwards_the_multipart_body_byte_for_byte(azure, recorder, fleet, settings):
+@pytest.mark.parametrize("response_format", ["json", "text"])
+def test_transcription_forwards_the_multipart_body_byte_for_byte(azure, recorder, fleet, settings, response_format):
     audio = _wav()
-    r = azure.audio.transcriptions.create(model="whisper", file=("hello.wav", audio, "audio/wav"))
-    assert isinstance(r.text, str) and r.text
+    r = azure.audio.transcriptions.create(
+        model="whisper", file=("hello.wav", audio, "audio/wav"), response_format=response_format
+    )
+    text = r.text if response_format == "json" else r
+    assert isinstance(text, str) and str(len(audio)) in text
     sent = recorder.only("/audio/transcriptions")
     assert sent.headers["content-type"].startswith("multipart/form-data; boundary=")
     assert audio in sent.body
