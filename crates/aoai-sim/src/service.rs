@@ -28,6 +28,16 @@ pub(crate) const JSON: HeaderValue = HeaderValue::from_static("application/json"
 pub(crate) const SSE: HeaderValue = HeaderValue::from_static("text/event-stream; charset=utf-8");
 pub(crate) const TEXT: HeaderValue = HeaderValue::from_static("text/plain; charset=utf-8");
 
+// Header names built once: `from_static` validates its input on every call.
+const H_APIM_REQUEST_ID: HeaderName = HeaderName::from_static("apim-request-id");
+const H_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+const H_REGION: HeaderName = HeaderName::from_static("x-ms-region");
+const H_REMAINING_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-remaining-requests");
+const H_REMAINING_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-remaining-tokens");
+const H_CLIENT_REQUEST_ID: HeaderName = HeaderName::from_static("x-ms-client-request-id");
+const H_DEPLOYMENT_NAME: HeaderName = HeaderName::from_static("x-ms-deployment-name");
+const H_INSTANCE: HeaderName = HeaderName::from_static("x-aoai-sim-instance");
+
 /// A deployment-scoped operation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Op {
@@ -440,7 +450,12 @@ pub(crate) async fn handle(
     let client_request_id = parts.headers.get("x-ms-client-request-id").cloned();
 
     let op_hint = match route(&parts.method, parts.uri.path()).0 {
-        Route::Deployment(_, op) | Route::BodyModel(op) => op,
+        Route::Deployment(dep, op) => {
+            // Known before any fault strikes, so faulted requests name it too.
+            tracker.deployment = Some(dep.to_owned());
+            op
+        }
+        Route::BodyModel(op) => op,
         _ => Op::Chat,
     };
     let api_version = query_param(parts.uri.query(), "api-version")
@@ -552,40 +567,25 @@ fn finish(
     if !matches!(reply.payload, Payload::Upgrade) {
         h.insert(header::CONTENT_TYPE, reply.content_type.clone());
     }
-    for hv in [azure::uuid(), azure::uuid()]
-        .into_iter()
-        .zip(["apim-request-id", "x-request-id"])
-    {
-        if let Ok(v) = HeaderValue::from_str(&hv.0) {
-            h.insert(HeaderName::from_static(hv.1), v);
+    for name in [H_APIM_REQUEST_ID, H_REQUEST_ID] {
+        if let Ok(v) = HeaderValue::try_from(azure::uuid()) {
+            h.insert(name, v);
         }
     }
-    h.insert(
-        HeaderName::from_static("x-ms-region"),
-        inst.region_hv.clone(),
-    );
-    h.insert(
-        HeaderName::from_static("x-ratelimit-remaining-requests"),
-        HeaderValue::from(remaining.requests),
-    );
-    h.insert(
-        HeaderName::from_static("x-ratelimit-remaining-tokens"),
-        HeaderValue::from(remaining.tokens),
-    );
+    h.insert(H_REGION, inst.region_hv.clone());
+    h.insert(H_REMAINING_REQUESTS, HeaderValue::from(remaining.requests));
+    h.insert(H_REMAINING_TOKENS, HeaderValue::from(remaining.tokens));
     if let Some(v) = client_request_id {
-        h.insert(HeaderName::from_static("x-ms-client-request-id"), v);
+        h.insert(H_CLIENT_REQUEST_ID, v);
     }
     if let Some(v) = reply
         .deployment
         .as_deref()
         .and_then(|d| HeaderValue::from_str(d).ok())
     {
-        h.insert(HeaderName::from_static("x-ms-deployment-name"), v);
+        h.insert(H_DEPLOYMENT_NAME, v);
     }
-    h.insert(
-        HeaderName::from_static("x-aoai-sim-instance"),
-        inst.name_hv.clone(),
-    );
+    h.insert(H_INSTANCE, inst.name_hv.clone());
     for (k, v) in reply.headers {
         h.append(k, v);
     }

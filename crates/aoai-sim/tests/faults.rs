@@ -39,6 +39,8 @@ async fn fail_fault_fails_the_next_n_requests_with_canonical_body() {
     let j = sim.journal();
     assert_eq!(j[0].outcome, Outcome::Faulted);
     assert_eq!(j[0].fault.as_deref(), Some("fail"));
+    assert_eq!(j[0].status, 500);
+    assert_eq!(j[0].deployment.as_deref(), Some("d"));
     assert_eq!(j[2].outcome, Outcome::Completed);
 }
 
