@@ -61,6 +61,8 @@ pub enum BadRequest {
     ModelNotString,
     /// The deployment segment of `/openai/deployments/{dep}/...` is empty.
     EmptyDeployment,
+    /// The request target is not a path (`*`, or not starting with `/`).
+    NotAPath,
 }
 
 impl BadRequest {
@@ -78,6 +80,7 @@ impl BadRequest {
             }
             BadRequest::ModelNotString => "The 'model' field must be a string.",
             BadRequest::EmptyDeployment => "The deployment name in the path is empty.",
+            BadRequest::NotAPath => "The request target must be a path starting with '/'.",
         }
     }
 

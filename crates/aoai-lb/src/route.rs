@@ -171,6 +171,10 @@ fn affinity_in_path(rest: &str) -> Option<String> {
 /// encoded), encoded `/` or `\`, raw `\`, bad escapes and non-UTF-8 after
 /// decoding. The fast path (no `%`, `.` or `\` at all) scans once.
 fn validate_path(path: &str) -> Result<(), BadRequest> {
+    if !path.starts_with('/') {
+        // `*` (OPTIONS) or anything else that is not an origin-form path.
+        return Err(BadRequest::NotAPath);
+    }
     if !path.bytes().any(|b| matches!(b, b'%' | b'.' | b'\\')) {
         return Ok(());
     }
@@ -414,6 +418,7 @@ mod tests {
 
     #[test]
     fn rejects_an_empty_deployment() {
+        assert_eq!(classify(&Method::OPTIONS, "*"), Err(BadRequest::NotAPath));
         assert_eq!(
             post("/openai/deployments//chat/completions"),
             Err(BadRequest::EmptyDeployment)

@@ -616,6 +616,40 @@ mod tests {
         assert!(!is_deployment_not_found(b"not json"));
     }
 
+    fn config_with_ca(path: &std::path::Path) -> Config {
+        let doc = serde_json::json!({
+            "instances": [{"name": "a", "url": "https://127.0.0.1:9", "api_key": "k"}],
+            "upstream": {"extra_ca_file": path},
+        });
+        Config::from_json(&doc.to_string()).unwrap()
+    }
+
+    #[test]
+    fn refuses_a_missing_or_empty_extra_ca_file() {
+        let dir = std::env::temp_dir().join(format!("aoai-lb-ca-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let missing = dir.join("missing.pem");
+        assert!(matches!(
+            build_client(&config_with_ca(&missing), true),
+            Err(GatewayError::ExtraCa(_))
+        ));
+        let empty = dir.join("empty.pem");
+        std::fs::write(&empty, "not a certificate\n").unwrap();
+        let e = build_client(&config_with_ca(&empty), true).err().unwrap();
+        assert!(e.to_string().starts_with("upstream.extra_ca_file: "), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn builds_a_client_with_the_webpki_roots() {
+        let c = Config::from_json(
+            r#"{"instances":[{"name":"a","url":"https://127.0.0.1:9","api_key":"k"}]}"#,
+        )
+        .unwrap();
+        assert!(build_client(&c, true).is_ok());
+        assert!(build_client(&c, false).is_ok());
+    }
+
     #[tokio::test]
     async fn read_capped_stops_past_the_limit() {
         let body = Full::new(Bytes::from_static(b"0123456789"));

@@ -467,3 +467,62 @@ async fn carries_the_request_id_both_ways() {
     let e = sims[0].journal().pop().unwrap();
     assert_eq!(e.header("x-ms-client-request-id"), Some(id.as_str()));
 }
+
+#[tokio::test]
+async fn stops_reading_a_chunked_body_at_the_cap() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let sims = sims(1).await;
+    let doc = config_with(&sims, serde_json::json!({"max_request_body_bytes": 4096}));
+    let gw = start_gateway(&doc, Some(CLIENT_KEY)).await;
+    let mut tcp = tokio::net::TcpStream::connect(gw.addr()).await.unwrap();
+    let head = format!(
+        "POST {} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {CLIENT_KEY}\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n",
+        chat_path("gpt-4o")
+    );
+    tcp.write_all(head.as_bytes()).await.unwrap();
+    // Keep sending without ever ending the body: the gateway must answer
+    // once the cap is passed instead of waiting for the end.
+    let chunk = format!("400\r\n{}\r\n", "x".repeat(1024));
+    let mut answer = Vec::new();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    for _ in 0..64 {
+        if tcp.write_all(chunk.as_bytes()).await.is_err() {
+            break;
+        }
+        let mut buf = [0u8; 4096];
+        match tokio::time::timeout(std::time::Duration::from_millis(50), tcp.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => {
+                answer.extend_from_slice(&buf[..n]);
+                break;
+            }
+            _ => {}
+        }
+        assert!(std::time::Instant::now() < deadline);
+    }
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.starts_with("HTTP/1.1 413"), "{text}");
+    assert_eq!(sims[0].request_count(), 0);
+}
+
+#[tokio::test]
+async fn rejects_a_request_target_that_is_not_a_path() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let sims = sims(1).await;
+    let gw = start_gateway(&config_for(&sims), Some(CLIENT_KEY)).await;
+    let mut tcp = tokio::net::TcpStream::connect(gw.addr()).await.unwrap();
+    let req = format!(
+        "OPTIONS * HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {CLIENT_KEY}\r\nConnection: close\r\n\r\n"
+    );
+    tcp.write_all(req.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        tcp.read_to_end(&mut answer),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.starts_with("HTTP/1.1 400"), "{text}");
+    assert_eq!(sims[0].request_count(), 0);
+}
