@@ -4,8 +4,8 @@ file, and the batch then lives only there."""
 
 from __future__ import annotations
 
-from conftest import affinity_pending, list_merge_pending, assert_forwarded_once
-from test_files import FOLLOW_UPS, assert_served_by_owner, upload
+from conftest import affinity_pending, list_merge_pending
+from stateful import FOLLOW_UPS, assert_created_on_one_instance, assert_served_by_owner, upload
 
 
 @affinity_pending
@@ -17,7 +17,7 @@ def test_batch_is_created_on_the_instance_holding_its_input_file(azure, recorder
     assert batch.endpoint == "/chat/completions"
     sent = recorder.only("/batches", method="POST")
     assert f.id.encode() in sent.body
-    idx, _ = assert_served_by_owner_once(settings, fleet, sent)
+    idx, _ = assert_created_on_one_instance(settings, fleet, sent)
     assert idx == owner, f"batch created on instance {idx}, its input file is on {owner}"
 
     got = batch
@@ -50,19 +50,3 @@ def test_batches_list_includes_batches_on_every_instance(azure, recorder, fleet,
     listed = {b.id for b in azure.batches.list()}
     missing = set(created) - listed
     assert not missing, f"batches created through the gateway but not listed: {sorted(missing)}"
-
-
-def assert_served_by_owner_once(settings, fleet, sent):
-    """The creation reached exactly one instance with a 2xx; lookups on others
-    (404) are tolerated once each."""
-    fleet.wait_settled()
-    hits = fleet.entries(lambda e: e["method"] == sent.method and e["path"] == sent.path)
-    ok = [(i, e) for i, e in hits if 200 <= e["status"] < 300]
-    assert len(ok) == 1, [(i, e["status"]) for i, e in hits]
-    others = [i for i, e in hits if (i, e) not in ok]
-    assert len(others) == len(set(others)), others
-    if len(hits) == 1:
-        return assert_forwarded_once(settings, fleet, sent, status=None)
-    idx, e = ok[0]
-    assert e["body_sha256"] == sent.sha256
-    return idx, e

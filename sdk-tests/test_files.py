@@ -4,53 +4,11 @@ and the list must show the files the client uploaded wherever they landed."""
 
 from __future__ import annotations
 
-import json
-
 import openai
 import pytest
 
-from conftest import affinity_pending, list_merge_pending, assert_backend_credentials, assert_forwarded_once
-
-FOLLOW_UPS = 4
-
-
-def _jsonl(tag: str) -> bytes:
-    line = {
-        "custom_id": tag,
-        "method": "POST",
-        "url": "/chat/completions",
-        "body": {"model": "gpt-4o", "messages": [{"role": "user", "content": tag}]},
-    }
-    return (json.dumps(line) + "\n").encode()
-
-
-def upload(client, recorder, fleet, settings, tag: str) -> tuple[openai.types.FileObject, int]:
-    """Uploads a small JSONL file; returns it and the index of the instance
-    that stored it (the only one that received the upload)."""
-    before = len(recorder.sent)
-    data = _jsonl(tag)
-    f = client.files.create(file=(f"{tag}.jsonl", data), purpose="batch")
-    assert f.id and f.bytes == len(data)
-    sent = [s for s in recorder.sent[before:] if s.method == "POST" and s.path.endswith("/files")]
-    assert len(sent) == 1
-    assert data in sent[0].body
-    owner, _ = assert_forwarded_once(settings, fleet, sent[0], status=None)
-    return f, owner
-
-
-def assert_served_by_owner(settings, fleet, owner: int, method: str, path: str, expected_ok: int) -> None:
-    """Every successful ``method path`` was served by ``owner``; another
-    instance was asked at most once (a lookup whose answer is remembered),
-    never once per request as a blind 404 failover would."""
-    fleet.wait_settled()
-    hits = fleet.entries(lambda e: e["method"] == method and e["path"] == path)
-    ok = [(i, e) for i, e in hits if 200 <= e["status"] < 300]
-    assert len(ok) == expected_ok, [(i, e["status"]) for i, e in hits]
-    assert {i for i, _ in ok} == {owner}, f"served by {[i for i, _ in ok]}, the file is on {owner}"
-    others = [i for i, e in hits if i != owner]
-    assert len(others) == len(set(others)), f"instances without the object were asked repeatedly: {others}"
-    for _, e in hits:
-        assert_backend_credentials(settings, e)
+from conftest import affinity_pending, assert_backend_credentials, list_merge_pending
+from stateful import FOLLOW_UPS, assert_served_by_owner, jsonl, upload
 
 
 @affinity_pending
@@ -64,7 +22,7 @@ def test_uploaded_file_can_be_retrieved_read_and_deleted_through_the_gateway(cli
     assert_served_by_owner(settings, fleet, owner, "GET", f"{prefix}/{f.id}", FOLLOW_UPS)
 
     for _ in range(FOLLOW_UPS):
-        assert client.files.content(f.id).read() == _jsonl("retrieve-me")
+        assert client.files.content(f.id).read() == jsonl("retrieve-me")
     assert_served_by_owner(settings, fleet, owner, "GET", f"{prefix}/{f.id}/content", FOLLOW_UPS)
 
     deleted = client.files.delete(f.id)

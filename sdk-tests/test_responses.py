@@ -8,8 +8,7 @@ import openai
 
 from conftest import affinity_pending, assert_forwarded_once
 from harness import API_VERSION, DEPLOYMENT
-from test_batches import assert_served_by_owner_once
-from test_files import FOLLOW_UPS, assert_served_by_owner
+from stateful import FOLLOW_UPS, assert_created_on_one_instance, assert_served_by_owner
 
 
 def _prefix(client) -> str:
@@ -46,6 +45,6 @@ def test_previous_response_id_chain_continues_on_the_instance_that_holds_it(clie
         assert nxt.previous_response_id == previous.id
         sent = recorder.only(_prefix(client), method="POST")
         assert previous.id.encode() in sent.body
-        idx, _ = assert_served_by_owner_once(settings, fleet, sent)
+        idx, _ = assert_created_on_one_instance(settings, fleet, sent)
         assert idx == owner, f"turn {turn} went to instance {idx}; the chain lives on {owner}"
         previous = nxt
