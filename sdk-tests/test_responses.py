@@ -48,3 +48,27 @@ def test_previous_response_id_chain_continues_on_the_instance_that_holds_it(clie
         idx, _ = assert_created_on_one_instance(settings, fleet, sent)
         assert idx == owner, f"turn {turn} went to instance {idx}; the chain lives on {owner}"
         previous = nxt
+
+
+@affinity_pending
+def test_streamed_response_can_be_retrieved_and_continued_afterwards(client, recorder, fleet, settings):
+    events = list(client.responses.create(model=DEPLOYMENT, input="Stream a hello", stream=True))
+    types = [e.type for e in events]
+    assert types[0] == "response.created" and types[-1] == "response.completed"
+    assert "response.output_text.delta" in types
+    done = events[-1].response
+    assert done.id.startswith("resp") and done.output_text
+    sent = recorder.only(_prefix(client), method="POST")
+    owner, _ = assert_forwarded_once(settings, fleet, sent, deployment=DEPLOYMENT)
+
+    # The id was only ever in the event stream; follow-ups still find it.
+    got = client.responses.retrieve(done.id)
+    assert got.id == done.id and got.output_text == done.output_text
+    assert_served_by_owner(settings, fleet, owner, "GET", f"{_prefix(client)}/{done.id}", 1)
+
+    fleet.reset()
+    recorder.clear()
+    nxt = client.responses.create(model=DEPLOYMENT, input="Again", previous_response_id=done.id)
+    assert nxt.previous_response_id == done.id
+    idx, _ = assert_created_on_one_instance(settings, fleet, recorder.only(_prefix(client), method="POST"))
+    assert idx == owner
