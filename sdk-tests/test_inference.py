@@ -6,6 +6,7 @@ got and what exactly one instance received."""
 from __future__ import annotations
 
 import io
+import time
 import json
 import wave
 
@@ -208,3 +209,34 @@ def test_the_deployment_in_the_path_reaches_the_instance(azure, recorder, fleet,
     sent = recorder.only("/chat/completions")
     assert sent.path == f"/openai/deployments/{deployment}/chat/completions"
     assert_forwarded_once(settings, fleet, sent, deployment=deployment)
+
+
+def test_closing_a_stream_early_cancels_the_backend_request(client, recorder, fleet, settings):
+    # Slow every instance's stream down so that it is still running when the
+    # application stops reading.
+    for sim in fleet.sims:
+        sim.inject({"kind": "drip", "count": 1, "bytes": 64, "interval_ms": 100})
+    stream = client.chat.completions.create(
+        model=DEPLOYMENT,
+        messages=[{"role": "user", "content": "Tell a long story"}],
+        max_tokens=50,
+        stream=True,
+    )
+    first = next(iter(stream))
+    assert first is not None
+    stream.close()
+
+    sent = recorder.only("/chat/completions")
+    hits = []
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        hits = fleet.entries(lambda e: e["path"] == sent.path)
+        if hits and all(e["outcome"] != "in_flight" for _, e in hits):
+            break
+        time.sleep(0.05)
+    assert len(hits) == 1
+    _, e = hits[0]
+    # The gateway dropped its backend connection instead of draining the
+    # rest of a response nobody reads (which would keep burning tokens).
+    assert e["outcome"] == "client_aborted", e["outcome"]
+    assert time.monotonic() < deadline
