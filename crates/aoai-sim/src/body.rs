@@ -64,7 +64,14 @@ impl Tracker {
 
 impl Drop for Tracker {
     fn drop(&mut self) {
-        self.finish(Outcome::ClientAborted);
+        // Dropped unfinished: either the instance was stopped under the request
+        // or the client went away (hyper drops the request's future then).
+        let outcome = if self.inst.shutdown.is_cancelled() {
+            Outcome::Stopped
+        } else {
+            Outcome::ClientAborted
+        };
+        self.finish(outcome);
     }
 }
 

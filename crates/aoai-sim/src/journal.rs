@@ -25,6 +25,8 @@ pub enum Outcome {
     Faulted,
     /// The connection was upgraded (realtime WebSocket).
     Upgraded,
+    /// The instance was stopped before the response ended.
+    Stopped,
 }
 
 /// One request as the instance received it.

@@ -425,6 +425,7 @@ async fn stop_drops_open_connections_and_refuses_new_ones() {
     assert!(t.elapsed() < Duration::from_secs(2));
     assert!(tokio::net::TcpStream::connect(sim.addr()).await.is_err());
     assert!(eventually(|| sim.open_connections() == 0).await);
+    assert!(eventually(|| sim.journal()[0].outcome == Outcome::Stopped).await);
     // The same address can be served again.
     let again = aoai_sim::start_on(sim.addr(), sim.config().clone().latency(0, 0))
         .await
