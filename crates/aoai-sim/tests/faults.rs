@@ -403,7 +403,10 @@ async fn streaming_client_that_leaves_is_journaled_as_aborted() {
     let mut s = tokio::net::TcpStream::connect(sim.addr()).await.unwrap();
     s.write_all(&raw_chat("d", body)).await.unwrap();
     let mut buf = [0u8; 256];
-    let n = s.read(&mut buf).await.unwrap();
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
     assert!(n > 0);
     drop(s);
     assert!(eventually(|| sim.journal()[0].outcome == Outcome::ClientAborted).await);

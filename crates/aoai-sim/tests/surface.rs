@@ -391,6 +391,13 @@ async fn v1_embeddings_take_the_deployment_from_model() {
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
 }
 
+/// The next WebSocket message, failing the test after five seconds.
+async fn recv<S: futures_util::Stream + Unpin>(ws: &mut S) -> Option<S::Item> {
+    tokio::time::timeout(std::time::Duration::from_secs(5), ws.next())
+        .await
+        .expect("no WebSocket message within 5 s")
+}
+
 #[tokio::test]
 async fn realtime_websocket_greets_and_answers() {
     let sim = one(InstanceConfig::new("a").reply_tokens(2)).await;
@@ -409,7 +416,7 @@ async fn realtime_websocket_greets_and_answers() {
             other => panic!("unexpected {other:?}"),
         }
     };
-    let hello = next(ws.next().await);
+    let hello = next(recv(&mut ws).await);
     assert_eq!(hello["type"], "session.created");
     assert_eq!(hello["session"]["model"], "gpt-rt");
     ws.send(Message::text(
@@ -417,27 +424,36 @@ async fn realtime_websocket_greets_and_answers() {
     ))
     .await
     .unwrap();
-    let upd = next(ws.next().await);
+    let upd = next(recv(&mut ws).await);
     assert_eq!(upd["type"], "session.updated");
     assert_eq!(upd["session"]["voice"], "echo");
     ws.send(Message::text(json!({"type":"response.create"}).to_string()))
         .await
         .unwrap();
     let mut types = Vec::new();
-    loop {
-        let v = next(ws.next().await);
+    for _ in 0..20 {
+        let v = next(recv(&mut ws).await);
         let t = v["type"].as_str().unwrap().to_owned();
         types.push(t.clone());
         if t == "response.done" {
             break;
         }
     }
-    assert_eq!(types.first().map(String::as_str), Some("response.created"));
+    assert_eq!(
+        types,
+        [
+            "response.created",
+            "response.text.delta",
+            "response.text.delta",
+            "response.text.done",
+            "response.done"
+        ]
+    );
     ws.send(Message::Binary(vec![1u8, 2, 3].into()))
         .await
         .unwrap();
     assert_eq!(
-        ws.next().await.unwrap().unwrap(),
+        recv(&mut ws).await.unwrap().unwrap(),
         Message::Binary(vec![1u8, 2, 3].into())
     );
     assert_eq!(sim.journal()[0].outcome, Outcome::Upgraded);
@@ -458,7 +474,7 @@ async fn realtime_accepts_key_in_query_and_rejects_a_bad_one() {
         sim.addr()
     );
     let (mut ws, _) = tokio_tungstenite::connect_async(ok).await.unwrap();
-    assert!(matches!(ws.next().await, Some(Ok(Message::Text(_)))));
+    assert!(matches!(recv(&mut ws).await, Some(Ok(Message::Text(_)))));
     assert_eq!(
         sim.journal()[0].query.as_deref(),
         Some("model=m&api-key=***")
