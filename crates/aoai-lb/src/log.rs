@@ -110,6 +110,30 @@ fn method_str<S: Serializer>(m: &Method, s: S) -> Result<S::Ok, S::Error> {
 }
 
 impl AccessRecord {
+    /// An empty record, for moving a real one out of a holder. Allocates
+    /// nothing.
+    pub fn placeholder() -> Self {
+        Self {
+            timestamp: String::new(),
+            level: "INFO",
+            target: "aoai_lb::access",
+            message: "request",
+            request_id: HeaderValue::from_static("-"),
+            apim_request_id: None,
+            method: Method::GET,
+            path: String::new(),
+            deployment: None,
+            attempts: Vec::new(),
+            instance: None,
+            status: 0,
+            ttfb_ms: None,
+            total_ms: 0.0,
+            bytes: 0,
+            streamed: false,
+            error: None,
+        }
+    }
+
     /// Writes the record as one line.
     pub fn emit(&self) {
         crate::logging::access(self);

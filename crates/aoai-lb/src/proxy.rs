@@ -237,7 +237,13 @@ impl Gateway {
             return local_error(ProxyError::DeploymentNotFound, rec, start);
         }
 
-        rewrite::prepare_request_headers(&mut parts.headers, &rec.request_id, websocket);
+        // Upgrade headers go up only when the client connection can really
+        // be upgraded (HTTP/1.1); HTTP/2 forbids them.
+        rewrite::prepare_request_headers(
+            &mut parts.headers,
+            &rec.request_id,
+            client_upgrade.is_some(),
+        );
         let out = Outgoing {
             method: &parts.method,
             path: parts.uri.path(),
@@ -248,7 +254,15 @@ impl Gateway {
             websocket: client_upgrade.is_some(),
         };
         let mut upstream_wait = std::time::Duration::ZERO;
-        let sent = send::failover(gw, &out, &mut rec.attempts, &mut upstream_wait).await;
+        // If the client goes away while instances are tried, hyper drops
+        // this future; the guard still writes the access record.
+        let mut pending = Pending {
+            rec,
+            start,
+            armed: true,
+        };
+        let sent = send::failover(gw, &out, &mut pending.rec.attempts, &mut upstream_wait).await;
+        let mut rec = pending.take();
 
         let (mut rparts, body, slot, backend) = match sent {
             Sent::Failed(e) => return local_error(e, rec, start),
@@ -303,6 +317,36 @@ impl Gateway {
             Either::Full(b) => BoxBody::new(Tracked::new(b, None, finish)),
         };
         Response::from_parts(rparts, body)
+    }
+}
+
+/// Writes the access record of a request whose future was dropped (the
+/// client disconnected) before a response existed.
+struct Pending {
+    rec: AccessRecord,
+    start: Instant,
+    armed: bool,
+}
+
+impl Pending {
+    fn take(&mut self) -> AccessRecord {
+        self.armed = false;
+        std::mem::replace(&mut self.rec, AccessRecord::placeholder())
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if self.armed {
+            let rec = &mut self.rec;
+            // 499: nginx's code for "client closed request", the common
+            // convention in access logs.
+            rec.status = 499;
+            rec.error = Some("client_disconnected");
+            rec.total_ms = crate::log::ms(self.start.elapsed());
+            rec.timestamp = rfc3339_ms(SystemTime::now());
+            rec.emit();
+        }
     }
 }
 

@@ -94,4 +94,41 @@ async fn writes_one_access_line_per_request_with_every_attempt() {
         .filter(|l| l.contains("\"aoai_lb::access\""))
         .count();
     assert_eq!(access_lines, 2, "exactly one line per request");
+
+    // A client that leaves while the instance is still thinking: the
+    // upstream request is cancelled and the line still written, once.
+    sims[0].inject(Fault::Hang {
+        count: None,
+        ms: None,
+    });
+    sims[1].inject(Fault::Hang {
+        count: None,
+        ms: None,
+    });
+    {
+        use tokio::io::AsyncWriteExt;
+        let body = chat_body(false);
+        let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let req = format!(
+            "POST {} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {CLIENT_KEY}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            chat_path("gpt-4o"),
+            body.len()
+        );
+        tcp.write_all(req.as_bytes()).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        // Dropping the socket closes the connection.
+    }
+    let line = bin.wait_for_line(Duration::from_secs(5), |l| {
+        l.contains("\"client_disconnected\"") && l.contains("aoai_lb::access")
+    });
+    let rec: serde_json::Value = serde_json::from_str(&line.unwrap()).unwrap();
+    assert_eq!(rec["status"], 499);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while sims[0].journal().last().unwrap().outcome != aoai_sim::Outcome::ClientAborted {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "upstream not cancelled"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
