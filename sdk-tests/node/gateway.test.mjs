@@ -55,17 +55,20 @@ async function journals() {
 
 // Exactly one instance received the chat request, with the bytes the SDK sent
 // and the backend's key instead of the client's.
+// Returns the index of that instance.
 async function assertForwardedOnce(body) {
   let entries = [];
   for (let i = 0; i < 50; i++) {
-    entries = (await journals()).flat().filter(
-      (e) => e.method === 'POST' && e.path === `/openai/deployments/${deployment}/chat/completions`,
+    entries = (await journals()).flatMap((list, idx) =>
+      list
+        .filter((e) => e.method === 'POST' && e.path === `/openai/deployments/${deployment}/chat/completions`)
+        .map((e) => ({ idx, e })),
     );
-    if (entries.length && entries.every((e) => e.outcome !== 'in_flight')) break;
+    if (entries.length && entries.every(({ e }) => e.outcome !== 'in_flight')) break;
     await new Promise((r) => setTimeout(r, 20));
   }
   assert.equal(entries.length, 1, 'exactly one instance received the request');
-  const e = entries[0];
+  const { idx, e } = entries[0];
   assert.equal(e.status, 200);
   assert.equal(e.query, `api-version=${apiVersion}`);
   assert.equal(e.body_sha256, createHash('sha256').update(body).digest('hex'));
@@ -75,6 +78,7 @@ async function assertForwardedOnce(body) {
   for (const [k, v] of e.headers) {
     assert.ok(!v.includes(clientKey), `client key leaked in ${k}`);
   }
+  return idx;
 }
 
 beforeEach(async () => {
@@ -117,5 +121,17 @@ test('azure streamed chat yields every chunk and the usage chunk', async () => {
   assert.equal(last, withUsage[0], 'the usage chunk comes last');
   assert.deepEqual(last.choices, []);
   assert.equal(last.usage.total_tokens, last.usage.prompt_tokens + last.usage.completion_tokens);
-  await assertForwardedOnce(sent[0].body);
+  const idx = await assertForwardedOnce(sent[0].body);
+
+  // The same request straight to that instance yields as many events: the
+  // SDK's iterator, through the gateway, handed over every one.
+  const direct = await fetch(
+    `${sims[idx]}/openai/deployments/${deployment}/chat/completions?api-version=${apiVersion}`,
+    { method: 'POST', headers: { 'api-key': simKey, 'content-type': 'application/json' }, body: sent[0].body },
+  );
+  assert.equal(direct.status, 200);
+  const events = (await direct.text())
+    .split('\n')
+    .filter((l) => l.startsWith('data:') && l.slice(5).trim() !== '[DONE]');
+  assert.equal(chunks.length, events.length);
 });
