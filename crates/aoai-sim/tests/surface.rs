@@ -391,13 +391,6 @@ async fn v1_embeddings_take_the_deployment_from_model() {
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
 }
 
-/// The next WebSocket message, failing the test after five seconds.
-async fn recv<S: futures_util::Stream + Unpin>(ws: &mut S) -> Option<S::Item> {
-    tokio::time::timeout(std::time::Duration::from_secs(5), ws.next())
-        .await
-        .expect("no WebSocket message within 5 s")
-}
-
 #[tokio::test]
 async fn realtime_websocket_greets_and_answers() {
     let sim = one(InstanceConfig::new("a").reply_tokens(2)).await;

@@ -144,3 +144,13 @@ pub async fn eventually(mut f: impl FnMut() -> bool) -> bool {
 pub async fn one(cfg: aoai_sim::InstanceConfig) -> aoai_sim::SimHandle {
     aoai_sim::start(vec![cfg]).await.unwrap().remove(0)
 }
+
+/// The next WebSocket message, failing the test after five seconds.
+pub async fn recv<S: futures_util::Stream + Unpin>(ws: &mut S) -> Option<S::Item> {
+    tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        futures_util::StreamExt::next(ws),
+    )
+    .await
+    .expect("no WebSocket message within 5 s")
+}
