@@ -332,4 +332,42 @@ mod tests {
         assert_eq!(a["x-ms-client-request-id"], "rid");
         assert!(a.get("content-length").is_none());
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(128))]
+
+        #[test]
+        fn the_model_splice_changes_nothing_else(
+            before in proptest::collection::btree_map("[a-z]{1,6}", "[ -~]{0,12}", 0..4),
+            after in proptest::collection::btree_map("[a-z]{1,6}", 0i64..1000, 0..4),
+            model in "[a-zA-Z0-9._-]{1,16}",
+            mapped in "[a-zA-Z0-9._\"\\\\-]{1,16}",
+            spaces in "[ \n\t]{0,3}",
+        ) {
+            // `model` first, last or in between, with odd spacing.
+            let mut doc = String::from("{");
+            for (k, v) in &before {
+                if k == "model" { continue; }
+                doc.push_str(&format!("{}:{spaces}{},", serde_json::to_string(k).unwrap(), serde_json::to_string(v).unwrap()));
+            }
+            doc.push_str(&format!("\"model\"{spaces}:{spaces}{}", serde_json::to_string(&model).unwrap()));
+            for (k, v) in &after {
+                if k == "model" || before.contains_key(k) { continue; }
+                doc.push_str(&format!(",{spaces}{}:{v}", serde_json::to_string(k).unwrap()));
+            }
+            doc.push('}');
+            let body = Bytes::from(doc.clone());
+            let mut r = classify(&Method::POST, "/openai/v1/chat/completions").unwrap();
+            apply_body_model(&mut r, &body).unwrap();
+            let out = upstream_body(&Method::POST, &body, &r, Some(&mapped));
+            let span = r.model_span.clone().unwrap();
+            let mut original: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            let rewritten: serde_json::Value = serde_json::from_slice(&out).unwrap();
+            original["model"] = serde_json::Value::String(mapped.clone());
+            proptest::prop_assert_eq!(original, rewritten);
+            proptest::prop_assert_eq!(&out[..span.start], &body[..span.start]);
+            let tail = body.len() - span.end;
+            proptest::prop_assert_eq!(&out[out.len() - tail..], &body[span.end..]);
+        }
+    }
 }

@@ -142,28 +142,9 @@ fn model_scoped(rest: &str) -> bool {
     )
 }
 
-/// Object id prefixes of per-resource state (files, batches, stored
-/// responses, threads, assistants, vector stores, fine-tuning jobs).
-const AFFINITY_PREFIXES: [&str; 8] = [
-    "file-",
-    "batch_",
-    "resp_",
-    "thread_",
-    "asst_",
-    "assistant-",
-    "vs_",
-    "ftjob-",
-];
-
-fn is_object_id(s: &str) -> bool {
-    AFFINITY_PREFIXES
-        .iter()
-        .any(|p| s.len() > p.len() && s.starts_with(p))
-}
-
 fn affinity_in_path(rest: &str) -> Option<String> {
     rest.split('/')
-        .find(|seg| is_object_id(seg))
+        .find(|seg| crate::affinity::is_object_id(seg))
         .map(str::to_owned)
 }
 
