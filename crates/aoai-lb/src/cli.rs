@@ -89,6 +89,9 @@ pub struct Settings {
     pub rust_log: Option<String>,
     pub log_level: Option<String>,
     pub demo: bool,
+    /// `OPENAI_INSTANCES` was set but a file was chosen over it (worth a
+    /// notice: the operator may expect the variable to apply).
+    pub ignored_env_document: bool,
 }
 
 /// A start-up problem, on one line, never containing a secret.
@@ -99,11 +102,6 @@ pub enum CliError {
         "no configuration: set OPENAI_INSTANCES to the JSON document, or OPENAI_CONFIG_PATH / --config to a file containing it (or try --demo)"
     )]
     NoConfig,
-    /// Both environment sources set; neither wins silently.
-    #[error(
-        "both OPENAI_INSTANCES and OPENAI_CONFIG_PATH are set: set only one (or pass --config to choose the file)"
-    )]
-    TwoConfigs,
     /// An environment variable has an unusable value.
     #[error("{var}: {reason}")]
     Env { var: &'static str, reason: String },
@@ -159,6 +157,7 @@ impl Settings {
     /// unusable variable. The client key is not checked here: the server
     /// refuses to start without one unless unauthenticated mode is chosen.
     pub fn resolve(cli: Cli, env: impl Fn(&str) -> Option<String>) -> Result<Settings, CliError> {
+        let env_document = non_empty(env("OPENAI_INSTANCES")).is_some();
         let source = if cli.demo {
             ConfigSource::Demo
         } else if let Some(path) = cli.config {
@@ -168,9 +167,8 @@ impl Settings {
                 non_empty(env("OPENAI_INSTANCES")),
                 non_empty(env("OPENAI_CONFIG_PATH")),
             ) {
-                (Some(_), Some(_)) => return Err(CliError::TwoConfigs),
                 (Some(doc), None) => ConfigSource::Env(doc),
-                (None, Some(path)) => ConfigSource::File(PathBuf::from(path)),
+                (_, Some(path)) => ConfigSource::File(PathBuf::from(path)),
                 (None, None) => return Err(CliError::NoConfig),
             }
         };
@@ -206,6 +204,7 @@ impl Settings {
             None if cli.demo && !allow_unauthenticated => Some(Secret::new(DEMO_CLIENT_KEY)),
             None => None,
         };
+        let ignored_env_document = env_document && matches!(source, ConfigSource::File(_));
         Ok(Settings {
             source,
             host,
@@ -218,6 +217,7 @@ impl Settings {
             rust_log: non_empty(env("RUST_LOG")),
             log_level: non_empty(env("LOG_LEVEL")),
             demo: cli.demo,
+            ignored_env_document,
         })
     }
 
@@ -320,15 +320,23 @@ mod tests {
     }
 
     #[test]
-    fn refuses_missing_or_ambiguous_configuration() {
+    fn refuses_missing_configuration_and_prefers_a_file() {
         assert!(matches!(resolve(&[], &[]), Err(CliError::NoConfig)));
-        assert!(matches!(
-            resolve(
-                &[],
-                &[("OPENAI_INSTANCES", DOC), ("OPENAI_CONFIG_PATH", "/c")]
-            ),
-            Err(CliError::TwoConfigs)
-        ));
+        let s = resolve(
+            &[],
+            &[("OPENAI_INSTANCES", DOC), ("OPENAI_CONFIG_PATH", "/c")],
+        )
+        .unwrap();
+        assert_eq!(s.source, ConfigSource::File("/c".into()));
+        assert!(s.ignored_env_document);
+        let s = resolve(&["--config", "/f"], &[("OPENAI_INSTANCES", DOC)]).unwrap();
+        assert_eq!(s.source, ConfigSource::File("/f".into()));
+        assert!(s.ignored_env_document);
+        assert!(
+            !resolve(&[], &[("OPENAI_INSTANCES", DOC)])
+                .unwrap()
+                .ignored_env_document
+        );
         assert!(matches!(
             resolve(&[], &[("OPENAI_INSTANCES", "  ")]),
             Err(CliError::NoConfig)

@@ -104,6 +104,11 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
             "backend configured"
         );
     }
+    if settings.ignored_env_document {
+        tracing::info!(
+            "OPENAI_INSTANCES is ignored: the configuration file given by --config or OPENAI_CONFIG_PATH takes precedence"
+        );
+    }
     if settings.client_key.is_some() && settings.allow_unauthenticated && !settings.demo {
         tracing::info!(
             "API_KEY is set, so clients must send it; --allow-unauthenticated has no effect"

@@ -244,6 +244,9 @@ pub async fn spawn(config: Arc<Config>, opts: ServeOptions) -> Result<ServerHand
     if opts.client_key.is_none() && !opts.allow_unauthenticated {
         return Err(ServeError::MissingClientKey);
     }
+    // The recorder must exist before the gateway caches its metric handles;
+    // handles taken earlier would record nowhere.
+    crate::metrics::install()?;
     let gateway = crate::proxy::Gateway::new(config.clone(), opts.client_key.clone())
         .map_err(|e| ServeError::Gateway(e.to_string()))?;
     serve(gateway, config.server, opts).await

@@ -12,10 +12,13 @@ const NONE: &[(&str, &str)] = &[];
 const KEY_A: &str = "backend-key-alpha-1d9e";
 const KEY_B: &str = "backend-key-bravo-77c2";
 
-async fn setup() -> (Vec<aoai_sim::SimHandle>, TestGateway) {
+/// Two instances named `{prefix}-alpha` (priority 1, takes every request)
+/// and `{prefix}-bravo` (priority 2), after one plain and one streamed
+/// request. The recorder is process-wide, so each test uses its own names.
+async fn setup(prefix: &str) -> (Vec<aoai_sim::SimHandle>, TestGateway) {
     let sims = start_sims(vec![
-        aoai_sim::InstanceConfig::new("alpha").api_key(KEY_A),
-        aoai_sim::InstanceConfig::new("bravo").api_key(KEY_B),
+        aoai_sim::InstanceConfig::new(format!("{prefix}-alpha")).api_key(KEY_A),
+        aoai_sim::InstanceConfig::new(format!("{prefix}-bravo")).api_key(KEY_B),
     ])
     .await;
     let doc = config_with(
@@ -47,7 +50,7 @@ fn assert_no_secret(text: &str, sims: &[aoai_sim::SimHandle]) {
 
 #[tokio::test]
 async fn serves_prometheus_metrics_with_aoai_lb_names_and_no_key() {
-    let (sims, gw) = setup().await;
+    let (sims, gw) = setup("metrics").await;
     let (s, headers, body) = send(
         Method::GET,
         &format!("{}/metrics", gw.admin_url()),
@@ -73,6 +76,11 @@ async fn serves_prometheus_metrics_with_aoai_lb_names_and_no_key() {
     ] {
         assert!(text.contains(name), "{name} missing:\n{text}");
     }
+    // This gateway's own requests were recorded, not just some earlier one's.
+    assert!(
+        text.contains(r#"aoai_lb_requests_total{instance="metrics-alpha",code="2xx"} 2"#),
+        "{text}"
+    );
     for line in text
         .lines()
         .filter(|l| !l.starts_with('#') && !l.is_empty())
@@ -84,7 +92,7 @@ async fn serves_prometheus_metrics_with_aoai_lb_names_and_no_key() {
 
 #[tokio::test]
 async fn lists_backends_as_json_without_keys_or_urls() {
-    let (sims, gw) = setup().await;
+    let (sims, gw) = setup("backends").await;
     let (s, headers, body) = send(
         Method::GET,
         &format!("{}/admin/backends", gw.admin_url()),
@@ -99,7 +107,7 @@ async fn lists_backends_as_json_without_keys_or_urls() {
     let v: serde_json::Value = serde_json::from_str(&text).unwrap();
     let backends = v["backends"].as_array().expect("backends array");
     assert_eq!(backends.len(), 2);
-    assert_eq!(backends[0]["name"], "alpha");
+    assert_eq!(backends[0]["name"], "backends-alpha");
     assert_eq!(backends[0]["priority"], 1);
     assert_eq!(backends[0]["weight"], 2.0);
     assert_eq!(backends[1]["priority"], 2);
@@ -118,7 +126,7 @@ async fn lists_backends_as_json_without_keys_or_urls() {
 
 #[tokio::test]
 async fn keeps_admin_routes_off_the_public_listener() {
-    let (sims, gw) = setup().await;
+    let (sims, gw) = setup("public").await;
     assert_ne!(gw.handle.admin_addr().port(), gw.handle.local_addr().port());
     let before: usize = sims.iter().map(aoai_sim::SimHandle::request_count).sum();
     for path in ["/metrics", "/admin/backends"] {

@@ -54,3 +54,29 @@ async fn other_paths_still_require_the_client_key() {
     assert_eq!(s, StatusCode::OK, "{body:?}");
     assert_eq!(sims[0].request_count(), 1);
 }
+
+#[tokio::test]
+async fn readyz_is_503_while_every_instance_is_cooling_down() {
+    let sims = start_sims(vec![aoai_sim::InstanceConfig::new("busy").fault(
+        aoai_sim::Fault::Fail {
+            count: None,
+            status: 429,
+            body: None,
+            retry_after_ms: Some(60_000),
+        },
+    )])
+    .await;
+    let gw = start_gateway(&config_for(&sims), Some(CLIENT_KEY)).await;
+    let none: &[(&str, &str)] = &[];
+    let (s, _, _) = send(Method::GET, &format!("{}/readyz", gw.url()), none, "").await;
+    assert_eq!(s, StatusCode::OK);
+    let url = format!("{}{}", gw.url(), chat_path("gpt-4o"));
+    let (s, _, _) = send(Method::POST, &url, &auth(), chat_body(false)).await;
+    assert_eq!(s, StatusCode::TOO_MANY_REQUESTS);
+    let (s, _, body) = send(Method::GET, &format!("{}/readyz", gw.url()), none, "").await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(&body[..], br#"{"status":"no_backend_available"}"#);
+    // Liveness does not depend on the backends.
+    let (s, _, _) = send(Method::GET, &format!("{}/healthz", gw.url()), none, "").await;
+    assert_eq!(s, StatusCode::OK);
+}
