@@ -106,7 +106,7 @@ pub struct Tracked<B: Body> {
     last_activity: Instant,
     bytes: u64,
     first_byte: Option<Instant>,
-    finish: Option<Box<Finish>>,
+    finish: Option<Finish>,
 }
 
 impl<B: Body> Tracked<B> {
@@ -120,7 +120,7 @@ impl<B: Body> Tracked<B> {
             last_activity: Instant::now(),
             bytes: 0,
             first_byte: None,
-            finish: Some(Box::new(finish)),
+            finish: Some(finish),
         }
     }
 
