@@ -314,3 +314,27 @@ async fn replays_the_body_on_the_next_instance() {
     assert_eq!(a.body_sha256, b.body_sha256);
     assert_eq!(b.body_len, body.len());
 }
+
+#[tokio::test]
+async fn probes_an_open_breaker_once_its_period_ends() {
+    let (sims, gw) = ordered_pair(serde_json::json!({
+        "circuit_breaker": {"failure_threshold": 1, "open_ms": 300, "max_open_ms": 1000}
+    }))
+    .await;
+    sims[0].inject(fail(500, Some(1)));
+    let (_, h, _) = chat(&gw).await;
+    assert_eq!(served_by(&h), "sim1");
+    let (_, h, _) = chat(&gw).await;
+    assert_eq!(served_by(&h), "sim1", "open: skipped");
+    assert_eq!(sims[0].request_count(), 1);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let (s, h, _) = chat(&gw).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(
+        served_by(&h),
+        "sim0",
+        "half-open: one probe, which succeeds"
+    );
+    let (_, h, _) = chat(&gw).await;
+    assert_eq!(served_by(&h), "sim0", "closed again");
+}
