@@ -134,7 +134,11 @@ async fn serves_instance_i_on_base_port_plus_i_with_the_given_key() {
     assert_eq!(r.status, StatusCode::NOT_FOUND);
     // SIGTERM ends it cleanly.
     let pid = sim.child.id().to_string();
-    let st = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    // The shell's builtin kill: no dependency on a kill binary being installed.
+    let st = Command::new("sh")
+        .args(["-c", &format!("kill -TERM {pid}")])
+        .status()
+        .unwrap();
     assert!(st.success());
     let status = wait_exit(&mut sim.child);
     assert!(status.success(), "{status:?}");
