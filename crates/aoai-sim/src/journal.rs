@@ -5,6 +5,12 @@
 //! in place when the response ends, so a request that is still hanging already
 //! counts. The ring drops its oldest entries beyond its capacity; because entries
 //! are appended in `seq` order, finding one to update is index arithmetic.
+//!
+//! On the hot path a request is stored compactly (one string for all headers,
+//! one for path and query, the raw digest) and only expanded into a
+//! [`JournalEntry`] when someone reads the journal. Values are copied, never
+//! borrowed from the connection's read buffer, so a held entry does not pin that
+//! buffer in memory.
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
@@ -78,8 +84,51 @@ pub(crate) fn mask_credential(name: &str, value: &str) -> String {
     "***".to_owned()
 }
 
+/// A request as stored on the hot path; expanded by [`Record::entry`].
+pub(crate) struct Record {
+    pub(crate) seq: u64,
+    pub(crate) received_at_ms: u64,
+    pub(crate) method: http::Method,
+    /// Path, then `?` and the (masked) query when there is one.
+    pub(crate) path_and_query: String,
+    pub(crate) path_len: usize,
+    /// `name\0value\0` pairs, credentials already masked.
+    pub(crate) headers: String,
+    pub(crate) body_len: usize,
+    pub(crate) body_sha256: [u8; 32],
+    pub(crate) deployment: Option<String>,
+    pub(crate) status: u16,
+    pub(crate) outcome: Outcome,
+    pub(crate) fault: Option<&'static str>,
+}
+
+impl Record {
+    fn entry(&self) -> JournalEntry {
+        let mut it = self.headers.split('\0');
+        let mut headers = Vec::new();
+        while let (Some(k), Some(v)) = (it.next(), it.next()) {
+            headers.push((k.to_owned(), v.to_owned()));
+        }
+        let (path, query) = self.path_and_query.split_at(self.path_len);
+        JournalEntry {
+            seq: self.seq,
+            received_at_ms: self.received_at_ms,
+            method: self.method.as_str().to_owned(),
+            path: path.to_owned(),
+            query: query.strip_prefix('?').map(str::to_owned),
+            headers,
+            body_len: self.body_len,
+            body_sha256: hex::encode(self.body_sha256),
+            deployment: self.deployment.clone(),
+            status: self.status,
+            outcome: self.outcome,
+            fault: self.fault.map(str::to_owned),
+        }
+    }
+}
+
 struct Ring {
-    entries: VecDeque<JournalEntry>,
+    entries: VecDeque<Record>,
     recorded: usize,
 }
 
@@ -109,7 +158,7 @@ impl Journal {
     }
 
     /// Append a new in-flight entry; its `seq` is assigned here and returned.
-    pub(crate) fn push(&self, mut entry: JournalEntry) -> u64 {
+    pub(crate) fn push(&self, mut entry: Record) -> u64 {
         let mut ring = self.lock();
         let seq = self
             .next_seq
@@ -156,13 +205,13 @@ impl Journal {
         if e.deployment.is_none() {
             e.deployment = deployment.map(str::to_owned);
         }
-        if let Some(f) = fault {
-            e.fault = Some(f.to_owned());
+        if fault.is_some() {
+            e.fault = fault;
         }
     }
 
     pub(crate) fn entries(&self) -> Vec<JournalEntry> {
-        self.lock().entries.iter().cloned().collect()
+        self.lock().entries.iter().map(Record::entry).collect()
     }
 
     pub(crate) fn clear(&self) {
@@ -180,21 +229,33 @@ impl Journal {
 mod tests {
     use super::*;
 
-    fn entry() -> JournalEntry {
-        JournalEntry {
+    fn entry() -> Record {
+        Record {
             seq: 0,
             received_at_ms: 0,
-            method: "POST".into(),
-            path: "/p".into(),
-            query: None,
-            headers: vec![],
+            method: http::Method::POST,
+            path_and_query: "/p?a=1".into(),
+            path_len: 2,
+            headers: "x-a\0one\0x-b\0two words\0".into(),
             body_len: 0,
-            body_sha256: String::new(),
+            body_sha256: [0; 32],
             deployment: None,
             status: 0,
             outcome: Outcome::InFlight,
             fault: None,
         }
+    }
+
+    #[test]
+    fn records_expand_into_entries() {
+        let j = Journal::new(4);
+        j.push(entry());
+        let e = &j.entries()[0];
+        assert_eq!(e.path, "/p");
+        assert_eq!(e.query.as_deref(), Some("a=1"));
+        assert_eq!(e.header("X-B"), Some("two words"));
+        assert_eq!(e.headers.len(), 2);
+        assert_eq!(e.body_sha256.len(), 64);
     }
 
     #[test]

@@ -20,7 +20,7 @@ use sha2::{Digest, Sha256};
 use crate::azure;
 use crate::body::{SimBody, Timed, Tracker};
 use crate::fault::Applied;
-use crate::journal::{JournalEntry, Outcome, mask_credential};
+use crate::journal::{Outcome, Record, mask_credential};
 use crate::ratelimit::{Refusal, Remaining};
 use crate::server::{ConnShared, Instance};
 
@@ -363,46 +363,56 @@ fn authorized(
     realtime && query_param(query, "api-key").is_some_and(|k| k.as_bytes() == key)
 }
 
-fn mask_query(q: &str) -> String {
+/// Append `q` to `out` with any `api-key` value masked (realtime accepts the key
+/// in the query, and the journal must never hold it).
+fn push_masked_query(out: &mut String, q: &str) {
     if !q.contains("api-key=") {
-        return q.to_owned();
+        out.push_str(q);
+        return;
     }
-    q.split('&')
-        .map(|kv| {
-            if kv.starts_with("api-key=") {
-                "api-key=***"
-            } else {
-                kv
-            }
-        })
-        .collect::<Vec<_>>()
-        .join("&")
+    for (i, kv) in q.split('&').enumerate() {
+        if i > 0 {
+            out.push('&');
+        }
+        out.push_str(if kv.starts_with("api-key=") {
+            "api-key=***"
+        } else {
+            kv
+        });
+    }
 }
 
-fn journal_entry(parts: &http::request::Parts, body: &[u8]) -> JournalEntry {
-    let headers = parts
-        .headers
-        .iter()
-        .map(|(k, v)| {
-            let name = k.as_str();
-            let value = String::from_utf8_lossy(v.as_bytes());
-            let value = if name == "api-key" || name == "authorization" {
-                mask_credential(name, &value)
-            } else {
-                value.into_owned()
-            };
-            (name.to_owned(), value)
-        })
-        .collect();
-    JournalEntry {
+fn journal_entry(parts: &http::request::Parts, body: &[u8]) -> Record {
+    let mut headers = String::with_capacity(256);
+    for (k, v) in &parts.headers {
+        let name = k.as_str();
+        let value = String::from_utf8_lossy(v.as_bytes());
+        headers.push_str(name);
+        headers.push('\0');
+        if name == "api-key" || name == "authorization" {
+            headers.push_str(&mask_credential(name, &value));
+        } else {
+            // NUL separates the fields; HTTP forbids it in values anyway.
+            headers.push_str(&value.replace('\0', ""));
+        }
+        headers.push('\0');
+    }
+    let path = parts.uri.path();
+    let mut path_and_query = String::with_capacity(path.len() + 64);
+    path_and_query.push_str(path);
+    if let Some(q) = parts.uri.query() {
+        path_and_query.push('?');
+        push_masked_query(&mut path_and_query, q);
+    }
+    Record {
         seq: 0,
         received_at_ms: azure::unix_now_ms(),
-        method: parts.method.as_str().to_owned(),
-        path: parts.uri.path().to_owned(),
-        query: parts.uri.query().map(mask_query),
+        method: parts.method.clone(),
+        path_and_query,
+        path_len: path.len(),
         headers,
         body_len: body.len(),
-        body_sha256: hex::encode(Sha256::digest(body)),
+        body_sha256: Sha256::digest(body).into(),
         deployment: None,
         status: 0,
         outcome: Outcome::InFlight,
@@ -695,9 +705,8 @@ mod tests {
 
     #[test]
     fn query_keys_are_masked_in_the_journal() {
-        assert_eq!(
-            mask_query("deployment=d&api-key=secret"),
-            "deployment=d&api-key=***"
-        );
+        let mut out = String::new();
+        push_masked_query(&mut out, "deployment=d&api-key=secret&x=1");
+        assert_eq!(out, "deployment=d&api-key=***&x=1");
     }
 }
