@@ -237,21 +237,19 @@ start_gateway() {
   LB_READY_JSON=$(pinned "$CPU_LOAD" "$BIN/aoai-bench" ready --url "http://127.0.0.1:$port/readyz" --since-ns "$t0" --timeout-s 30)
 }
 
+# start_nginx NAME PORT SIM_PORT BUFFERING: one nginx (master + one worker)
+# over the pair at SIM_PORT; sets NGX_PID (the master).
 start_nginx() {
-  mkdir -p "$RUN/nginx"
-  sed -e "s|@RUN@|$RUN/nginx|g" -e "s|@LOGS@|$LOGS|g" \
-    -e "s|@SIM_FAST_A@|$P_SIM_FAST|g" -e "s|@SIM_FAST_B@|$((P_SIM_FAST + 1))|g" \
-    -e "s|@SIM_STREAM_A@|$P_SIM_STREAM|g" -e "s|@SIM_STREAM_B@|$((P_SIM_STREAM + 1))|g" \
-    -e "s|@NGX_FAST@|$P_NGX_FAST|g" -e "s|@NGX_STREAM@|$P_NGX_STREAM|g" \
-    -e "s|@SIM_KEY@|$SIM_KEY|g" \
-    "$HERE/nginx.conf.in" >"$RUN/nginx/nginx.conf"
-  start nginx "$CPU_PROXY" "$LOGS/nginx.out" nginx -p "$RUN/nginx" -c "$RUN/nginx/nginx.conf" -e "$LOGS/nginx-error.log"
+  local name=$1 port=$2 sim=$3 buffering=$4 dir="$RUN/nginx-$1"
+  mkdir -p "$dir"
+  sed -e "s|@RUN@|$dir|g" -e "s|@PORT@|$port|g" -e "s|@BUFFERING@|$buffering|g" \
+    -e "s|@SIM_A@|$sim|g" -e "s|@SIM_B@|$((sim + 1))|g" -e "s|@SIM_KEY@|$SIM_KEY|g" \
+    "$HERE/nginx.conf.in" >"$dir/nginx.conf"
+  start "nginx-$name" "$CPU_PROXY" "$LOGS/nginx-$name.out" \
+    nginx -p "$dir" -c "$dir/nginx.conf" -e "$LOGS/nginx-$name-error.log"
   NGX_PID=$LAST_PID
-  wait_ready "http://127.0.0.1:$P_NGX_FAST/" --tcp --timeout-s 30 >/dev/null
-  wait_ready "http://127.0.0.1:$P_NGX_STREAM/" --tcp --timeout-s 30 >/dev/null
+  wait_ready "http://127.0.0.1:$port/" --tcp --timeout-s 30 >/dev/null
 }
-
-nginx_pids() { tree "$NGX_PID"; }
 
 start_litellm() {
   mkdir -p "$RUN/litellm"
@@ -346,8 +344,8 @@ machine_json() {
 import json, platform, subprocess, sys, os, datetime
 def run(*cmd):
     try:
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=60).stdout.strip() + \
-               subprocess.run(cmd, capture_output=True, text=True, timeout=60).stderr.strip()
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+        return (p.stdout.strip() + " " + p.stderr.strip()).strip()
     except Exception:
         return "unknown"
 cpu = "unknown"
@@ -361,7 +359,7 @@ print(json.dumps({
     "mem_kib": int(mem),
     "rustc": run("rustc", "--version"),
     "nginx": run("nginx", "-v"),
-    "wrk": run("wrk", "-v").splitlines()[0] if run("wrk", "-v") else "unknown",
+    "wrk": (run("wrk", "-v").splitlines() or ["unknown"])[0],
     "litellm": sys.argv[1],
     "command": sys.argv[2],
     "nofile": sys.argv[3],
@@ -431,9 +429,12 @@ main() {
   record "idle-aoai-lb" "$(printf '{"test":"idle","target":"aoai-lb","rss_kib":%d}' "$(mem_kib VmRSS "$LB_FAST_PID")")"
   start_gateway stream "$P_LB_STREAM" "$P_SIM_STREAM"
   LB_STREAM_PID=$LB_PID
-  start_nginx
+  start_nginx fast "$P_NGX_FAST" "$P_SIM_FAST" on
+  NGX_FAST_PID=$NGX_PID
+  start_nginx stream "$P_NGX_STREAM" "$P_SIM_STREAM" off
+  NGX_STREAM_PID=$NGX_PID
   record "idle-nginx" "$(printf '{"test":"idle","target":"nginx","rss_kib":%d,"processes":%d}' \
-    "$(mem_kib VmRSS $(nginx_pids))" "$(nginx_pids | wc -l)")"
+    "$(mem_kib VmRSS $(tree "$NGX_FAST_PID"))" "$(tree "$NGX_FAST_PID" | wc -l)")"
   if [[ $SKIP_LITELLM != 1 ]]; then
     start_litellm
   fi
@@ -457,16 +458,16 @@ main() {
     log "round $r/$ROUNDS: max throughput, 64 connections, ${DURATION}s each"
     throughput direct "$r" "$direct" "$SIM_KEY" "$SIM_FAST_PID"
     throughput aoai-lb "$r" "$via_lb" "$CLIENT_KEY" "$LB_FAST_PID"
-    throughput nginx "$r" "$via_ngx" "$CLIENT_KEY" $(nginx_pids)
+    throughput nginx "$r" "$via_ngx" "$CLIENT_KEY" $(tree "$NGX_FAST_PID")
     [[ $SKIP_LITELLM == 1 ]] || throughput litellm "$r" "$via_llm" "$CLIENT_KEY" $(tree "$LITELLM_PID")
     log "round $r/$ROUNDS: $STREAMS concurrent streams"
     streams direct "$r" "$s_direct" "$SIM_KEY"
     streams aoai-lb "$r" "$s_lb" "$CLIENT_KEY" "$LB_STREAM_PID"
-    streams nginx "$r" "$s_ngx" "$CLIENT_KEY" $(nginx_pids)
+    streams nginx "$r" "$s_ngx" "$CLIENT_KEY" $(tree "$NGX_STREAM_PID")
   done
 
   # Free the CPU and memory of everything but what the open-streams test needs.
-  stop "$LB_FAST_PID"; stop "$LB_STREAM_PID"; stop "$NGX_PID"
+  stop "$LB_FAST_PID"; stop "$LB_STREAM_PID"; stop "$NGX_FAST_PID"; stop "$NGX_STREAM_PID"
   [[ -z ${LITELLM_PID:-} ]] || stop "$LITELLM_PID"
   stop "$SIM_FAST_PID"; stop "$SIM_STREAM_PID"
 
