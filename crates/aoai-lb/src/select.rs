@@ -353,6 +353,54 @@ mod tests {
         assert!(b.check(25_001).is_ok());
     }
 
+    #[test]
+    fn a_custom_score_plugs_in_without_changing_the_selector() {
+        // E.g. latency or x-ratelimit-remaining-* folded into one number.
+        struct PreferLast;
+        impl Score for PreferLast {
+            fn score(&self, b: &Backend) -> f64 {
+                -(b.index as f64)
+            }
+        }
+        let bs = backends(&[(1, 1.0), (1, 1.0), (1, 1.0)]);
+        let sel = Selector::with(&bs, Box::new(LocalHealth), Box::new(PreferLast));
+        let mut rng = fastrand::Rng::with_seed(5);
+        let mut seen = [0u32; 3];
+        for _ in 0..300 {
+            seen[sel
+                .pick(&bs, all, IndexSet::default(), 10, &mut rng)
+                .unwrap()] += 1;
+        }
+        // Power of two choices: the lowest-ranked one only wins when drawn
+        // against itself, which cannot happen.
+        assert_eq!(seen[0], 0, "{seen:?}");
+        assert!(seen[2] > seen[1], "{seen:?}");
+    }
+
+    #[test]
+    fn a_shared_health_view_can_veto_instances() {
+        // E.g. cooldowns published by other replicas.
+        struct Shared(u64);
+        impl HealthView for Shared {
+            fn check(&self, b: &Backend, now: u64) -> Result<(), Unavailable> {
+                if b.index == 0 {
+                    return Err(Unavailable::Cooling(self.0));
+                }
+                LocalHealth.check(b, now)
+            }
+        }
+        let bs = backends(&[(1, 1.0), (2, 1.0)]);
+        let sel = Selector::with(&bs, Box::new(Shared(500)), Box::new(LeastLoaded));
+        let mut rng = fastrand::Rng::with_seed(6);
+        assert_eq!(
+            sel.pick(&bs, all, IndexSet::default(), 10, &mut rng),
+            Some(1)
+        );
+        bs[1].cool_down(10, 1000);
+        assert_eq!(sel.pick(&bs, all, IndexSet::default(), 10, &mut rng), None);
+        assert_eq!(sel.all_cooling(&bs, all, 10), Some(490));
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(64))]
 
