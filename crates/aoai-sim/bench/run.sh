@@ -7,8 +7,11 @@
 # used) is the figure that stays meaningful when other work shares the core.
 #
 # Usage: crates/aoai-sim/bench/run.sh [runs=3] [seconds=10] [connections=32]
-# Env:   NICE=-10  run the simulator and wrk at that niceness (negative values need
-#                  root), so a busy machine's other work does not take their CPUs
+# Env:   NICE=-10  run the simulator and wrk at that niceness, and give this
+#                  session's scheduling group the same priority for the run (the
+#                  kernel schedules sessions as groups, so a process's own nice
+#                  value barely helps against other sessions); negative values
+#                  need root
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../../.." && pwd)
@@ -25,9 +28,20 @@ if [ ! -x "$bin" ]; then
 fi
 command -v wrk >/dev/null || { echo "wrk is not installed" >&2; exit 1; }
 
+autogroup=/proc/$$/autogroup
+saved_group=""
+if [ "$nice_level" != 0 ] && [ -w "$autogroup" ]; then
+  saved_group=$(awk '{print $3}' "$autogroup")
+  echo "$nice_level" >"$autogroup" 2>/dev/null || saved_group=""
+fi
+
 nice -n "$nice_level" taskset -c 0 "$bin" --instances 1 --base-port "$port" --threads 1 2>/dev/null &
 pid=$!
-trap 'kill "$pid" 2>/dev/null || true' EXIT
+cleanup() {
+  kill "$pid" 2>/dev/null || true
+  if [ -n "$saved_group" ]; then echo "$saved_group" >"$autogroup" 2>/dev/null || true; fi
+}
+trap cleanup EXIT
 for _ in $(seq 100); do
   (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
   sleep 0.05

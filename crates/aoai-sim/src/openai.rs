@@ -70,7 +70,10 @@ pub(crate) fn token_text(i: u32) -> String {
 pub(crate) fn reply_text(n: u32) -> String {
     let mut s = String::with_capacity(n as usize * 8);
     for i in 0..n {
-        s.push_str(&token_text(i));
+        if i > 0 {
+            s.push(' ');
+        }
+        s.push_str(WORDS[i as usize % WORDS.len()]);
     }
     s
 }
