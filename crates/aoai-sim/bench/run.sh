@@ -8,9 +8,9 @@
 #
 # Usage: crates/aoai-sim/bench/run.sh [runs=3] [seconds=10] [connections=32]
 # Env:   NICE=-10  run the simulator and wrk at that niceness, and give this
-#                  session's scheduling group the same priority for the run (the
-#                  kernel schedules sessions as groups, so a process's own nice
-#                  value barely helps against other sessions); negative values
+#                  script's scheduling group (autogroup) the same priority for the
+#                  run: the kernel schedules groups first, so a process's own nice
+#                  value barely helps against other groups' work. Negative values
 #                  need root
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
