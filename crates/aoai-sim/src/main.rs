@@ -133,6 +133,9 @@ fn plan(cli: &Cli) -> Result<Vec<Planned>, String> {
         (None, true) => entries.len(),
         (None, false) => 1,
     };
+    if n == 0 {
+        return Err("nothing to serve: --instances must be at least 1".to_owned());
+    }
     let src = cli.config.as_ref().map_or_else(
         || "flags".to_owned(),
         |p| format!("config file {}", p.display()),

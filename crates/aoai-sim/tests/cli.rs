@@ -277,6 +277,16 @@ fn bad_config_exits_non_zero_with_one_line_naming_the_field() {
 }
 
 #[test]
+fn zero_instances_is_refused() {
+    let out = Command::new(BIN)
+        .args(["--instances", "0"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--instances"));
+}
+
+#[test]
 fn port_in_use_exits_non_zero_without_a_panic() {
     let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = held.local_addr().unwrap().port().to_string();
