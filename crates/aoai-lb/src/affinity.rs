@@ -271,9 +271,7 @@ pub fn find_object_id(buf: &[u8]) -> Option<&str> {
             continue;
         }
         let start = i + 1;
-        let Some(len) = buf[start..].iter().position(|&b| b == b'"') else {
-            return None;
-        };
+        let len = buf[start..].iter().position(|&b| b == b'"')?;
         if let Ok(s) = std::str::from_utf8(&buf[start..start + len])
             && is_object_id(s)
         {
@@ -349,9 +347,101 @@ pub fn merge_lists(bodies: &[Bytes]) -> Option<Bytes> {
     serde_json::to_vec(&doc).ok().map(Bytes::from)
 }
 
+/// A response body passed through unchanged while its first
+/// [`SNIFF_LIMIT`] bytes are searched for the id of the object it creates;
+/// the id is then remembered with the instance that answered.
+pub struct Sniff<B> {
+    inner: B,
+    learn: Option<Learn>,
+}
+
+struct Learn {
+    table: std::sync::Arc<AffinityTable>,
+    instance: usize,
+    now_ms: u64,
+    seen: Vec<u8>,
+}
+
+impl<B> Sniff<B> {
+    /// Wraps the body of `instance`'s answer to a creation request.
+    pub fn new(
+        inner: B,
+        table: std::sync::Arc<AffinityTable>,
+        instance: usize,
+        now_ms: u64,
+    ) -> Self {
+        Self {
+            inner,
+            learn: Some(Learn {
+                table,
+                instance,
+                now_ms,
+                seen: Vec::new(),
+            }),
+        }
+    }
+}
+
+impl<B> http_body::Body for Sniff<B>
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, B::Error>>> {
+        let this = &mut *self;
+        let polled = std::pin::Pin::new(&mut this.inner).poll_frame(cx);
+        if let std::task::Poll::Ready(Some(Ok(frame))) = &polled
+            && let Some(data) = frame.data_ref()
+            && let Some(learn) = &mut this.learn
+        {
+            let room = SNIFF_LIMIT.saturating_sub(learn.seen.len());
+            learn.seen.extend_from_slice(&data[..data.len().min(room)]);
+            if let Some(id) = find_object_id(&learn.seen) {
+                learn.table.remember(id, learn.instance, learn.now_ms);
+                this.learn = None;
+            } else if room <= data.len() {
+                this.learn = None;
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn sniffing_a_creation_response_remembers_its_id_and_passes_bytes_through() {
+        use http_body_util::BodyExt;
+        let table = std::sync::Arc::new(AffinityTable::default());
+        let chunks: Vec<Result<http_body::Frame<Bytes>, std::convert::Infallible>> = vec![
+            Ok(http_body::Frame::data(Bytes::from_static(
+                b"{\"object\":\"file\",\"i",
+            ))),
+            Ok(http_body::Frame::data(Bytes::from_static(
+                b"d\":\"file-xyz\"}",
+            ))),
+        ];
+        let body = http_body_util::StreamBody::new(futures_util::stream::iter(chunks));
+        let sniff = Sniff::new(body, std::sync::Arc::clone(&table), 2, 0);
+        let bytes = sniff.collect().await.unwrap().to_bytes();
+        assert_eq!(&bytes[..], br#"{"object":"file","id":"file-xyz"}"#);
+        assert_eq!(table.get("file-xyz", 1), Some(2));
+    }
 
     #[test]
     fn remembers_and_expires_ids() {

@@ -20,6 +20,7 @@ use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 
+use crate::affinity::{self, AffinityTable, Sniff};
 use crate::auth;
 use crate::backend::{Backend, Clock};
 use crate::config::Config;
@@ -66,6 +67,8 @@ pub struct Inner {
     pub client_h1: UpstreamClient,
     /// Monotonic ms for cooldowns and breakers.
     pub clock: Clock,
+    /// Which instance holds which stateful object.
+    pub affinity: Arc<AffinityTable>,
 }
 
 /// One instance in the `/admin/backends` document. Never holds a key or URL.
@@ -124,6 +127,7 @@ impl Gateway {
                 client,
                 client_h1,
                 clock: Clock::new(),
+                affinity: Arc::new(AffinityTable::default()),
             }),
         })
     }
@@ -226,6 +230,16 @@ impl Gateway {
             }
             Scope::PathDeployment | Scope::Any => {}
         }
+        // A body naming a stored object (a batch's `input_file_id`, ...)
+        // pins the request to the instance holding it. Only bodies that
+        // route nowhere else are parsed for it.
+        if route.scope == Scope::Any
+            && route.affinity_key.is_none()
+            && parts.method == Method::POST
+            && route::body_is_json(&parts.headers)
+        {
+            route.affinity_key = affinity::body_reference(&body);
+        }
         rec.deployment.clone_from(&route.deployment);
 
         if let Some(dep) = route.deployment.as_deref()
@@ -261,7 +275,16 @@ impl Gateway {
             start,
             armed: true,
         };
-        let sent = send::failover(gw, &out, &mut pending.rec.attempts, &mut upstream_wait).await;
+        let merged = if affinity::is_mergeable_list(&parts.method, parts.uri.path()) {
+            send::merged_list(gw, &out, &mut pending.rec.attempts, &mut upstream_wait).await
+        } else {
+            None
+        };
+        let sent = match merged {
+            Some(sent) => sent,
+            None => send::failover(gw, &out, &mut pending.rec.attempts, &mut upstream_wait).await,
+        };
+        let creation = affinity::is_creation(&parts.method, parts.uri.path());
         let mut rec = pending.take();
 
         let (mut rparts, body, slot, backend) = match sent {
@@ -309,6 +332,19 @@ impl Gateway {
             clock: gw.clock,
         };
         let body: ProxyBody = match body {
+            Either::Stream(b) if creation && rparts.status.is_success() => {
+                let b = Sniff::new(
+                    b,
+                    Arc::clone(&gw.affinity),
+                    backend.index,
+                    gw.clock.now_ms(),
+                );
+                BoxBody::new(Tracked::new(
+                    b,
+                    Some(gw.config.timeouts.stream_idle),
+                    finish,
+                ))
+            }
             Either::Stream(b) => BoxBody::new(Tracked::new(
                 b,
                 Some(gw.config.timeouts.stream_idle),

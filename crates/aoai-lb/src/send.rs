@@ -31,7 +31,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
-use crate::backend::{Backend, InFlight, Outcome};
+use crate::backend::{Backend, InFlight, Outcome, Unavailable};
 use crate::config::{Config, CooldownConfig};
 use crate::error::{GatewayError, ProxyError};
 use crate::log::{Attempt, InstanceName, ms};
@@ -288,12 +288,32 @@ pub async fn failover(
         &gw.client
     };
 
+    // A named stateful object lives on one instance. A known one goes
+    // there first; an unknown one is looked up instance by instance, and a
+    // 404 is then not final.
+    let object = out.route.affinity_key.as_deref();
+    let mut pinned = object.and_then(|id| gw.affinity.get(id, gw.clock.now_ms()));
+
     loop {
         let now = gw.clock.now_ms();
-        let Some(i) = gw
-            .selector
-            .pick(&gw.backends, serves, exclude, now, &mut rng)
-        else {
+        let next = match pinned.take() {
+            Some(p) if p < gw.backends.len() && serves(&gw.backends[p]) => {
+                if let Err(Unavailable::Cooling(until)) =
+                    gw.selector.health().check(&gw.backends[p], now)
+                {
+                    // No other instance holds the object: the client must
+                    // wait for this one.
+                    return Sent::Failed(ProxyError::AllCooling {
+                        retry_after_ms: until.saturating_sub(now).max(1),
+                    });
+                }
+                Some(p)
+            }
+            _ => gw
+                .selector
+                .pick(&gw.backends, serves, exclude, now, &mut rng),
+        };
+        let Some(i) = next else {
             break;
         };
         exclude.insert(i);
@@ -302,21 +322,10 @@ pub async fn failover(
             // Lost the half-open probe to another request.
             continue;
         };
-        let backend_dep = dep.and_then(|d| backend.config.backend_deployment(d));
-        let uri = match rewrite::upstream_uri(backend, out.path, out.query, out.route, backend_dep)
-        {
-            Ok(u) => u,
-            Err(_) => return Sent::Failed(ProxyError::Internal),
+        let req = match build_request(out, backend, dep) {
+            Ok(r) => r,
+            Err(e) => return Sent::Failed(e),
         };
-        let mut req = Request::new(Full::new(rewrite::upstream_body(
-            out.method,
-            out.body,
-            out.route,
-            backend_dep,
-        )));
-        *req.method_mut() = out.method.clone();
-        *req.uri_mut() = uri;
-        *req.headers_mut() = rewrite::attempt_headers(out.headers, backend);
 
         let started = Instant::now();
         let result = tokio::time::timeout(timeouts.response_headers, client.request(req)).await;
@@ -346,6 +355,15 @@ pub async fn failover(
                 let status = response.status();
                 let v = verdict(status);
                 if let Verdict::Final(outcome) = v {
+                    if let Some(id) = object
+                        && status.is_success()
+                    {
+                        if *out.method == Method::DELETE {
+                            gw.affinity.forget(id);
+                        } else {
+                            gw.affinity.remember(id, i, gw.clock.now_ms());
+                        }
+                    }
                     backend.record_success(slot.is_probe());
                     backend.record_latency(ms(elapsed));
                     record(backend, attempts, outcome, Some(status), elapsed);
@@ -380,7 +398,10 @@ pub async fn failover(
                     }
                     _ => backend.record_success(slot.is_probe()),
                 }
-                if outcome == Outcome::ClientError {
+                // Looking up an object: this instance does not hold it, the
+                // next one may.
+                let object_miss = object.is_some() && status == StatusCode::NOT_FOUND;
+                if outcome == Outcome::ClientError && !object_miss {
                     record(backend, attempts, outcome, Some(status), elapsed);
                     *upstream_wait += elapsed;
                     return match body {
@@ -416,6 +437,110 @@ pub async fn failover(
         };
     }
     Sent::Failed(last_failure.unwrap_or(ProxyError::NoBackend))
+}
+
+/// The request for one attempt on `backend`: its URL and deployment name,
+/// the body with `model` rewritten where needed, the prepared headers.
+fn build_request(
+    out: &Outgoing<'_>,
+    backend: &Backend,
+    dep: Option<&str>,
+) -> Result<Request<Full<Bytes>>, ProxyError> {
+    let backend_dep = dep.and_then(|d| backend.config.backend_deployment(d));
+    let uri = rewrite::upstream_uri(backend, out.path, out.query, out.route, backend_dep)
+        .map_err(|_| ProxyError::Internal)?;
+    let mut req = Request::new(Full::new(rewrite::upstream_body(
+        out.method,
+        out.body,
+        out.route,
+        backend_dep,
+    )));
+    *req.method_mut() = out.method.clone();
+    *req.uri_mut() = uri;
+    *req.headers_mut() = rewrite::attempt_headers(out.headers, backend);
+    Ok(req)
+}
+
+/// Largest list document read from one instance for merging.
+const MAX_LIST_BODY: usize = 8 * 1024 * 1024;
+
+/// Asks every available instance for a list of per-resource objects (files,
+/// batches, ...) at once and merges the answers (see
+/// [`crate::affinity::merge_lists`]).
+///
+/// Returns `None` when fewer than two instances are available (the normal
+/// failover path serves it) or no instance answered with a list; then the
+/// caller falls back to failover, which returns the last error as is.
+pub async fn merged_list(
+    gw: &Inner,
+    out: &Outgoing<'_>,
+    attempts: &mut Vec<Attempt>,
+    upstream_wait: &mut Duration,
+) -> Option<Sent> {
+    let now = gw.clock.now_ms();
+    let targets: Vec<&Arc<Backend>> = gw
+        .backends
+        .iter()
+        .filter(|b| gw.selector.health().check(b, now).is_ok())
+        .collect();
+    if targets.len() < 2 {
+        return None;
+    }
+    let timeouts = gw.config.timeouts;
+    let calls = targets.iter().map(|backend| async move {
+        let slot = backend.try_acquire(now)?;
+        let req = build_request(out, backend, None).ok()?;
+        let started = Instant::now();
+        let result = tokio::time::timeout(timeouts.response_headers, gw.client.request(req)).await;
+        let (outcome, answer) = match result {
+            Err(_) => (Outcome::Timeout, None),
+            Ok(Err(_)) => (Outcome::ConnectError, None),
+            Ok(Ok(response)) => {
+                let status = response.status();
+                let (parts, body) = response.into_parts();
+                let body = read_capped(body, MAX_LIST_BODY, Some(timeouts.stream_idle))
+                    .await
+                    .ok();
+                let outcome = match verdict(status) {
+                    Verdict::Final(o) | Verdict::Retry(o) => o,
+                    Verdict::Check404 => Outcome::ClientError,
+                };
+                (outcome, body.map(|b| (parts, b)))
+            }
+        };
+        drop(slot);
+        Some((Arc::clone(backend), outcome, answer, started.elapsed()))
+    });
+    let results = futures_util::future::join_all(calls).await;
+
+    let mut lists = Vec::new();
+    let mut first: Option<(http::response::Parts, Arc<Backend>)> = None;
+    for (backend, outcome, answer, elapsed) in results.into_iter().flatten() {
+        let status = answer.as_ref().map(|(p, _)| p.status);
+        record(&backend, attempts, outcome, status, elapsed);
+        *upstream_wait = (*upstream_wait).max(elapsed);
+        if let Some((parts, body)) = answer
+            && parts.status.is_success()
+        {
+            lists.push(body);
+            if first.is_none() {
+                first = Some((parts, backend));
+            }
+        }
+    }
+    let (mut parts, backend) = first?;
+    let body = crate::affinity::merge_lists(&lists)?;
+    parts.headers.remove(header::CONTENT_LENGTH);
+    parts.headers.remove(header::CONTENT_ENCODING);
+    parts.headers.insert(
+        header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    Some(Sent::Buffered {
+        parts,
+        body,
+        backend,
+    })
 }
 
 fn record(
