@@ -296,16 +296,37 @@ async fn writes_human_lines_with_log_format_text() {
 async fn log_level_warn_hides_info_lines() {
     let sims = sims(1).await;
     let doc = config_for(&sims);
+    let port = free_port();
+    let port_s = port.to_string();
     let mut bin = spawn_binary(
-        &["--host", "127.0.0.1", "--port", "0", "--admin-port", "0"],
+        &[
+            "--host",
+            "127.0.0.1",
+            "--port",
+            &port_s,
+            "--admin-port",
+            "0",
+        ],
         &[
             ("OPENAI_INSTANCES", &doc),
             ("API_KEY", CLIENT_KEY),
             ("LOG_LEVEL", "warn"),
         ],
     );
-    // Nothing is logged at warn on a clean start; give it time to start.
-    std::thread::sleep(Duration::from_millis(700));
+    // Nothing is logged at warn on a clean start, so wait until it answers.
+    let deadline = std::time::Instant::now() + START_WAIT;
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(std::time::Instant::now() < deadline, "never listened");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (s, _, _) = send(
+        Method::POST,
+        &format!("http://127.0.0.1:{port}{}", chat_path("gpt-4o")),
+        &auth(),
+        chat_body(false),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
     bin.signal("TERM");
     assert_eq!(bin.wait_exit(EXIT_WAIT).and_then(|s| s.code()), Some(0));
     assert!(

@@ -12,15 +12,22 @@ use http::{Method, StatusCode};
 
 const NONE: &[(&str, &str)] = &[];
 
-/// A sim whose streamed reply lasts about a second.
+/// A sim whose streamed reply (16 tokens, the test body's `max_tokens`)
+/// lasts about 3.2 s: longer than the drain delays used below, so the
+/// stream is still running when the listener closes.
 async fn slow_sim() -> Vec<aoai_sim::SimHandle> {
     start_sims(vec![
         aoai_sim::InstanceConfig::new("slow")
             .api_key("slow-backend-key-93ab")
-            .latency(50, 50)
-            .reply_tokens(20),
+            .latency(50, 200)
+            .reply_tokens(16),
     ])
     .await
+}
+
+/// True when a new connection to `addr` is refused.
+async fn refused(addr: std::net::SocketAddr) -> bool {
+    tokio::net::TcpStream::connect(addr).await.is_err()
 }
 
 #[tokio::test]
@@ -50,6 +57,11 @@ async fn readyz_turns_503_while_draining_and_the_stream_still_finishes() {
     let (s, _, _) = send(Method::GET, &format!("{}/healthz", gw.url()), NONE, "").await;
     assert_eq!(s, StatusCode::OK);
 
+    // After the drain delay the listener is closed while the stream runs.
+    tokio::time::sleep(Duration::from_millis(1700)).await;
+    assert!(!stream.is_finished(), "the stream outlives the drain delay");
+    assert!(refused(gw.addr()).await, "listener closed after the delay");
+
     let streamed = stream.await.unwrap();
     assert_eq!(streamed.status, StatusCode::OK);
     assert!(streamed.error.is_none(), "{:?}", streamed.error);
@@ -60,16 +72,11 @@ async fn readyz_turns_503_while_draining_and_the_stream_still_finishes() {
         "{events:?}"
     );
 
-    let addr = gw.addr();
     let started = Instant::now();
     tokio::time::timeout(Duration::from_secs(10), gw.handle.wait())
         .await
         .expect("server stops once the drain is over");
-    assert!(started.elapsed() < Duration::from_secs(5));
-    assert!(
-        tokio::net::TcpStream::connect(addr).await.is_err(),
-        "listener closed"
-    );
+    assert!(started.elapsed() < Duration::from_secs(2));
 }
 
 #[tokio::test]
@@ -107,7 +114,7 @@ async fn sigterm_lets_an_in_flight_stream_complete_then_exits_zero() {
     let sims = slow_sim().await;
     let doc = config_with(
         &sims,
-        serde_json::json!({"server": {"drain_delay_ms": 500, "shutdown_grace_ms": 10000}}),
+        serde_json::json!({"server": {"drain_delay_ms": 1500, "shutdown_grace_ms": 10000}}),
     );
     let dir = std::env::temp_dir().join(format!("aoai-lb-sigterm-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -134,9 +141,26 @@ async fn sigterm_lets_an_in_flight_stream_complete_then_exits_zero() {
         );
     tokio::time::sleep(Duration::from_millis(300)).await;
     bin.signal("TERM");
-    // Readiness flips at once, while the listener still accepts.
-    let (s, _, _) = send(Method::GET, &format!("http://{addr}/readyz"), NONE, "").await;
-    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
+    // Readiness flips as soon as the signal is handled, while the listener
+    // still accepts (the signal is asynchronous, so poll briefly).
+    let signalled = Instant::now();
+    let deadline = signalled + Duration::from_millis(1400);
+    loop {
+        let (s, _, _) = send(Method::GET, &format!("http://{addr}/readyz"), NONE, "").await;
+        if s == StatusCode::SERVICE_UNAVAILABLE {
+            break;
+        }
+        assert_eq!(s, StatusCode::OK);
+        assert!(Instant::now() < deadline, "/readyz never turned 503");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Then the listener closes while the stream is still running.
+    tokio::time::sleep(
+        (signalled + Duration::from_millis(1800)).saturating_duration_since(Instant::now()),
+    )
+    .await;
+    assert!(!stream.is_finished(), "the stream outlives the drain delay");
+    assert!(refused(addr).await, "listener closed after the delay");
 
     let streamed = stream.await.unwrap();
     assert_eq!(streamed.status, StatusCode::OK);
