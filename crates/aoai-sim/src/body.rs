@@ -8,6 +8,7 @@
 //! `ClientAborted` when the body is dropped early because the client went away.
 
 use std::collections::VecDeque;
+use std::future::Future as _;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -83,7 +84,9 @@ pub(crate) struct Timed {
 
 pub(crate) struct TimedBody {
     frames: VecDeque<Timed>,
+    /// One timer per body, re-armed for each delayed frame.
     sleep: Option<Pin<Box<Sleep>>>,
+    armed: bool,
     /// Number of frames after which the body fails instead of ending.
     cut_after: Option<usize>,
     sent: usize,
@@ -124,6 +127,7 @@ impl SimBody {
             inner: Inner::Timed(Box::new(TimedBody {
                 frames,
                 sleep: None,
+                armed: false,
                 cut_after,
                 sent: 0,
                 yielded_before_cut: false,
@@ -194,12 +198,17 @@ impl TimedBody {
                 None => self.sleep = Some(Box::pin(tokio::time::sleep_until(deadline))),
             }
             front.delay = Duration::ZERO;
+            self.armed = true;
         }
-        if let Some(s) = &mut self.sleep {
-            if s.as_mut().poll(cx).is_pending() {
+        if self.armed {
+            if self
+                .sleep
+                .as_mut()
+                .is_some_and(|s| s.as_mut().poll(cx).is_pending())
+            {
                 return Poll::Pending;
             }
-            self.sleep = None;
+            self.armed = false;
         }
         let Some(frame) = self.frames.pop_front() else {
             return Poll::Ready(None);
@@ -211,5 +220,3 @@ impl TimedBody {
         Poll::Ready(Some(Ok(Frame::data(frame.data))))
     }
 }
-
-use std::future::Future as _;
