@@ -68,6 +68,9 @@ def summarize(runs):
             "cpu_us_per_req": (r["cpu_ticks"] / r["clk_tck"] * 1e6 / w["requests"])
             if w["requests"]
             else None,
+            "user_us_per_req": (r.get("user_ticks", 0) / r["clk_tck"] * 1e6 / w["requests"])
+            if w["requests"] and "user_ticks" in r
+            else None,
             "sim_cpu_us_per_req": (r["sim_cpu_ticks"] / r["clk_tck"] * 1e6 / w["requests"])
             if w["requests"]
             else None,
@@ -126,8 +129,43 @@ def summarize(runs):
         light[f"c{conns}"] = out
     res["light"] = light
 
-    # c. streams
-    st = by.get("streams", [])
+    # c. streams (1,000 concurrent) and streams_light
+    res["streams"] = stream_summary(by.get("streams", []))
+    res["streams_light"] = stream_summary(by.get("streams_light", []))
+
+    # d. open streams
+    op = by.get("open_streams", [])
+    if op:
+        o = op[0]
+        n = o["client"]["max_open"] or o["streams"]
+        res["open_streams"] = {
+            "streams": o["streams"],
+            "max_open": o["client"]["max_open"],
+            "outcomes": o["client"]["outcomes"],
+            "idle_rss_kib": o["idle_rss_kib"],
+            "rss_at_all_open_kib": o["rss_at_all_open_kib"],
+            "peak_rss_kib": o["hwm_kib"],
+            "rss_after_close_kib": o["rss_after_close_kib"],
+            "kib_per_stream": (o["hwm_kib"] - o["idle_rss_kib"]) / n if n else None,
+            "nofile": o["nofile"],
+        }
+
+    # e. footprint
+    fp = by.get("footprint", [])
+    idle = {r["target"]: r for r in by.get("idle", [])}
+    res["footprint"] = {
+        "starts": len(fp),
+        "ready_ms": med([r["ready"]["ready_ms"] for r in fp]),
+        "idle_rss_kib": med([r["idle_rss_kib"] for r in fp]),
+        "binary_bytes": fp[0]["binary_bytes"] if fp else None,
+        "nginx_idle_rss_kib": idle.get("nginx", {}).get("rss_kib"),
+    }
+
+    res["targets"] = targets(res)
+    return res
+
+
+def stream_summary(st):
     direct = {r["round"]: r["client"] for r in st if r["target"] == "direct"}
     streams = {}
     for target in sorted({r["target"] for r in st}):
@@ -172,38 +210,7 @@ def summarize(runs):
                 ]
             )
         streams[target] = entry
-    res["streams"] = streams
-
-    # d. open streams
-    op = by.get("open_streams", [])
-    if op:
-        o = op[0]
-        n = o["client"]["max_open"] or o["streams"]
-        res["open_streams"] = {
-            "streams": o["streams"],
-            "max_open": o["client"]["max_open"],
-            "outcomes": o["client"]["outcomes"],
-            "idle_rss_kib": o["idle_rss_kib"],
-            "rss_at_all_open_kib": o["rss_at_all_open_kib"],
-            "peak_rss_kib": o["hwm_kib"],
-            "rss_after_close_kib": o["rss_after_close_kib"],
-            "kib_per_stream": (o["hwm_kib"] - o["idle_rss_kib"]) / n if n else None,
-            "nofile": o["nofile"],
-        }
-
-    # e. footprint
-    fp = by.get("footprint", [])
-    idle = {r["target"]: r for r in by.get("idle", [])}
-    res["footprint"] = {
-        "starts": len(fp),
-        "ready_ms": med([r["ready"]["ready_ms"] for r in fp]),
-        "idle_rss_kib": med([r["idle_rss_kib"] for r in fp]),
-        "binary_bytes": fp[0]["binary_bytes"] if fp else None,
-        "nginx_idle_rss_kib": idle.get("nginx", {}).get("rss_kib"),
-    }
-
-    res["targets"] = targets(res)
-    return res
+    return streams
 
 
 def targets(res):
@@ -232,10 +239,14 @@ def targets(res):
             ok = ok and a is not None and b is not None and a <= b
     add("light", "; ".join(parts), ok and bool(parts))
     s = res["streams"].get("aoai-lb", {})
+    n = res["streams"].get("nginx", {})
+    sl = res.get("streams_light", {}).get("aoai-lb", {})
     a50, a99 = s.get("added_ttfb_p50_us"), s.get("added_ttfb_p99_us")
     add(
         "ttfb",
-        f"p50 +{fmt(a50, 0)} µs, p99 +{fmt(a99, 0)} µs",
+        f"{s.get('streams')} streams: p50 +{fmt(a50, 0)} µs, p99 +{fmt(a99, 0)} µs "
+        f"(nginx +{fmt(n.get('added_ttfb_p50_us'), 0)} / +{fmt(n.get('added_ttfb_p99_us'), 0)} µs); "
+        f"light: p50 +{fmt(sl.get('added_ttfb_p50_us'), 0)} µs",
         a50 is not None and a50 <= 1000,
     )
     o = res.get("open_streams", {})
@@ -286,8 +297,8 @@ def markdown(res):
         "",
         "## a. Non-streaming chat, 64 connections, max throughput",
         "",
-        "| Target | req/s | p50 ms | p99 ms | server CPU µs/req | server CPU use | sim CPU µs/req | peak RSS MiB | valid rounds |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| Target | req/s | p50 ms | p99 ms | server CPU µs/req | of which user | server CPU use | sim CPU µs/req | peak RSS MiB | valid rounds |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for t in ("direct", "aoai-lb", "nginx", "litellm"):
         r = res["throughput"].get(t)
@@ -295,7 +306,7 @@ def markdown(res):
             continue
         lines.append(
             f"| {t} | {fmt(r['rps'], 0)} | {fmt(r['p50_us'] / 1000, 2)} | {fmt(r['p99_us'] / 1000, 2)} | "
-            f"{fmt(r['cpu_us_per_req'], 1)} | {fmt(r['server_cpu_util'] * 100, 0)}% | "
+            f"{fmt(r['cpu_us_per_req'], 1)} | {fmt(r.get('user_us_per_req'), 1)} | {fmt(r['server_cpu_util'] * 100, 0)}% | "
             f"{fmt(r['sim_cpu_us_per_req'], 1)} | {fmt(kib_mib(r['peak_rss_kib']), 1)} | "
             f"{r['valid_rounds']}/{r['rounds']} |"
         )
@@ -325,25 +336,33 @@ def markdown(res):
                 f"{fmt(r.get('added_p50_us'), 0) if t != 'direct' else '-'} | "
                 f"{fmt(r.get('added_p99_us'), 0) if t != 'direct' else '-'} | {fmt(r['rps'], 0)} |"
             )
-    lines += [
-        "",
-        "## c. Concurrent SSE streams",
-        "",
-        "| Target | completed | TTFB p50 ms | TTFB p99 ms | added TTFB p50 µs | added TTFB p99 µs | gap p50 ms | gap p99 ms | gap deviation p99 ms | peak RSS MiB | CPU µs/stream |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for t in ("direct", "aoai-lb", "nginx"):
-        r = res["streams"].get(t)
-        if not r:
+    for key, title in (
+        ("streams", "## c. Concurrent SSE streams"),
+        ("streams_light", "## c'. SSE streams at light load"),
+    ):
+        rows = res.get(key, {})
+        if not rows:
             continue
-        lines.append(
-            f"| {t} | {fmt(r['completed'], 0)}/{r['streams']} | {fmt(r['ttfb_p50_us'] / 1000, 2)} | "
-            f"{fmt(r['ttfb_p99_us'] / 1000, 2)} | {fmt(r.get('added_ttfb_p50_us'), 0) if t != 'direct' else '-'} | "
-            f"{fmt(r.get('added_ttfb_p99_us'), 0) if t != 'direct' else '-'} | "
-            f"{fmt(r['gap_p50_us'] / 1000, 2)} | {fmt(r['gap_p99_us'] / 1000, 2)} | "
-            f"{fmt(r['gap_dev_p99_us'] / 1000, 2)} | {fmt(kib_mib(r['peak_rss_kib']), 1)} | "
-            f"{fmt(r['cpu_us_per_stream'], 0)} |"
-        )
+        n = next(iter(rows.values()))["streams"]
+        lines += [
+            "",
+            f"{title} ({n} streams)",
+            "",
+            "| Target | completed | TTFB p50 ms | TTFB p99 ms | added TTFB p50 µs | added TTFB p99 µs | gap p50 ms | gap p99 ms | gap deviation p99 ms | peak RSS MiB | CPU µs/stream |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for t in ("direct", "aoai-lb", "nginx"):
+            r = rows.get(t)
+            if not r:
+                continue
+            lines.append(
+                f"| {t} | {fmt(r['completed'], 0)}/{r['streams']} | {fmt(r['ttfb_p50_us'] / 1000, 2)} | "
+                f"{fmt(r['ttfb_p99_us'] / 1000, 2)} | {fmt(r.get('added_ttfb_p50_us'), 0) if t != 'direct' else '-'} | "
+                f"{fmt(r.get('added_ttfb_p99_us'), 0) if t != 'direct' else '-'} | "
+                f"{fmt(r['gap_p50_us'] / 1000, 2)} | {fmt(r['gap_p99_us'] / 1000, 2)} | "
+                f"{fmt(r['gap_dev_p99_us'] / 1000, 2)} | {fmt(kib_mib(r['peak_rss_kib']), 1)} | "
+                f"{fmt(r['cpu_us_per_stream'], 0)} |"
+            )
     o = res.get("open_streams")
     if o:
         lines += [

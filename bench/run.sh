@@ -10,7 +10,8 @@
 #      peak RSS; direct, aoai-lb, nginx, LiteLLM
 #   b. light load (1 and 16 connections): latency added over going direct
 #   c. 1,000 concurrent SSE streams, 100 events 20 ms apart: added time to
-#      first byte, inter-event gap deviation, RSS
+#      first byte, inter-event gap deviation, RSS; and the same at light load
+#      (50 streams started over 5 s)
 #   d. 10,000 concurrent open streams through aoai-lb: peak RSS per stream
 #   e. footprint: idle RSS, binary size, start-to-ready time
 #
@@ -33,6 +34,8 @@ DURATION=${DURATION:-10}          # seconds per max-throughput run
 LIGHT_DURATION=${LIGHT_DURATION:-5}
 WARMUP=${WARMUP:-2}
 STREAMS=${STREAMS:-1000}
+STREAMS_LIGHT=${STREAMS_LIGHT:-50}           # light streaming: about 20 open at a time
+STREAMS_LIGHT_RAMP_MS=${STREAMS_LIGHT_RAMP_MS:-5000}
 STREAM_EVENTS=${STREAM_EVENTS:-100}
 STREAM_GAP_MS=${STREAM_GAP_MS:-20}
 OPEN_STREAMS=${OPEN_STREAMS:-10000}
@@ -49,6 +52,7 @@ GATEWAY_LOG=${GATEWAY_LOG:-/dev/null}   # where aoai-lb's per-request JSON log g
 OUT=${BENCH_OUT:-$HERE/out}
 if [[ $QUICK == 1 ]]; then
   ROUNDS=1 DURATION=3 LIGHT_DURATION=2 WARMUP=1 STREAMS=200 OPEN_STREAMS=1000 FOOTPRINT_STARTS=2
+  STREAMS_LIGHT=20 STREAMS_LIGHT_RAMP_MS=2000
 fi
 
 SIM_KEY=sim-key
@@ -155,6 +159,16 @@ cpu_ticks() {
   local t=0 p v
   for p in "$@"; do
     v=$(sed 's/^.*) //' "/proc/$p/stat" | awk '{print $12 + $13}')
+    t=$((t + v))
+  done
+  echo "$t"
+}
+
+# user_ticks PID...: utime alone, to tell user-space work from syscalls.
+user_ticks() {
+  local t=0 p v
+  for p in "$@"; do
+    v=$(sed 's/^.*) //' "/proc/$p/stat" | awk '{print $12}')
     t=$((t + v))
   done
   echo "$t"
@@ -292,18 +306,18 @@ EOF
 # throughput TARGET ROUND URL KEY PIDS...
 throughput() {
   local target=$1 round=$2 url=$3 key=$4; shift 4
-  local pids=("$@") tmp="$RUN/wrk.json" c0 c1 s0 s1 t0 t1 secs=$DURATION
+  local pids=("$@") tmp="$RUN/wrk.json" c0 c1 u0 u1 s0 s1 t0 t1 secs=$DURATION
   # LiteLLM answers in seconds at 64 connections: give it enough time to
   # complete a meaningful number of requests.
   if [[ $target == litellm ]] && ((secs < 10)); then secs=10; fi
   wrk_json "$tmp" 64 "$WARMUP" "$url" "$key"
   reset_peak "${pids[@]}"
-  c0=$(cpu_ticks "${pids[@]}"); s0=$(cpu_ticks "$SIM_FAST_PID"); t0=$(now_ns)
+  c0=$(cpu_ticks "${pids[@]}"); u0=$(user_ticks "${pids[@]}"); s0=$(cpu_ticks "$SIM_FAST_PID"); t0=$(now_ns)
   wrk_json "$tmp" 64 "$secs" "$url" "$key"
-  t1=$(now_ns); c1=$(cpu_ticks "${pids[@]}"); s1=$(cpu_ticks "$SIM_FAST_PID")
+  t1=$(now_ns); c1=$(cpu_ticks "${pids[@]}"); u1=$(user_ticks "${pids[@]}"); s1=$(cpu_ticks "$SIM_FAST_PID")
   check_wrk "$tmp" "throughput $target round $round"
-  record "throughput-$target-r$round" "$(printf '{"test":"throughput","target":"%s","round":%d,"conns":64,"wall_ns":%d,"clk_tck":%d,"cpu_ticks":%d,"sim_cpu_ticks":%d,"hwm_kib":%d,"rss_kib":%d,"wrk":%s}' \
-    "$target" "$round" "$((t1 - t0))" "$CLK_TCK" "$((c1 - c0))" "$((s1 - s0))" \
+  record "throughput-$target-r$round" "$(printf '{"test":"throughput","target":"%s","round":%d,"conns":64,"wall_ns":%d,"clk_tck":%d,"cpu_ticks":%d,"user_ticks":%d,"sim_cpu_ticks":%d,"hwm_kib":%d,"rss_kib":%d,"wrk":%s}' \
+    "$target" "$round" "$((t1 - t0))" "$CLK_TCK" "$((c1 - c0))" "$((u1 - u0))" "$((s1 - s0))" \
     "$(mem_kib VmHWM "${pids[@]}")" "$(mem_kib VmRSS "${pids[@]}")" "$(cat "$tmp")")"
   log "  throughput $target: $(python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print(round(d["requests"]*1e6/d["duration_us"]), "req/s, p50", d["latency_us"]["p50"], "us, p99", d["latency_us"]["p99"], "us")' "$tmp")"
 }
@@ -322,21 +336,21 @@ light() {
 STREAM_SKIP_FIRST=${STREAM_SKIP_FIRST:-1}
 STREAM_SKIP_LAST=${STREAM_SKIP_LAST:-2}
 
-# streams TARGET ROUND URL KEY PIDS...
+# streams TEST COUNT RAMP_MS TARGET ROUND URL KEY PIDS...
 streams() {
-  local target=$1 round=$2 url=$3 key=$4; shift 4
+  local test=$1 count=$2 ramp=$3 target=$4 round=$5 url=$6 key=$7; shift 7
   local pids=("$@") out c0 c1 hwm
   ((${#pids[@]})) && reset_peak "${pids[@]}"
   c0=0; ((${#pids[@]})) && c0=$(cpu_ticks "${pids[@]}")
   out=$(pinned "$CPU_LOAD" "$BIN/aoai-bench" streams --url "$url" --key "$key" \
-    --streams "$STREAMS" --ramp-ms 1000 --expected-gap-ms "$STREAM_GAP_MS" \
+    --streams "$count" --ramp-ms "$ramp" --expected-gap-ms "$STREAM_GAP_MS" \
     --skip-first-gaps "$STREAM_SKIP_FIRST" --skip-last-gaps "$STREAM_SKIP_LAST" \
     --timeout-s 60)
   c1=0; hwm=0
   if ((${#pids[@]})); then c1=$(cpu_ticks "${pids[@]}"); hwm=$(mem_kib VmHWM "${pids[@]}"); fi
-  record "streams-$target-r$round" "$(printf '{"test":"streams","target":"%s","round":%d,"clk_tck":%d,"cpu_ticks":%d,"hwm_kib":%d,"client":%s}' \
-    "$target" "$round" "$CLK_TCK" "$((c1 - c0))" "$hwm" "$out")"
-  log "  streams $target: $(python3 -c 'import json,sys; d=json.loads(sys.argv[1]); print(d["outcomes"], "ttfb p50", d["ttfb_us"].get("p50"), "us, gap dev p99", d["gap_dev_us"].get("p99"), "us")' "$out")"
+  record "$test-$target-r$round" "$(printf '{"test":"%s","target":"%s","round":%d,"clk_tck":%d,"cpu_ticks":%d,"hwm_kib":%d,"client":%s}' \
+    "$test" "$target" "$round" "$CLK_TCK" "$((c1 - c0))" "$hwm" "$out")"
+  log "  $test $target: $(python3 -c 'import json,sys; d=json.loads(sys.argv[1]); print(d["outcomes"], "ttfb p50", d["ttfb_us"].get("p50"), "us, gap dev p99", d["gap_dev_us"].get("p99"), "us")' "$out")"
 }
 
 machine_json() {
@@ -461,9 +475,13 @@ main() {
     throughput nginx "$r" "$via_ngx" "$CLIENT_KEY" $(tree "$NGX_FAST_PID")
     [[ $SKIP_LITELLM == 1 ]] || throughput litellm "$r" "$via_llm" "$CLIENT_KEY" $(tree "$LITELLM_PID")
     log "round $r/$ROUNDS: $STREAMS concurrent streams"
-    streams direct "$r" "$s_direct" "$SIM_KEY"
-    streams aoai-lb "$r" "$s_lb" "$CLIENT_KEY" "$LB_STREAM_PID"
-    streams nginx "$r" "$s_ngx" "$CLIENT_KEY" $(tree "$NGX_STREAM_PID")
+    streams streams "$STREAMS" 1000 direct "$r" "$s_direct" "$SIM_KEY"
+    streams streams "$STREAMS" 1000 aoai-lb "$r" "$s_lb" "$CLIENT_KEY" "$LB_STREAM_PID"
+    streams streams "$STREAMS" 1000 nginx "$r" "$s_ngx" "$CLIENT_KEY" $(tree "$NGX_STREAM_PID")
+    log "round $r/$ROUNDS: $STREAMS_LIGHT streams over ${STREAMS_LIGHT_RAMP_MS} ms (light)"
+    streams streams_light "$STREAMS_LIGHT" "$STREAMS_LIGHT_RAMP_MS" direct "$r" "$s_direct" "$SIM_KEY"
+    streams streams_light "$STREAMS_LIGHT" "$STREAMS_LIGHT_RAMP_MS" aoai-lb "$r" "$s_lb" "$CLIENT_KEY" "$LB_STREAM_PID"
+    streams streams_light "$STREAMS_LIGHT" "$STREAMS_LIGHT_RAMP_MS" nginx "$r" "$s_ngx" "$CLIENT_KEY" $(tree "$NGX_STREAM_PID")
   done
 
   # Free the CPU and memory of everything but what the open-streams test needs.
