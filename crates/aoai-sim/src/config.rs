@@ -111,6 +111,10 @@ pub struct InstanceConfig {
     pub max_body_bytes: usize,
     /// Embedding width when the request has no `dimensions`.
     pub embedding_dimensions: usize,
+    /// Close a keep-alive connection that has not started a new request within
+    /// this many milliseconds (as Azure's front ends close idle connections);
+    /// `None` keeps idle connections open forever.
+    pub idle_timeout_ms: Option<u64>,
 }
 
 impl Default for InstanceConfig {
@@ -137,6 +141,7 @@ impl InstanceConfig {
             admin: false,
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             embedding_dimensions: DEFAULT_EMBEDDING_DIMENSIONS,
+            idle_timeout_ms: None,
         }
     }
 
@@ -222,6 +227,12 @@ impl InstanceConfig {
     /// Enable or disable the `/_sim/` admin routes (default off).
     pub fn admin(mut self, enabled: bool) -> Self {
         self.admin = enabled;
+        self
+    }
+
+    /// Close keep-alive connections idle for this long (default: never).
+    pub fn idle_timeout(mut self, ms: u64) -> Self {
+        self.idle_timeout_ms = Some(ms);
         self
     }
 

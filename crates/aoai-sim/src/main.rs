@@ -56,6 +56,9 @@ struct Cli {
     /// Comma-separated deployments to serve (default: any name).
     #[arg(long, value_delimiter = ',')]
     deployments: Option<Vec<String>>,
+    /// Close keep-alive connections idle for this many milliseconds (default: never).
+    #[arg(long)]
+    idle_timeout_ms: Option<u64>,
     /// Worker threads (default: the CPUs this process may use; 1 = single-threaded).
     #[arg(long)]
     threads: Option<usize>,
@@ -100,6 +103,9 @@ fn flag_defaults(cli: &Cli) -> Map<String, Value> {
     }
     if let Some(d) = &cli.deployments {
         m.insert("deployments".into(), Value::from(d.clone()));
+    }
+    if let Some(ms) = cli.idle_timeout_ms {
+        m.insert("idle_timeout_ms".into(), Value::from(ms));
     }
     m
 }

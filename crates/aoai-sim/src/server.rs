@@ -324,9 +324,18 @@ async fn accept_loop(inst: Arc<Instance>, listener: TcpListener) {
 async fn serve_conn(inst: Arc<Instance>, conn: Arc<ConnShared>, stream: tokio::net::TcpStream) {
     let kill = conn.kill.clone();
     let svc_conn = conn.clone();
+    let idle_timeout_ms = inst.cfg.idle_timeout_ms;
     let svc = service_fn(move |req| crate::service::handle(inst.clone(), svc_conn.clone(), req));
-    let http = hyper::server::conn::http1::Builder::new()
-        .keep_alive(true)
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder.keep_alive(true);
+    if let Some(ms) = idle_timeout_ms {
+        // hyper arms its header-read timer whenever the connection waits for a
+        // request head, which on a keep-alive connection is exactly idle time.
+        builder
+            .timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(Duration::from_millis(ms));
+    }
+    let http = builder
         .serve_connection(TokioIo::new(stream), svc)
         .with_upgrades();
     tokio::select! {

@@ -531,3 +531,35 @@ async fn admin_routes_manage_faults_and_journal_without_being_journaled() {
     assert!(r.text().contains("bytes"), "{}", r.text());
     assert_eq!(sim.request_count(), 0);
 }
+
+#[tokio::test]
+async fn idle_keep_alive_connections_are_closed_after_the_idle_timeout() {
+    let body = r#"{"messages":[{"role":"user","content":"x"}]}"#;
+    let sim = one(InstanceConfig::new("a").idle_timeout(200)).await;
+    let mut s = tokio::net::TcpStream::connect(sim.addr()).await.unwrap();
+    s.write_all(&raw_chat("d", body)).await.unwrap();
+    let t = Instant::now();
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf))
+        .await
+        .expect("the idle connection must be closed")
+        .unwrap();
+    assert!(t.elapsed() >= Duration::from_millis(200));
+    let text = String::from_utf8_lossy(&buf);
+    assert!(text.starts_with("HTTP/1.1 200 OK"), "{text}");
+    assert_eq!(text.matches("HTTP/1.1").count(), 1, "{text}");
+    assert!(eventually(|| sim.open_connections() == 0).await);
+
+    // Without the setting, an idle connection stays open.
+    let sim = one(InstanceConfig::new("b")).await;
+    let mut s = tokio::net::TcpStream::connect(sim.addr()).await.unwrap();
+    s.write_all(&raw_chat("d", body)).await.unwrap();
+    let mut buf = [0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(n > 0);
+    let more = tokio::time::timeout(Duration::from_millis(400), s.read(&mut buf)).await;
+    assert!(more.is_err(), "the connection stayed open and silent");
+}
