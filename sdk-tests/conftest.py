@@ -11,12 +11,6 @@ import pytest
 
 from harness import API_VERSION, Fleet, Recorder, Settings, Sim, header, header_names
 
-# Temporary: the gateway parses the object id a request names but does not yet
-# route by it (issue 4, part 2). Remove this marker when affinity lands; the
-# tests below it then have to pass.
-affinity_pending = pytest.mark.xfail(strict=False, reason="stateful affinity pending")
-list_merge_pending = pytest.mark.xfail(strict=False, reason="list merge across instances pending")
-
 # Tests share the instances, so a retry budget or a fault must never leak from
 # one test into the next: every client is built per test.
 

@@ -4,11 +4,9 @@ file, and the batch then lives only there."""
 
 from __future__ import annotations
 
-from conftest import affinity_pending, list_merge_pending
 from stateful import FOLLOW_UPS, assert_created_on_one_instance, assert_served_by_owner, upload
 
 
-@affinity_pending
 def test_batch_is_created_on_the_instance_holding_its_input_file(azure, recorder, fleet, settings):
     f, owner = upload(azure, recorder, fleet, settings, "batch-input")
 
@@ -35,8 +33,6 @@ def test_batch_is_created_on_the_instance_holding_its_input_file(azure, recorder
 
 
 
-@affinity_pending
-@list_merge_pending
 def test_batches_list_includes_batches_on_every_instance(azure, recorder, fleet, settings):
     created: dict[str, int] = {}
     for n in range(3 * len(fleet.sims)):

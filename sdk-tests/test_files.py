@@ -7,11 +7,10 @@ from __future__ import annotations
 import openai
 import pytest
 
-from conftest import affinity_pending, assert_backend_credentials, list_merge_pending
+from conftest import assert_backend_credentials
 from stateful import FOLLOW_UPS, assert_served_by_owner, jsonl, upload
 
 
-@affinity_pending
 def test_uploaded_file_can_be_retrieved_read_and_deleted_through_the_gateway(client, recorder, fleet, settings):
     f, owner = upload(client, recorder, fleet, settings, "retrieve-me")
     prefix = "/openai/files" if isinstance(client, openai.AzureOpenAI) else "/openai/v1/files"
@@ -33,7 +32,6 @@ def test_uploaded_file_can_be_retrieved_read_and_deleted_through_the_gateway(cli
         client.files.retrieve(f.id)
 
 
-@list_merge_pending
 def test_files_list_shows_uploads_from_every_instance(client, recorder, fleet, settings):
     uploaded: dict[str, int] = {}
     # Upload until the files sit on at least two instances (bounded).

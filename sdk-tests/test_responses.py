@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import openai
 
-from conftest import affinity_pending, assert_forwarded_once
+from conftest import assert_forwarded_once
 from harness import API_VERSION, DEPLOYMENT
 from stateful import FOLLOW_UPS, assert_created_on_one_instance, assert_served_by_owner
 
@@ -15,7 +15,6 @@ def _prefix(client) -> str:
     return "/openai/responses" if isinstance(client, openai.AzureOpenAI) else "/openai/v1/responses"
 
 
-@affinity_pending
 def test_response_is_created_then_retrieved_from_its_instance(client, recorder, fleet, settings):
     r = client.responses.create(model=DEPLOYMENT, input="Say hello")
     assert r.id.startswith("resp") and r.status == "completed"
@@ -31,7 +30,6 @@ def test_response_is_created_then_retrieved_from_its_instance(client, recorder, 
     assert_served_by_owner(settings, fleet, owner, "GET", f"{_prefix(client)}/{r.id}", FOLLOW_UPS)
 
 
-@affinity_pending
 def test_previous_response_id_chain_continues_on_the_instance_that_holds_it(client, recorder, fleet, settings):
     first = client.responses.create(model=DEPLOYMENT, input="My name is Ada.")
     owner, _ = assert_forwarded_once(settings, fleet, recorder.only(_prefix(client), method="POST"), deployment=DEPLOYMENT)
@@ -50,7 +48,6 @@ def test_previous_response_id_chain_continues_on_the_instance_that_holds_it(clie
         previous = nxt
 
 
-@affinity_pending
 def test_streamed_response_can_be_retrieved_and_continued_afterwards(client, recorder, fleet, settings):
     events = list(client.responses.create(model=DEPLOYMENT, input="Stream a hello", stream=True))
     types = [e.type for e in events]
