@@ -283,7 +283,7 @@ def markdown(res):
         f"- Machine: {m.get('nproc')} CPUs, {m.get('cpu')}, kernel {m.get('kernel')}, "
         f"{fmt(m.get('mem_kib', 0) / 1048576, 1)} GiB",
         f"- Versions: {m.get('rustc')}; {m.get('nginx')}; {m.get('wrk')}; LiteLLM {m.get('litellm')}",
-        f"- Command: `{m.get('command')}`; open-files limit {m.get('nofile')}",
+        f"- Command: `{m.get('command')}`; open-files limit {m.get('nofile')}; revision {m.get('revision')}",
         "",
         "## Targets",
         "",

@@ -374,6 +374,7 @@ print(json.dumps({
     "rustc": run("rustc", "--version"),
     "nginx": run("nginx", "-v"),
     "wrk": (run("wrk", "-v").splitlines() or ["unknown"])[0],
+    "revision": os.environ.get("BENCH_REV") or run("git", "-C", os.environ.get("ROOT", "."), "describe", "--always", "--dirty"),
     "litellm": sys.argv[1],
     "command": sys.argv[2],
     "nofile": sys.argv[3],
@@ -414,7 +415,7 @@ main() {
 
   local llm_version="skipped"
   [[ $SKIP_LITELLM == 1 ]] || llm_version=$("$HERE/.venv/bin/litellm" --version 2>/dev/null | grep -o '[0-9][0-9.]*' | tail -1 || echo unknown)
-  machine_json "$llm_version" "${BENCH_COMMAND:-bench/run.sh}" "$nofile" >"$RAW/machine.json"
+  ROOT=$ROOT machine_json "$llm_version" "${BENCH_COMMAND:-bench/run.sh}" "$nofile" >"$RAW/machine.json"
 
   ports_free "$P_SIM_FAST" "$((P_SIM_FAST + 1))" "$P_SIM_STREAM" "$((P_SIM_STREAM + 1))" \
     "$P_SIM_OPEN" "$((P_SIM_OPEN + 1))" "$P_LB_FAST" "$((P_LB_FAST + 1))" "$P_LB_STREAM" \
