@@ -381,6 +381,7 @@ async fn drive<H: Handler>(
     let drain_delay = tokio::time::sleep(Duration::ZERO);
     tokio::pin!(drain_delay);
     let mut shutting_down = false;
+    let mut shed = ShedLog::default();
     loop {
         tokio::select! {
             biased;
@@ -397,7 +398,7 @@ async fn drive<H: Handler>(
             }
             () = &mut drain_delay, if shutting_down => break,
             accepted = listener.accept() => match accepted {
-                Ok((stream, _peer)) => admit(stream, &handler, &shared, &tracker),
+                Ok((stream, _peer)) => admit(stream, &handler, &shared, &tracker, &mut shed),
                 Err(e) => {
                     // Out of file descriptors and the like: back off briefly
                     // instead of spinning on the error.
@@ -442,11 +443,47 @@ impl Drop for OpenGuard {
     }
 }
 
-fn admit<H: Handler>(stream: TcpStream, handler: &H, shared: &Arc<Shared>, tracker: &TaskTracker) {
+/// Rate-limits the "connection limit reached" warning: under overload it
+/// would otherwise be one line per rejected connection.
+#[derive(Default)]
+struct ShedLog {
+    last_warn: Option<tokio::time::Instant>,
+    unreported: u64,
+}
+
+const SHED_WARN_EVERY: Duration = Duration::from_secs(10);
+
+impl ShedLog {
+    fn rejected(&mut self, max_connections: usize) {
+        self.unreported += 1;
+        let now = tokio::time::Instant::now();
+        if self
+            .last_warn
+            .is_none_or(|t| now.duration_since(t) >= SHED_WARN_EVERY)
+        {
+            tracing::warn!(
+                rejected = self.unreported,
+                max_connections,
+                "connection limit reached: closing new connections at once"
+            );
+            self.last_warn = Some(now);
+            self.unreported = 0;
+        }
+    }
+}
+
+fn admit<H: Handler>(
+    stream: TcpStream,
+    handler: &H,
+    shared: &Arc<Shared>,
+    tracker: &TaskTracker,
+    shed: &mut ShedLog,
+) {
     let open = shared.open.fetch_add(1, Ordering::AcqRel) + 1;
     if open > shared.cfg.max_connections {
         shared.open.fetch_sub(1, Ordering::AcqRel);
         metrics::counter!(crate::metrics::REJECTED_CONNECTIONS_TOTAL).increment(1);
+        shed.rejected(shared.cfg.max_connections);
         // Dropping the stream closes it: an overloaded server sheds the
         // newcomer rather than queueing it.
         drop(stream);
