@@ -5,6 +5,7 @@ with ``previous_response_id`` (named in the body), must reach that instance."""
 from __future__ import annotations
 
 import openai
+import pytest
 
 from conftest import assert_forwarded_once
 from harness import API_VERSION, DEPLOYMENT
@@ -15,7 +16,7 @@ def _prefix(client) -> str:
     return "/openai/responses" if isinstance(client, openai.AzureOpenAI) else "/openai/v1/responses"
 
 
-def test_response_is_created_then_retrieved_from_its_instance(client, recorder, fleet, settings):
+def test_response_is_created_retrieved_and_deleted_on_its_instance(client, recorder, fleet, settings):
     r = client.responses.create(model=DEPLOYMENT, input="Say hello")
     assert r.id.startswith("resp") and r.status == "completed"
     assert r.output_text
@@ -28,6 +29,11 @@ def test_response_is_created_then_retrieved_from_its_instance(client, recorder, 
         got = client.responses.retrieve(r.id)
         assert got.id == r.id and got.output_text == r.output_text
     assert_served_by_owner(settings, fleet, owner, "GET", f"{_prefix(client)}/{r.id}", FOLLOW_UPS)
+
+    client.responses.delete(r.id)
+    assert_served_by_owner(settings, fleet, owner, "DELETE", f"{_prefix(client)}/{r.id}", 1)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(r.id)
 
 
 def test_previous_response_id_chain_continues_on_the_instance_that_holds_it(client, recorder, fleet, settings):
