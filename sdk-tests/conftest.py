@@ -5,6 +5,7 @@ whose journals and faults are reset before every test."""
 from __future__ import annotations
 
 from typing import Any, Iterator
+from urllib.parse import urlsplit
 
 import openai
 import pytest
@@ -120,6 +121,13 @@ def assert_forwarded_once(
     if deployment is not None:
         assert e["deployment"] == deployment
     assert_backend_credentials(settings, e)
+    # Host names the instance, not the gateway; the SDK's own headers pass
+    # through; hop-by-hop headers do not (RFC 9110 section 7.6.1).
+    assert header(e, "host") == urlsplit(settings.sim_urls[idx]).netloc
+    assert header(e, "user-agent") == sent.headers.get("user-agent")
+    assert header(e, "x-stainless-retry-count") == sent.headers.get("x-stainless-retry-count")
+    if settings.through_gateway:
+        assert "connection" not in header_names(e)
     return idx, e
 
 
