@@ -240,3 +240,23 @@ def test_closing_a_stream_early_cancels_the_backend_request(client, recorder, fl
     # rest of a response nobody reads (which would keep burning tokens).
     assert e["outcome"] == "client_aborted", e["outcome"]
     assert time.monotonic() < deadline
+
+
+def test_azure_client_with_a_bearer_token_is_accepted_and_the_token_stays_at_the_gateway(settings, recorder, fleet):
+    # Code written for Entra ID passes the gateway's key as the token: the SDK
+    # then sends `Authorization: Bearer` instead of `api-key`.
+    client = openai.AzureOpenAI(
+        azure_endpoint=settings.gateway_url,
+        azure_ad_token_provider=lambda: settings.client_key,
+        api_version=API_VERSION,
+        http_client=recorder.http_client(),
+        max_retries=0,
+        timeout=20.0,
+    )
+    with client:
+        r = client.chat.completions.create(model=DEPLOYMENT, messages=[{"role": "user", "content": "hi"}], max_tokens=5)
+    assert r.object == "chat.completion"
+    sent = recorder.only("/chat/completions")
+    assert sent.headers["authorization"] == f"Bearer {settings.client_key}"
+    assert "api-key" not in sent.headers
+    assert_forwarded_once(settings, fleet, sent, deployment=DEPLOYMENT)
