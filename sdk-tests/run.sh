@@ -27,7 +27,10 @@ req_hash="$(sha256sum "$HERE/requirements.txt" | cut -d' ' -f1)"
 if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$VENV/.requirements.sha256" 2>/dev/null)" != "$req_hash" ]; then
   say "creating venv and installing pinned packages"
   rm -rf "$VENV"
-  "$PY" -m venv "$VENV"
+  if ! "$PY" -m venv "$VENV"; then
+    say "cannot create a venv with $PY: on Debian/Ubuntu install python3-venv"
+    exit 2
+  fi
   "$VENV/bin/python" -m pip install -q --disable-pip-version-check -r "$HERE/requirements.txt"
   echo "$req_hash" > "$VENV/.requirements.sha256"
 fi
