@@ -158,8 +158,16 @@ impl Default for BreakerConfig {
 pub struct ServerConfig {
     /// Open client connections beyond this are closed at once. Default 20,000.
     pub max_connections: usize,
-    /// Time a client has to send complete request headers. Default 10 s.
+    /// Time a new connection has to deliver its first complete request
+    /// head (slowloris). Default 10 s.
     pub header_read_timeout: Duration,
+    /// How long a keep-alive connection may sit idle, or take to send the
+    /// head of a later request, before it is closed. Default 120 s: longer
+    /// than the idle expiry of common client pools (httpx 5 s, Node 4 s,
+    /// Go 90 s), so the client closes first and never sends a request on a
+    /// connection the gateway is closing. Never shorter than
+    /// `header_read_timeout`.
+    pub keep_alive_timeout: Duration,
     /// Most request headers accepted. Default 100.
     pub max_headers: usize,
     /// After SIGTERM, how long the listener keeps accepting while `/readyz`
@@ -176,6 +184,7 @@ impl Default for ServerConfig {
         Self {
             max_connections: 20_000,
             header_read_timeout: Duration::from_secs(10),
+            keep_alive_timeout: Duration::from_secs(120),
             max_headers: 100,
             drain_delay: Duration::from_secs(1),
             shutdown_grace: Duration::from_secs(30),
@@ -271,6 +280,7 @@ struct RawBreaker {
 struct RawServer {
     max_connections: Option<usize>,
     header_read_timeout_ms: Option<u64>,
+    keep_alive_timeout_ms: Option<u64>,
     max_headers: Option<usize>,
     drain_delay_ms: Option<u64>,
     shutdown_grace_ms: Option<u64>,
@@ -448,6 +458,11 @@ impl RawDocument {
                 "server.header_read_timeout_ms",
                 self.server.header_read_timeout_ms,
                 ds.header_read_timeout,
+            )?,
+            keep_alive_timeout: positive_ms(
+                "server.keep_alive_timeout_ms",
+                self.server.keep_alive_timeout_ms,
+                ds.keep_alive_timeout,
             )?,
             max_headers: nonzero(
                 "server.max_headers",
@@ -704,7 +719,7 @@ mod tests {
             "max_request_body_bytes":1024,
             "cooldown":{"default_ms":5,"max_ms":6},
             "circuit_breaker":{"failure_threshold":2,"open_ms":7,"max_open_ms":8},
-            "server":{"max_connections":9,"header_read_timeout_ms":10,"max_headers":11,"drain_delay_ms":0,"shutdown_grace_ms":12},
+            "server":{"max_connections":9,"header_read_timeout_ms":10,"keep_alive_timeout_ms":15,"max_headers":11,"drain_delay_ms":0,"shutdown_grace_ms":12},
             "upstream":{"pool_idle_timeout_ms":13,"pool_max_idle_per_host":14}}"#;
         let c = Config::from_json(doc).unwrap();
         assert_eq!(c.instances[0].priority, 2);
@@ -714,6 +729,7 @@ mod tests {
         assert_eq!(c.circuit_breaker.max_open_ms, 8);
         assert_eq!(c.server.max_headers, 11);
         assert_eq!(c.server.drain_delay, Duration::ZERO);
+        assert_eq!(c.server.keep_alive_timeout, Duration::from_millis(15));
         assert_eq!(c.upstream.pool_max_idle_per_host, 14);
     }
 }

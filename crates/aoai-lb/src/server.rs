@@ -6,8 +6,9 @@
 //! about connections rather than requests:
 //! - a cap on open connections: one over the cap is closed at once, so an
 //!   overload sheds new clients instead of slowing everyone;
-//! - a deadline for request headers (slowloris), a header count limit and
-//!   a bounded read buffer (which bounds the header size);
+//! - a deadline for the first request head of a connection (slowloris), a
+//!   longer one for keep-alive idle time and later request heads, a header
+//!   count limit and a bounded read buffer (which bounds the header size);
 //! - `/health`, `/openai/health` (the seed app's routes), `/healthz`
 //!   (liveness) and `/readyz` (readiness), answered before the gateway and
 //!   without auth;
@@ -292,7 +293,11 @@ pub async fn serve<H: Handler>(
         .http1()
         .timer(TokioTimer::new())
         .keep_alive(true)
-        .header_read_timeout(cfg.header_read_timeout)
+        // hyper runs this timer from the end of one response to the end of
+        // the next request head, so it is the keep-alive idle limit too. The
+        // first request of a connection has the shorter
+        // `header_read_timeout`, enforced in `serve_connection`.
+        .header_read_timeout(cfg.keep_alive_timeout.max(cfg.header_read_timeout))
         .max_headers(cfg.max_headers)
         .max_buf_size(MAX_HEAD_BYTES);
     builder

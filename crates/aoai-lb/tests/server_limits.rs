@@ -76,6 +76,47 @@ async fn keeps_serving_a_connection_that_is_quick() {
 }
 
 #[tokio::test]
+async fn keeps_an_idle_keep_alive_connection_longer_than_the_header_deadline() {
+    let (_sims, gw) = gateway_with(
+        serde_json::json!({"header_read_timeout_ms": 300, "keep_alive_timeout_ms": 5000}),
+    )
+    .await;
+    let mut s = TcpStream::connect(gw.addr()).await.unwrap();
+    for _ in 0..2 {
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 512];
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            buf[..n].starts_with(b"HTTP/1.1 200"),
+            "same connection reused"
+        );
+        tokio::time::sleep(Duration::from_millis(800)).await;
+    }
+}
+
+#[tokio::test]
+async fn closes_keep_alive_connections_idle_past_the_limit() {
+    let (_sims, gw) = gateway_with(
+        serde_json::json!({"header_read_timeout_ms": 300, "keep_alive_timeout_ms": 500}),
+    )
+    .await;
+    let mut s = TcpStream::connect(gw.addr()).await.unwrap();
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let (answer, closed) = read_until_closed(&mut s, Duration::from_secs(5)).await;
+    assert!(answer.starts_with(b"HTTP/1.1 200"));
+    assert!(closed, "idle connection closed");
+    assert!(started.elapsed() >= Duration::from_millis(400));
+}
+
+#[tokio::test]
 async fn sheds_connections_over_the_cap_at_once() {
     let (_sims, gw) = gateway_with(serde_json::json!({"max_connections": 2})).await;
     let mut held = Vec::new();
