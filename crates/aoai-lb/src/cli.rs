@@ -42,7 +42,7 @@ pub struct Cli {
     /// Public listener port [env: PORT] [default: 8000].
     #[arg(long)]
     pub port: Option<u16>,
-    /// Public listener address [env: HOST] [default: 0.0.0.0].
+    /// Public listener address [env: HOST] [default: 0.0.0.0; 127.0.0.1 with --demo].
     #[arg(long)]
     pub host: Option<String>,
     /// Admin listener port (/metrics, /admin/backends) [env: ADMIN_PORT] [default: 8001].
@@ -192,7 +192,9 @@ impl Settings {
             .host
             .or_else(|| non_empty(env("HOST")))
             .map(|h| h.trim().to_owned())
-            .unwrap_or_else(|| "0.0.0.0".to_owned());
+            // The demo key is printed for anyone to paste: keep the demo on
+            // this machine unless a host is asked for explicitly.
+            .unwrap_or_else(|| if cli.demo { "127.0.0.1" } else { "0.0.0.0" }.to_owned());
         let admin_host = cli
             .admin_host
             .or_else(|| non_empty(env("ADMIN_HOST")))
@@ -379,7 +381,9 @@ mod tests {
         assert_eq!(s.source, ConfigSource::Demo);
         assert!(s.client_key.unwrap().matches(DEMO_CLIENT_KEY.as_bytes()));
         assert_eq!(s.log_format, LogFormat::Text);
-        let s = resolve(&["--demo"], &[("API_KEY", "mine")]).unwrap();
+        assert_eq!(s.host, "127.0.0.1");
+        let s = resolve(&["--demo"], &[("API_KEY", "mine"), ("HOST", "0.0.0.0")]).unwrap();
+        assert_eq!(s.host, "0.0.0.0");
         assert!(s.client_key.unwrap().matches(b"mine"));
     }
 
