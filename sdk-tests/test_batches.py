@@ -4,13 +4,16 @@ file, and the batch then lives only there."""
 
 from __future__ import annotations
 
+import openai
+
 from stateful import FOLLOW_UPS, assert_created_on_one_instance, assert_served_by_owner, upload
 
 
-def test_batch_is_created_on_the_instance_holding_its_input_file(azure, recorder, fleet, settings):
-    f, owner = upload(azure, recorder, fleet, settings, "batch-input")
+def test_batch_is_created_on_the_instance_holding_its_input_file(client, recorder, fleet, settings):
+    base = "/openai" if isinstance(client, openai.AzureOpenAI) else "/openai/v1"
+    f, owner = upload(client, recorder, fleet, settings, "batch-input")
 
-    batch = azure.batches.create(input_file_id=f.id, endpoint="/chat/completions", completion_window="24h")
+    batch = client.batches.create(input_file_id=f.id, endpoint="/chat/completions", completion_window="24h")
     assert batch.id and batch.input_file_id == f.id
     assert batch.endpoint == "/chat/completions"
     sent = recorder.only("/batches", method="POST")
@@ -20,17 +23,16 @@ def test_batch_is_created_on_the_instance_holding_its_input_file(azure, recorder
 
     got = batch
     for _ in range(FOLLOW_UPS):
-        got = azure.batches.retrieve(batch.id)
+        got = client.batches.retrieve(batch.id)
         assert got.id == batch.id and got.input_file_id == f.id
-    assert_served_by_owner(settings, fleet, owner, "GET", f"/openai/batches/{batch.id}", FOLLOW_UPS)
+    assert_served_by_owner(settings, fleet, owner, "GET", f"{base}/batches/{batch.id}", FOLLOW_UPS)
 
     # The output file is named only in a retrieve's answer; reading it must
     # reach the same instance.
     assert got.status == "completed" and got.output_file_id
-    out = azure.files.content(got.output_file_id).read()
+    out = client.files.content(got.output_file_id).read()
     assert b'"custom_id": "batch-input"' in out or b'"custom_id":"batch-input"' in out
-    assert_served_by_owner(settings, fleet, owner, "GET", f"/openai/files/{got.output_file_id}/content", 1)
-
+    assert_served_by_owner(settings, fleet, owner, "GET", f"{base}/files/{got.output_file_id}/content", 1)
 
 
 def test_batches_list_includes_batches_on_every_instance(azure, recorder, fleet, settings):
