@@ -13,13 +13,6 @@ from conftest import assert_backend_credentials
 from harness import API_VERSION, DEPLOYMENT, Recorder
 from stateful import jsonl
 
-# Body references that no instance resolves yet are answered by a single
-# instance's 400; see the report of issue 4.
-body_lookup_pending = pytest.mark.xfail(
-    strict=False, reason="stateful affinity pending: unknown ids named in the body are not looked up"
-)
-
-
 def _owners(fleet) -> list[int]:
     """Each instance twice, in an order no simple rotation follows, so that a
     gateway that merely guessed the right instance every time is unlikely."""
@@ -70,7 +63,6 @@ def test_unknown_object_is_404_after_asking_each_instance_once(client, fleet, se
     assert sorted(asked) == [(i, 404) for i in range(len(fleet.sims))]
 
 
-@body_lookup_pending
 def test_previous_response_id_unknown_to_the_gateway_is_found_by_asking_the_instances(client, fleet, settings):
     prefix = "/openai/responses" if isinstance(client, openai.AzureOpenAI) else "/openai/v1/responses"
     for owner in _owners(fleet):
@@ -84,7 +76,6 @@ def test_previous_response_id_unknown_to_the_gateway_is_found_by_asking_the_inst
         assert len(asked) == len({i for i, _ in asked}), f"an instance was asked twice: {asked}"
 
 
-@body_lookup_pending
 def test_batch_input_file_unknown_to_the_gateway_is_found_by_asking_the_instances(azure, fleet, settings):
     for owner in _owners(fleet):
         with _direct(settings, owner) as direct:

@@ -353,7 +353,15 @@ pub async fn failover(
             }
             Ok(Ok(response)) => {
                 let status = response.status();
-                let v = verdict(status);
+                let v = match verdict(status) {
+                    // An object named in the body and missing on this
+                    // instance is a 400 ("Previous response with id ... not
+                    // found"): read it to see whether it names the object.
+                    Verdict::Final(_) if object.is_some() && status == StatusCode::BAD_REQUEST => {
+                        Verdict::Check404
+                    }
+                    v => v,
+                };
                 if let Verdict::Final(outcome) = v {
                     if let Some(id) = object
                         && status.is_success()
@@ -400,7 +408,11 @@ pub async fn failover(
                 }
                 // Looking up an object: this instance does not hold it, the
                 // next one may.
-                let object_miss = object.is_some() && status == StatusCode::NOT_FOUND;
+                let object_miss = object.is_some_and(|id| {
+                    status == StatusCode::NOT_FOUND
+                        || (status == StatusCode::BAD_REQUEST
+                            && body.as_deref().is_some_and(|b| mentions(b, id)))
+                });
                 if outcome == Outcome::ClientError && !object_miss {
                     record(backend, attempts, outcome, Some(status), elapsed);
                     *upstream_wait += elapsed;
@@ -437,6 +449,12 @@ pub async fn failover(
         };
     }
     Sent::Failed(last_failure.unwrap_or(ProxyError::NoBackend))
+}
+
+/// True when an error body names the object id (quoted or not).
+fn mentions(body: &[u8], id: &str) -> bool {
+    let id = id.as_bytes();
+    !id.is_empty() && body.windows(id.len()).any(|w| w == id)
 }
 
 /// The request for one attempt on `backend`: its URL and deployment name,

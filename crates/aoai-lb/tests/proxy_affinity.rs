@@ -269,3 +269,47 @@ async fn deleting_a_file_reaches_its_instance() {
     let (s, _, _) = send(Method::GET, &url, &auth(), "").await;
     assert_eq!(s, StatusCode::NOT_FOUND);
 }
+
+#[tokio::test]
+async fn an_unknown_previous_response_id_in_the_body_is_looked_up_too() {
+    let sims = sims(3).await;
+    // Created straight on the last instance: as after a restart, or
+    // through another replica of the gateway.
+    let (s, _, b) = send(
+        Method::POST,
+        &format!("{}/openai/v1/responses", sims[2].url()),
+        &[
+            ("api-key", "sim-key".to_owned()),
+            ("content-type", "application/json".to_owned()),
+        ],
+        r#"{"model":"gpt-4o","input":"first"}"#,
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    let prev = json(&b)["id"].as_str().unwrap().to_owned();
+
+    let gw = start_gateway(&config_for(&sims), Some(CLIENT_KEY)).await;
+    for turn in 0..3 {
+        let body = format!(
+            r#"{{"model":"gpt-4o","input":"turn {turn}","previous_response_id":"{prev}"}}"#
+        );
+        let (s, _, b) = send(
+            Method::POST,
+            &format!("{}/openai/v1/responses", gw.url()),
+            &auth(),
+            body,
+        )
+        .await;
+        assert_eq!(s, StatusCode::OK, "{}", String::from_utf8_lossy(&b));
+    }
+    let served: Vec<usize> = sims
+        .iter()
+        .map(|s| {
+            s.journal()
+                .iter()
+                .filter(|e| e.path.ends_with("/responses") && e.status == 200)
+                .count()
+        })
+        .collect();
+    assert_eq!(served, vec![0, 0, 4], "every turn served by the holder");
+}
