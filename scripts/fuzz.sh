@@ -62,8 +62,9 @@ for t in "${targets[@]}"; do
   else
     failed=1
     summary+=("$t: FAILED")
-    echo "---- $t output (last 40 lines) ----"
-    tail -40 "$log"
+    echo "---- $t failed ----"
+    grep -m1 -A2 'panicked at' "$log" || true
+    grep -A3 'Failing input' "$log" || tail -20 "$log"
   fi
 done
 
