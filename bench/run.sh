@@ -208,6 +208,7 @@ install_deps() {
   command -v nginx >/dev/null || missing+=(nginx-light)
   command -v wrk >/dev/null || missing+=(wrk)
   command -v taskset >/dev/null || missing+=(util-linux)
+  command -v ss >/dev/null || missing+=(iproute2)
   python3 -m venv --help >/dev/null 2>&1 || missing+=(python3-venv)
   if ((${#missing[@]})); then
     log "installing ${missing[*]}"
