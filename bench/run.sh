@@ -360,9 +360,11 @@ import json, platform, subprocess, sys, os, datetime
 def run(*cmd):
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
-        return (p.stdout.strip() + " " + p.stderr.strip()).strip()
     except Exception:
         return "unknown"
+    if p.returncode != 0:
+        return "unknown"
+    return (p.stdout.strip() + " " + p.stderr.strip()).strip()
 cpu = "unknown"
 for line in open("/proc/cpuinfo"):
     if line.startswith("model name"):
