@@ -357,14 +357,15 @@ streams() {
 machine_json() {
   python3 - "$@" <<'EOF'
 import json, platform, subprocess, sys, os, datetime
-def run(*cmd):
+def run(*cmd, any_status=False):
+    # wrk -v prints its version and exits with status 1.
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     except Exception:
         return "unknown"
-    if p.returncode != 0:
+    if p.returncode != 0 and not any_status:
         return "unknown"
-    return (p.stdout.strip() + " " + p.stderr.strip()).strip()
+    return (p.stdout.strip() + " " + p.stderr.strip()).strip() or "unknown"
 cpu = "unknown"
 for line in open("/proc/cpuinfo"):
     if line.startswith("model name"):
@@ -376,7 +377,7 @@ print(json.dumps({
     "mem_kib": int(mem),
     "rustc": run("rustc", "--version"),
     "nginx": run("nginx", "-v"),
-    "wrk": (run("wrk", "-v").splitlines() or ["unknown"])[0],
+    "wrk": run("wrk", "-v", any_status=True).splitlines()[0],
     "revision": os.environ.get("BENCH_REV") or run("git", "-C", os.environ.get("ROOT", "."), "describe", "--always", "--dirty"),
     "litellm": sys.argv[1],
     "command": sys.argv[2],
