@@ -146,19 +146,35 @@ pub fn ms(d: Duration) -> f64 {
 }
 
 /// `YYYY-MM-DDTHH:MM:SS.mmmZ` for `t`.
+///
+/// Written digit by digit into a fixed buffer: this runs once per request
+/// and the formatting machinery costs several times more.
 pub fn rfc3339_ms(t: SystemTime) -> String {
     let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
     let secs = d.as_secs();
     let days = i64::try_from(secs / 86_400).unwrap_or(0);
     let rem = secs % 86_400;
     let (y, m, day) = civil_from_days(days);
-    format!(
-        "{y:04}-{m:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60,
-        d.subsec_millis()
-    )
+    let (hh, mm, ss, ms) = (rem / 3600, rem % 3600 / 60, rem % 60, d.subsec_millis());
+    let Ok(year @ 0..=9999) = u32::try_from(y) else {
+        return format!("{y:04}-{m:02}-{day:02}T{hh:02}:{mm:02}:{ss:02}.{ms:03}Z");
+    };
+    let mut b = *b"0000-00-00T00:00:00.000Z";
+    let mut put = |at: usize, width: usize, mut v: u32| {
+        for i in (at..at + width).rev() {
+            b[i] = b'0' + (v % 10) as u8;
+            v /= 10;
+        }
+    };
+    // Each value fits its width: hours < 24, minutes and seconds < 60.
+    put(0, 4, year);
+    put(5, 2, m);
+    put(8, 2, day);
+    put(11, 2, hh as u32);
+    put(14, 2, mm as u32);
+    put(17, 2, ss as u32);
+    put(20, 3, ms);
+    String::from_utf8_lossy(&b).into_owned()
 }
 
 /// Days since 1970-01-01 to (year, month, day), proleptic Gregorian
@@ -191,6 +207,9 @@ mod tests {
         assert_eq!(rfc3339_ms(t), "2026-01-01T00:00:00.123Z");
         let t = UNIX_EPOCH + Duration::from_secs(951_782_400 + 3661);
         assert_eq!(rfc3339_ms(t), "2000-02-29T01:01:01.000Z");
+        let t = UNIX_EPOCH + Duration::from_millis(253_402_300_799_999);
+        assert_eq!(rfc3339_ms(t), "9999-12-31T23:59:59.999Z");
+        assert_eq!(rfc3339_ms(UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
     }
 
     #[test]

@@ -6,7 +6,8 @@
 //! - URL: the instance's base URL (its path prefix kept) + the client path
 //!   (with `/openai` added when missing, and the deployment segment renamed
 //!   per the instance's `deployments` map) + the query string, untouched
-//!   except for a realtime request's renamed `deployment`/`model` value.
+//!   except for a realtime request's renamed `deployment`/`model` value and
+//!   the removal of any `api-key` parameter (a client credential).
 //! - Headers: the client's `authorization` and `api-key` are removed and the
 //!   instance's `api-key` set; `Host` is overwritten; hop-by-hop headers are
 //!   removed (RFC 9110 §7.6.1); `x-ms-client-request-id` carries the request
@@ -31,14 +32,16 @@ pub static API_KEY: HeaderName = HeaderName::from_static("api-key");
 /// Hop-by-hop headers that are always removed (RFC 9110 §7.6.1 lists
 /// Connection and the fields it names, plus Proxy-Connection, Keep-Alive,
 /// TE, Transfer-Encoding and Upgrade; RFC 9110 §6.6.2 adds Trailer).
+/// Connection and Upgrade come first: [`strip_hop_by_hop`] keeps them for a
+/// WebSocket handshake by position.
 static HOP_BY_HOP: [HeaderName; 7] = [
     header::CONNECTION,
+    header::UPGRADE,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
     header::TE,
     header::TRAILER,
     header::TRANSFER_ENCODING,
-    header::UPGRADE,
 ];
 
 /// Whether the request asks to switch to WebSocket (`Connection: upgrade`
@@ -65,6 +68,16 @@ fn has_token(list: &[u8], token: &[u8]) -> bool {
 /// fixed list. With `keep_upgrade`, `Connection: upgrade` and `Upgrade`
 /// survive so a WebSocket handshake can pass.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    remove_connection_named(headers, keep_upgrade);
+    // Connection and Upgrade are the first two of the list.
+    let skip = if keep_upgrade { 0b11 } else { 0 };
+    remove_listed(headers, &HOP_BY_HOP, skip);
+    if keep_upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+}
+
+fn remove_connection_named(headers: &mut HeaderMap, keep_upgrade: bool) {
     if headers.contains_key(header::CONNECTION) {
         // Collected first: the map cannot be changed while its values are
         // borrowed. Connection headers are short and rare on the hot path.
@@ -81,16 +94,46 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
             headers.remove(&name);
         }
     }
-    for name in &HOP_BY_HOP {
-        if keep_upgrade && (name == header::CONNECTION || name == header::UPGRADE) {
-            continue;
+}
+
+/// Removes every header of `listed` (at most 32) that is present, except
+/// those whose bit is set in `skip`. A request or response carries a
+/// handful of headers, so one pass comparing names finds the few to remove
+/// for less than hashing every listed name in a `remove`.
+fn remove_listed(headers: &mut HeaderMap, listed: &[HeaderName], skip: u32) {
+    let mut hit = 0u32;
+    for name in headers.keys() {
+        if let Some(i) = listed.iter().position(|l| l == name) {
+            hit |= 1 << i;
         }
-        headers.remove(name);
     }
-    if keep_upgrade {
-        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    hit &= !skip;
+    while hit != 0 {
+        let i = hit.trailing_zeros() as usize;
+        hit &= hit - 1;
+        headers.remove(&listed[i]);
     }
 }
+
+/// What [`prepare_request_headers`] removes: the hop-by-hop list (in the
+/// same order as [`HOP_BY_HOP`]) and then the client's credentials, `Host`,
+/// `Content-Length` and `Expect`.
+static REQUEST_DROPPED: [HeaderName; 12] = [
+    header::CONNECTION,
+    header::UPGRADE,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::AUTHORIZATION,
+    HeaderName::from_static("api-key"),
+    header::HOST,
+    header::CONTENT_LENGTH,
+    // The body is already read in full, so `Expect: 100-continue` was
+    // answered by us and means nothing upstream.
+    header::EXPECT,
+];
 
 /// Prepares the client's headers once per request, for every attempt:
 /// removes credentials, `Host`, hop-by-hop headers, `Expect` and
@@ -98,14 +141,14 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
 /// body), and sets
 /// `x-ms-client-request-id`.
 pub fn prepare_request_headers(headers: &mut HeaderMap, request_id: &HeaderValue, websocket: bool) {
-    strip_hop_by_hop(headers, websocket);
-    headers.remove(header::AUTHORIZATION);
-    headers.remove(&API_KEY);
-    headers.remove(header::HOST);
-    headers.remove(header::CONTENT_LENGTH);
-    // The body is already read in full, so `Expect: 100-continue` was
-    // answered by us and means nothing upstream.
-    headers.remove(header::EXPECT);
+    remove_connection_named(headers, websocket);
+    // With a WebSocket upgrade, Connection and Upgrade stay (set to
+    // exactly `upgrade` below).
+    let skip = if websocket { 0b11 } else { 0 };
+    remove_listed(headers, &REQUEST_DROPPED, skip);
+    if websocket {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
     headers.insert(CLIENT_REQUEST_ID.clone(), request_id.clone());
 }
 
@@ -151,21 +194,94 @@ pub fn upstream_uri(
         _ => s.push_str(path),
     }
     if let Some(q) = query {
-        s.push('?');
-        match (
+        let rename = match (
             &route.query_span,
             backend_deployment,
             route.deployment.as_deref(),
         ) {
             (Some(span), Some(to), Some(from)) if to != from && span.end <= q.len() => {
-                s.push_str(&q[..span.start]);
-                s.push_str(to);
-                s.push_str(&q[span.end..]);
+                Some((span.clone(), to))
             }
-            _ => s.push_str(q),
-        }
+            _ => None,
+        };
+        push_query(&mut s, q, rename);
     }
     Uri::from_maybe_shared(Bytes::from(s))
+}
+
+/// Appends `?query` to `s` with every `api-key` parameter removed and, with
+/// `rename`, the bytes at that span of `q` replaced. Every other byte of the
+/// query is kept, separators included. Nothing (not even `?`) is appended
+/// when the only parameters were keys.
+///
+/// A client key must never reach an instance: Azure's realtime endpoint
+/// takes a key as a query parameter, so one placed there by a client would
+/// be read by the instance (and sit in its logs).
+fn push_query(s: &mut String, q: &str, rename: Option<(std::ops::Range<usize>, &str)>) {
+    let push_segment = |s: &mut String, seg: &str, seg_start: usize| match &rename {
+        Some((span, to)) if span.start >= seg_start && span.end <= seg_start + seg.len() => {
+            s.push_str(&seg[..span.start - seg_start]);
+            s.push_str(to);
+            s.push_str(&seg[span.end - seg_start..]);
+        }
+        _ => s.push_str(seg),
+    };
+    if !q.split('&').any(is_api_key_param) {
+        s.push('?');
+        push_segment(s, q, 0);
+        return;
+    }
+    let mut first = true;
+    let mut pos = 0;
+    for seg in q.split('&') {
+        let seg_start = pos;
+        pos += seg.len() + 1;
+        if is_api_key_param(seg) {
+            continue;
+        }
+        s.push(if first { '?' } else { '&' });
+        first = false;
+        push_segment(s, seg, seg_start);
+    }
+}
+
+/// Whether a query segment (`name=value` or `name`) names `api-key`,
+/// compared as a server would read it: percent-decoded, ASCII case
+/// ignored.
+fn is_api_key_param(seg: &str) -> bool {
+    const NAME: &[u8] = b"api-key";
+    let name = seg.split('=').next().unwrap_or_default().as_bytes();
+    let mut i = 0;
+    let mut n = 0;
+    while i < name.len() {
+        let c = match (name[i], name.get(i + 1..i + 3)) {
+            (b'%', Some(&[h, l])) => match (hex(h), hex(l)) {
+                (Some(h), Some(l)) => {
+                    i += 3;
+                    h << 4 | l
+                }
+                _ => return false,
+            },
+            (c, _) => {
+                i += 1;
+                c
+            }
+        };
+        if n >= NAME.len() || !c.eq_ignore_ascii_case(&NAME[n]) {
+            return false;
+        }
+        n += 1;
+    }
+    n == NAME.len()
+}
+
+fn hex(c: u8) -> Option<u8> {
+    match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        b'A'..=b'F' => Some(c - b'A' + 10),
+        _ => None,
+    }
 }
 
 /// The upstream body for an attempt: empty for GET and HEAD; the client's
@@ -245,6 +361,47 @@ mod tests {
     }
 
     #[test]
+    fn strips_api_key_query_parameters_and_keeps_the_rest() {
+        let b = backend("http://127.0.0.1:9000");
+        let p = "/openai/deployments/gpt-4o/chat/completions";
+        let r = classify(&Method::POST, p).unwrap();
+        let up = |q: &str| {
+            upstream_uri(&b, p, Some(q), &r, Some("gpt-4o"))
+                .unwrap()
+                .to_string()
+        };
+        let base = "http://127.0.0.1:9000/openai/deployments/gpt-4o/chat/completions";
+        assert_eq!(
+            up("api-version=1&api-key=secret&x=%2F&&y"),
+            format!("{base}?api-version=1&x=%2F&&y")
+        );
+        assert_eq!(up("api-key=secret"), base);
+        assert_eq!(
+            up("API-Key=a&api%2Dkey=b&api-key&z=1"),
+            format!("{base}?z=1")
+        );
+        assert_eq!(
+            up("api-keys=1&xapi-key=2&api-key2=3&x=api-key"),
+            format!("{base}?api-keys=1&xapi-key=2&api-key2=3&x=api-key")
+        );
+        assert_eq!(up(""), format!("{base}?"));
+    }
+
+    #[test]
+    fn renames_the_realtime_deployment_after_stripping_a_key() {
+        let b = backend("http://127.0.0.1:9000");
+        let p = "/openai/realtime";
+        let q = "api-key=secret&api-version=1&deployment=rt&x=1";
+        let mut r = classify(&Method::GET, p).unwrap();
+        crate::route::apply_query_deployment(&mut r, Some(q)).unwrap();
+        let u = upstream_uri(&b, p, Some(q), &r, Some("rt-ptu")).unwrap();
+        assert_eq!(
+            u.to_string(),
+            "http://127.0.0.1:9000/openai/realtime?api-version=1&deployment=rt-ptu&x=1"
+        );
+    }
+
+    #[test]
     fn renames_the_deployment_segment_and_adds_the_prefix() {
         let b = backend("http://127.0.0.1:9000");
         let p = "/deployments/gpt-4o/chat/completions";
@@ -313,6 +470,39 @@ mod tests {
         strip_hop_by_hop(&mut h, true);
         assert_eq!(h["upgrade"], "websocket");
         assert_eq!(h["connection"], "upgrade");
+    }
+
+    #[test]
+    fn prepares_a_websocket_handshake_keeping_only_the_upgrade_hop_headers() {
+        let mut h = HeaderMap::new();
+        for (k, v) in [
+            ("connection", "Upgrade, x-hop"),
+            ("upgrade", "websocket"),
+            ("x-hop", "1"),
+            ("keep-alive", "timeout=5"),
+            ("api-key", "client"),
+            ("expect", "100-continue"),
+            ("host", "gateway"),
+            ("sec-websocket-key", "abc"),
+        ] {
+            h.append(k, HeaderValue::from_static(v));
+        }
+        prepare_request_headers(&mut h, &HeaderValue::from_static("rid"), true);
+        let mut names: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
+        names.sort_unstable();
+        assert_eq!(
+            names,
+            [
+                "connection",
+                "sec-websocket-key",
+                "upgrade",
+                "x-ms-client-request-id"
+            ]
+        );
+        assert_eq!(h["connection"], "upgrade");
+        let mut plain = h.clone();
+        prepare_request_headers(&mut plain, &HeaderValue::from_static("rid"), false);
+        assert!(plain.get("connection").is_none() && plain.get("upgrade").is_none());
     }
 
     #[test]
