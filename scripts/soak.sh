@@ -4,7 +4,10 @@
 # faults injected at run time (cut streams, resets, 429s, 503s, hangs,
 # drips) plus a standing 0.5 % of 503s on one instance. Reports the
 # gateway's RSS and open descriptors after a warm-up and at the end, and
-# fails on growth beyond noise, on a gateway crash or panic line.
+# fails on growth beyond noise, on a gateway crash or panic line. Idle
+# pooled upstream connections expire after 2 s here, so the samples (taken
+# after a 4 s pause with the load's connections closed) compare like with
+# like.
 #
 # Usage: scripts/soak.sh [REQUESTS] [CONCURRENCY]   (defaults 200000, 64)
 # Everything listens on 127.0.0.1; the run is bounded (the driver has
@@ -48,7 +51,7 @@ for i in 0 1 2; do
   instances+="${instances:+,}{\"name\":\"soak$i\",\"url\":\"http://127.0.0.1:$port\",\"api_key\":\"sim-key\"}"
   sims+="${sims:+,}http://127.0.0.1:$port"
 done
-doc="{\"instances\":[$instances],\"timeouts\":{\"response_headers_ms\":1000,\"stream_idle_ms\":2000}}"
+doc="{\"instances\":[$instances],\"timeouts\":{\"response_headers_ms\":1000,\"stream_idle_ms\":2000},\"upstream\":{\"pool_idle_timeout_ms\":2000}}"
 
 OPENAI_INSTANCES="$doc" API_KEY="$KEY" "$TARGET/release/aoai-lb" \
   --host 127.0.0.1 --port 0 --admin-port 0 >"$work/gw.out" 2>"$work/gw.err" &

@@ -8,7 +8,8 @@
 //! Environment (set by the script): `SOAK_URL` (gateway base URL),
 //! `SOAK_KEY` (client key), `SOAK_PID` (gateway pid), `SOAK_SIMS`
 //! (comma-separated simulator base URLs with admin routes on),
-//! `SOAK_REQUESTS` (default 200000), `SOAK_CONCURRENCY` (default 64).
+//! `SOAK_REQUESTS` (default 200000), `SOAK_CONCURRENCY` (default 64),
+//! `SOAK_SETTLE_MS` (pause before each sample, default 4000).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -34,18 +35,22 @@ fn num(name: &str, default: usize) -> usize {
     env(name).and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 
-/// (RSS in KiB, open descriptors) of `pid`.
-fn sample(pid: &str) -> (u64, usize) {
+/// (RSS in KiB, open descriptors, of which sockets) of `pid`.
+fn sample(pid: &str) -> (u64, usize, usize) {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("gateway alive");
     let rss = status
         .lines()
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .expect("VmRSS");
-    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+    let links: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
         .expect("fd dir")
-        .count();
-    (rss, fds)
+        .filter_map(|e| e.ok())
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .map(|p| p.to_string_lossy().into_owned())
+        .collect();
+    let sockets = links.iter().filter(|l| l.starts_with("socket:")).count();
+    (rss, links.len(), sockets)
 }
 
 /// Faults injected round-robin into the simulators during the run.
@@ -164,15 +169,19 @@ async fn soak_keeps_memory_and_descriptors_flat_under_faults() {
 
     let started = Instant::now();
     load(&url, &key, warmup, concurrency, &[], &counts).await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let (rss0, fds0) = sample(&pid);
-    println!("soak: warm-up of {warmup} done; rss={rss0} KiB fds={fds0}");
+    // Settle: the load's connections are closed and the gateway's idle
+    // pooled upstream connections expire (the script sets a short pool
+    // idle timeout), so both samples count only what the gateway keeps.
+    let settle = Duration::from_millis(num("SOAK_SETTLE_MS", 4_000) as u64);
+    tokio::time::sleep(settle).await;
+    let (rss0, fds0, sock0) = sample(&pid);
+    println!("soak: warm-up of {warmup} done; rss={rss0} KiB fds={fds0} sockets={sock0}");
 
     let main_start = Instant::now();
     load(&url, &key, requests, concurrency, &sims, &counts).await;
     let main_elapsed = main_start.elapsed();
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let (rss1, fds1) = sample(&pid);
+    tokio::time::sleep(settle).await;
+    let (rss1, fds1, sock1) = sample(&pid);
 
     let by = counts.by_outcome.lock().unwrap().clone();
     let total: usize = by.values().sum();
@@ -184,6 +193,7 @@ async fn soak_keeps_memory_and_descriptors_flat_under_faults() {
     println!(
         "FIGURE soak requests={requests} warmup={warmup} total_with_warmup={total} ok={ok} \
          rss_kib_before={rss0} rss_kib_after={rss1} fds_before={fds0} fds_after={fds1} \
+         sockets_before={sock0} sockets_after={sock1} \
          req_per_s={:.0} elapsed_s={:.1} outcomes={by:?}",
         requests as f64 / main_elapsed.as_secs_f64(),
         started.elapsed().as_secs_f64()
@@ -194,8 +204,8 @@ async fn soak_keeps_memory_and_descriptors_flat_under_faults() {
         rss1 <= rss0 + rss0 / 5 + 8 * 1024,
         "RSS grew {rss0} -> {rss1} KiB"
     );
-    // Idle pooled upstream connections may differ by a few.
-    assert!(fds1 <= fds0 + 16, "descriptors grew {fds0} -> {fds1}");
+    // With idle pooled connections expired, nothing may be left behind.
+    assert!(fds1 <= fds0 + 2, "descriptors grew {fds0} -> {fds1}");
     // Faults cost some requests (cut streams, all-failing moments), but the
     // overwhelming majority succeed.
     assert!(
