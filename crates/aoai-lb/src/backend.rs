@@ -199,6 +199,10 @@ struct State {
     failures_total: AtomicU64,
 }
 
+/// How long other requests keep skipping an instance whose cooldown has
+/// ended while the one probe sent to it waits for response headers.
+pub const COOLDOWN_PROBE_HOLD_MS: u64 = 1_000;
+
 /// Why an instance cannot take a request now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Unavailable {
@@ -310,6 +314,7 @@ impl Backend {
     /// it when dropped.
     pub fn try_acquire(self: &std::sync::Arc<Self>, now: u64) -> Option<InFlight> {
         let mut probe = false;
+        let mut cooldown_hold = 0;
         if self.breaker_state(now) == BreakerState::HalfOpen {
             if self
                 .state
@@ -320,8 +325,22 @@ impl Backend {
                 return None;
             }
             probe = true;
-        } else if self.check(now).is_err() {
-            return None;
+        } else {
+            self.check(now).ok()?;
+            // A cooldown that has ended but not been confirmed: exactly one
+            // request probes the instance; the others keep skipping it for
+            // up to COOLDOWN_PROBE_HOLD_MS, until the probe has its answer.
+            let until = self.state.cooldown_until.load(Ordering::Acquire);
+            if until != 0 {
+                let hold = now
+                    .saturating_add(COOLDOWN_PROBE_HOLD_MS)
+                    .max(until.saturating_add(1));
+                self.state
+                    .cooldown_until
+                    .compare_exchange(until, hold, Ordering::AcqRel, Ordering::Relaxed)
+                    .ok()?;
+                cooldown_hold = hold;
+            }
         }
         self.state.in_flight.fetch_add(1, Ordering::Relaxed);
         self.state.requests.fetch_add(1, Ordering::Relaxed);
@@ -329,6 +348,7 @@ impl Backend {
         Some(InFlight {
             backend: std::sync::Arc::clone(self),
             probe,
+            cooldown_hold,
         })
     }
 
@@ -450,6 +470,9 @@ impl Backend {
 pub struct InFlight {
     backend: std::sync::Arc<Backend>,
     probe: bool,
+    /// Non-zero when this attempt is the single probe after a cooldown:
+    /// the `cooldown_until` value it set while it is out.
+    cooldown_hold: u64,
 }
 
 impl InFlight {
@@ -462,16 +485,83 @@ impl InFlight {
     pub fn is_probe(&self) -> bool {
         self.probe
     }
+
+    /// Ends a post-cooldown probe that got an answer other than a 429: the
+    /// instance is free again for every request. A 429 has already moved
+    /// the deadline (see [`Backend::cool_down`]), so it is left alone.
+    pub fn end_cooldown_probe(&mut self) {
+        if self.cooldown_hold != 0 {
+            // Fails, as it should, when a new 429 has extended the cooldown.
+            let _ = self.backend.state.cooldown_until.compare_exchange(
+                self.cooldown_hold,
+                0,
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            );
+            self.cooldown_hold = 0;
+        }
+    }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.backend.state.in_flight.fetch_sub(1, Ordering::Relaxed);
         self.backend.metrics().in_flight.decrement(1.0);
+        // A probe that ended without an answer (client went away, timeout)
+        // lets the next request probe.
+        self.end_cooldown_probe();
         if self.probe {
             // A probe that ended without a verdict (client went away) must
             // not keep the breaker half-open forever.
             self.backend.state.probing.store(false, Ordering::Release);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use std::sync::Arc;
+
+    fn backend() -> Arc<Backend> {
+        let c = Config::from_json(
+            r#"{"instances":[{"name":"a","url":"http://127.0.0.1:9","api_key":"k"}]}"#,
+        )
+        .unwrap();
+        Arc::new(Backend::new(0, c.instances[0].clone(), &c.circuit_breaker).unwrap())
+    }
+
+    #[test]
+    fn lets_exactly_one_request_probe_when_a_cooldown_ends() {
+        let b = backend();
+        b.cool_down(0, 100);
+        assert!(b.try_acquire(50).is_none(), "still cooling");
+        let mut probe = b.try_acquire(100).expect("the probe");
+        assert!(b.try_acquire(101).is_none(), "one probe at a time");
+        assert!(matches!(b.check(101), Err(Unavailable::Cooling(_))));
+        probe.end_cooldown_probe();
+        assert!(b.try_acquire(102).is_some(), "free once the probe answered");
+        assert!(b.try_acquire(103).is_some());
+    }
+
+    #[test]
+    fn a_probe_answered_with_429_keeps_the_instance_cooling() {
+        let b = backend();
+        b.cool_down(0, 100);
+        let mut probe = b.try_acquire(100).expect("the probe");
+        b.cool_down(150, 5_000);
+        probe.end_cooldown_probe();
+        drop(probe);
+        assert!(b.try_acquire(200).is_none());
+        assert_eq!(b.cooling_until(200), Some(5_150));
+    }
+
+    #[test]
+    fn a_probe_that_never_answers_lets_the_next_request_probe() {
+        let b = backend();
+        b.cool_down(0, 100);
+        drop(b.try_acquire(100).expect("the probe"));
+        assert!(b.try_acquire(101).is_some());
     }
 }

@@ -318,7 +318,7 @@ pub async fn failover(
         };
         exclude.insert(i);
         let backend = &gw.backends[i];
-        let Some(slot) = backend.try_acquire(now) else {
+        let Some(mut slot) = backend.try_acquire(now) else {
             // Lost the half-open probe to another request.
             continue;
         };
@@ -353,6 +353,9 @@ pub async fn failover(
             }
             Ok(Ok(response)) => {
                 let status = response.status();
+                if status != StatusCode::TOO_MANY_REQUESTS {
+                    slot.end_cooldown_probe();
+                }
                 let v = match verdict(status) {
                     // An object named in the body and missing on this
                     // instance is a 400 ("Previous response with id ... not

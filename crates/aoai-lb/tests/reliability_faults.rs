@@ -219,7 +219,6 @@ async fn answers_429_with_retry_after_ms_when_all_are_throttled_without_a_hot_lo
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "known bug: when a cooldown ends, every concurrent request may take the instance at once (see RELIABILITY.md)"]
 async fn sends_a_single_probe_when_a_cooldown_ends() {
     let _serial = SERIAL.lock().await;
     let sims = sims(2).await;
