@@ -29,10 +29,27 @@ pub struct ConfigError {
 impl ConfigError {
     fn new(field: impl Into<String>, reason: impl Into<String>) -> Self {
         Self {
-            field: field.into(),
-            reason: reason.into(),
+            field: one_line(field.into()),
+            reason: one_line(reason.into()),
         }
     }
+}
+
+/// Escapes control characters, so that a field name or value quoted from
+/// the document can neither break the one-line rule nor forge log lines.
+fn one_line(s: String) -> String {
+    if !s.chars().any(char::is_control) {
+        return s;
+    }
+    s.chars()
+        .flat_map(|c| {
+            if c.is_control() {
+                c.escape_default().collect::<Vec<_>>()
+            } else {
+                vec![c]
+            }
+        })
+        .collect()
 }
 
 /// Default cap on a buffered request body: 32 MiB.
@@ -551,7 +568,15 @@ fn parse_base_url(text: &str) -> Result<url::Url, String> {
 /// Turns either form of `deployments` into a map. On error, returns the
 /// path suffix (`["gpt-4o"]` or `[2]`) and the reason.
 fn deployment_map(raw: RawDeployments) -> Result<DeploymentMap, (String, String)> {
-    let valid = |s: &str| !s.is_empty() && !s.contains(['/', '?', '#', '%']) && s.trim() == s;
+    // Azure deployment names are letters, digits, `-`, `_` and `.`; every
+    // name must also go into a URL path segment as is.
+    let valid = |s: &str| {
+        !s.is_empty()
+            && s != "."
+            && s != ".."
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+    };
     let mut map = BTreeMap::new();
     match raw {
         RawDeployments::List(names) => {
@@ -696,6 +721,38 @@ mod tests {
             assert!(e.starts_with("instances[0].url: "), "{e}");
             assert!(!e.contains("pw@"), "{e}");
         }
+    }
+
+    #[test]
+    fn rejects_deployment_names_that_cannot_go_in_a_url() {
+        for name in [
+            "my deployment",
+            "a/b",
+            "..",
+            "caf\\u00e9",
+            "x\\u0001",
+            "a%2F",
+        ] {
+            let doc = format!(
+                r#"{{"instances":[{{"name":"a","url":"https://a.example.com","api_key":"k","deployments":{{"gpt-4o":"{name}"}}}}]}}"#
+            );
+            let e = err(&doc);
+            assert!(e.starts_with("instances[0].deployments"), "{name}: {e}");
+            let doc = format!(
+                r#"{{"instances":[{{"name":"a","url":"https://a.example.com","api_key":"k","deployments":["{name}"]}}]}}"#
+            );
+            assert!(
+                err(&doc).starts_with("instances[0].deployments[0]"),
+                "{name}"
+            );
+        }
+    }
+
+    #[test]
+    fn keeps_errors_on_one_line_whatever_the_document_holds() {
+        let e = err("{\"i\\nstances\":[]}");
+        assert!(!e.contains('\n'), "{e}");
+        assert!(e.contains("i\\nstances"), "{e}");
     }
 
     #[test]
