@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Runs every test of the project: formatting, lints, the Rust unit and
-# integration tests, and the official-SDK suite through the real gateway.
-# Usage: scripts/test.sh
+# integration tests, the official-SDK suite through the real gateway, the
+# supply-chain policy and a time-boxed run of every fuzz target.
+# Usage: scripts/test.sh          (FUZZ_SECONDS=N sets the time per fuzz target, default 15)
+# The long soak is separate: scripts/soak.sh (see RELIABILITY.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,7 +18,11 @@ cargo clippy --workspace --all-targets -- -D warnings
 step "cargo test (unit and integration tests)"
 cargo test --workspace
 
-if [ -x sdk-tests/run.sh ]; then
-  step "official SDK suite through the gateway"
-  sdk-tests/run.sh
-fi
+step "official SDK suite through the gateway"
+sdk-tests/run.sh
+
+step "supply chain: cargo-deny (offline: bans, licenses, sources)"
+scripts/deny.sh
+
+step "fuzzing: every target, time-boxed"
+scripts/fuzz.sh "${FUZZ_SECONDS:-15}"
