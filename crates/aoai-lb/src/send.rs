@@ -1,7 +1,8 @@
 //! Phase 5: talking to instances, with failover.
 //!
 //! Owns the upstream HTTP client (pooled keep-alive, HTTP/1.1 and HTTP/2 by
-//! ALPN, rustls with the webpki roots plus optional extra CAs), reading the
+//! ALPN, rustls with the webpki roots plus optional extra CAs, one connect
+//! deadline over TCP connect and TLS handshake), reading the
 //! client's body into memory up to the cap so it can be replayed, the
 //! per-attempt timeouts, and the failover loop:
 //!
@@ -41,7 +42,52 @@ use crate::route::Route;
 use crate::select::IndexSet;
 
 /// The pooled upstream client.
-pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+pub type UpstreamClient = Client<TimedConnector, Full<Bytes>>;
+
+/// The HTTPS connector with one deadline over TCP connect and TLS
+/// handshake (`timeouts.connect`). The plain connector's own timeout
+/// covers only the TCP part, so an instance that accepts and then stalls
+/// the handshake would otherwise hold the attempt until the response
+/// header timeout.
+#[derive(Clone)]
+pub struct TimedConnector {
+    inner: HttpsConnector<HttpConnector>,
+    timeout: Duration,
+}
+
+/// Error of a connection attempt that ran out of time.
+#[derive(Debug, thiserror::Error)]
+#[error("connecting to the instance timed out (TCP connect and TLS handshake)")]
+pub struct ConnectTimeout;
+
+type ConnectError = Box<dyn std::error::Error + Send + Sync>;
+type ConnectStream = hyper_rustls::MaybeHttpsStream<hyper_util::rt::TokioIo<tokio::net::TcpStream>>;
+
+impl tower_service::Service<http::Uri> for TimedConnector {
+    type Response = ConnectStream;
+    type Error = ConnectError;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<ConnectStream, ConnectError>> + Send>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), ConnectError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, uri: http::Uri) -> Self::Future {
+        let connecting = self.inner.call(uri);
+        let timeout = self.timeout;
+        Box::pin(async move {
+            match tokio::time::timeout(timeout, connecting).await {
+                Ok(result) => result,
+                Err(_) => Err(Box::new(ConnectTimeout) as ConnectError),
+            }
+        })
+    }
+}
 
 /// Largest error body (429, 5xx, 401/403, 404) kept in memory so it can be
 /// returned unchanged if no other instance does better. Azure's error
@@ -97,11 +143,15 @@ pub fn build_client(config: &Config, http2: bool) -> Result<UpstreamClient, Gate
     } else {
         builder.wrap_connector(http)
     };
+    let timed = TimedConnector {
+        inner: https,
+        timeout: config.timeouts.connect,
+    };
     Ok(Client::builder(TokioExecutor::new())
         .pool_timer(TokioTimer::new())
         .pool_idle_timeout(config.upstream.pool_idle_timeout)
         .pool_max_idle_per_host(config.upstream.pool_max_idle_per_host)
-        .build(https))
+        .build(timed))
 }
 
 /// Reads the client's body into memory, refusing more than `limit` bytes.
@@ -794,6 +844,40 @@ mod tests {
         .unwrap();
         assert!(build_client(&c, true).is_ok());
         assert!(build_client(&c, false).is_ok());
+    }
+
+    #[tokio::test]
+    async fn the_connect_timeout_covers_a_stalled_tls_handshake() {
+        // Accepts TCP and never answers the ClientHello.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let held = tokio::spawn(async move {
+            let mut open = Vec::new();
+            while let Ok((s, _)) = listener.accept().await {
+                open.push(s);
+            }
+        });
+        let doc = serde_json::json!({
+            "instances": [{"name": "a", "url": format!("https://127.0.0.1:{port}"), "api_key": "k"}],
+            "timeouts": {"connect_ms": 200},
+        });
+        let config = Config::from_json(&doc.to_string()).unwrap();
+        let client = build_client(&config, true).unwrap();
+        let req = Request::builder()
+            .uri(format!("https://127.0.0.1:{port}/"))
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let started = Instant::now();
+        let result = tokio::time::timeout(Duration::from_secs(10), client.request(req))
+            .await
+            .expect("the request must end on the connect timeout, not hang");
+        assert!(result.is_err());
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
+        held.abort();
     }
 
     #[tokio::test]
