@@ -334,7 +334,8 @@ impl Backend {
             if until != 0 {
                 let hold = now
                     .saturating_add(COOLDOWN_PROBE_HOLD_MS)
-                    .max(until.saturating_add(1));
+                    .max(until.saturating_add(1))
+                    | 1;
                 self.state
                     .cooldown_until
                     .compare_exchange(until, hold, Ordering::AcqRel, Ordering::Relaxed)
@@ -355,14 +356,23 @@ impl Backend {
     /// Cools the instance down until `now + ms`. A later, shorter cooldown
     /// never shortens an existing longer one.
     pub fn cool_down(&self, now: u64, ms: u64) {
-        let until = now.saturating_add(ms);
-        let prev = self
-            .state
-            .cooldown_until
-            .fetch_max(until, Ordering::Relaxed);
-        if prev < until {
-            self.metrics().cooldowns.increment(1);
+        // Cooldown deadlines are even and probe holds odd, so a 429 that
+        // answers a probe always replaces the hold and the probe's
+        // release (a compare-and-swap on the hold) cannot undo it.
+        let until = now.saturating_add(ms).max(2) & !1;
+        let cell = &self.state.cooldown_until;
+        let mut cur = cell.load(Ordering::Acquire);
+        loop {
+            let next = if cur & 1 == 1 { until } else { cur.max(until) };
+            if next == cur {
+                return;
+            }
+            match cell.compare_exchange_weak(cur, next, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => break,
+                Err(seen) => cur = seen,
+            }
         }
+        self.metrics().cooldowns.increment(1);
     }
 
     /// Records a success for the breaker (any response that is not a
@@ -554,7 +564,18 @@ mod tests {
         probe.end_cooldown_probe();
         drop(probe);
         assert!(b.try_acquire(200).is_none());
-        assert_eq!(b.cooling_until(200), Some(5_150));
+        assert_eq!(b.cooling_until(200), Some(5_150 & !1));
+    }
+
+    #[test]
+    fn a_429_in_the_same_millisecond_as_the_probe_still_cools() {
+        let b = backend();
+        b.cool_down(0, 1_000);
+        // The probe leaves at 1,000 and its 429 asks for exactly the hold.
+        let probe = b.try_acquire(1_000).expect("the probe");
+        b.cool_down(1_000, COOLDOWN_PROBE_HOLD_MS);
+        drop(probe);
+        assert!(b.try_acquire(1_001).is_none(), "still cooling");
     }
 
     #[test]
