@@ -60,6 +60,12 @@ static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 /// # Errors
 /// [`MetricsError`] if another recorder was installed first.
 pub fn install() -> Result<PrometheusHandle, MetricsError> {
+    // Two servers starting at once in one process (tests do this) must not
+    // race between setting the global recorder and publishing its handle.
+    static INSTALLING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _guard = INSTALLING
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     if let Some(h) = HANDLE.get() {
         return Ok(h.clone());
     }
