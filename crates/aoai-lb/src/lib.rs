@@ -4,6 +4,7 @@
 //! authenticate → route → select a backend → rewrite → send (with retries)
 //! → stream back → log.
 
+pub mod activity;
 pub mod admin;
 pub mod affinity;
 pub mod auth;
@@ -22,4 +23,5 @@ pub mod secret;
 pub mod select;
 pub mod send;
 pub mod server;
+pub mod status;
 pub mod stream;
