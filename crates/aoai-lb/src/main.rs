@@ -148,6 +148,7 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
             ConfigSource::File(path) => format!("file {}", path.display()),
             ConfigSource::Demo => "demo".to_owned(),
         },
+        clock: aoai_lb::backend::Clock::new(),
     };
     let mut term = signal(SignalKind::terminate())
         .map_err(|e| anyhow::anyhow!("cannot watch SIGTERM: {e}"))?;

@@ -46,6 +46,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::backend::Clock;
 use crate::config::{Config, ServerConfig};
 use crate::secret::Secret;
 
@@ -98,6 +99,9 @@ pub struct ServeOptions {
     /// Where the configuration came from, as the status page shows it:
     /// `OPENAI_INSTANCES`, `file <path>`, `demo`. Default `inline`.
     pub config_source: String,
+    /// The gateway's clock. Default: the real one; tests pass a manual
+    /// [`Clock`] to step through cooldowns and limit windows.
+    pub clock: Clock,
 }
 
 impl Default for ServeOptions {
@@ -110,6 +114,7 @@ impl Default for ServeOptions {
             client_key: None,
             allow_unauthenticated: false,
             config_source: "inline".to_owned(),
+            clock: Clock::new(),
         }
     }
 }
@@ -125,6 +130,7 @@ impl ServeOptions {
             allow_unauthenticated: client_key.is_none(),
             client_key,
             config_source: "inline".to_owned(),
+            clock: Clock::new(),
         }
     }
 }
@@ -269,8 +275,12 @@ pub async fn spawn(config: Arc<Config>, opts: ServeOptions) -> Result<ServerHand
     // The recorder must exist before the gateway caches its metric handles;
     // handles taken earlier would record nowhere.
     crate::metrics::install()?;
-    let gateway = crate::proxy::Gateway::new(config.clone(), opts.client_key.clone())
-        .map_err(|e| ServeError::Gateway(e.to_string()))?;
+    let gateway = crate::proxy::Gateway::with_clock(
+        config.clone(),
+        opts.client_key.clone(),
+        opts.clock.clone(),
+    )
+    .map_err(|e| ServeError::Gateway(e.to_string()))?;
     let info = Arc::new(arc_swap::ArcSwap::from_pointee(
         crate::status::ConfigInfo::new(&config.digest, opts.config_source.clone()),
     ));
