@@ -23,3 +23,4 @@ pub mod select;
 pub mod send;
 pub mod server;
 pub mod stream;
+pub mod usage;
