@@ -8,6 +8,9 @@
 # /metrics and /admin/backends: publish it only to your monitoring network,
 # never on the public ingress.
 
+# Expected size: about 30 MB (distroless/cc-debian12, about 23 MB, plus the
+# stripped binary). Deploying it: README.md, "Deploy to Azure" (deploy/).
+
 # ---- build ---------------------------------------------------------------
 FROM rust:1.95-slim-bookworm AS build
 WORKDIR /src

@@ -21,6 +21,9 @@ cargo test --workspace
 step "official SDK suite through the gateway"
 sdk-tests/run.sh
 
+step "Azure deployment template: offline parse and validation (deploy/)"
+scripts/check-deploy.sh
+
 step "supply chain: cargo-deny (offline: bans, licenses, sources)"
 scripts/deny.sh
 
