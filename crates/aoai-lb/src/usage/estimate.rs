@@ -67,14 +67,28 @@ impl Encoding {
         }
     }
 
-    fn bpe(self) -> Option<&'static CoreBPE> {
+    fn cell(self) -> &'static OnceLock<Option<CoreBPE>> {
         static O200K: OnceLock<Option<CoreBPE>> = OnceLock::new();
         static CL100K: OnceLock<Option<CoreBPE>> = OnceLock::new();
         match self {
-            Encoding::O200k => O200K.get_or_init(|| tiktoken_rs::o200k_base().ok()),
-            Encoding::Cl100k => CL100K.get_or_init(|| tiktoken_rs::cl100k_base().ok()),
+            Encoding::O200k => &O200K,
+            Encoding::Cl100k => &CL100K,
         }
-        .as_ref()
+    }
+
+    fn bpe(self) -> Option<&'static CoreBPE> {
+        self.cell()
+            .get_or_init(|| match self {
+                Encoding::O200k => tiktoken_rs::o200k_base().ok(),
+                Encoding::Cl100k => tiktoken_rs::cl100k_base().ok(),
+            })
+            .as_ref()
+    }
+
+    /// Whether the encoder is built (counting will not pay for building
+    /// it).
+    pub fn is_ready(self) -> bool {
+        self.cell().get().is_some()
     }
 
     /// Tokens of `text` (special-token text counts as ordinary text). If

@@ -99,6 +99,21 @@ impl Meter {
         }
     }
 
+    /// True when [`Meter::finish`] would estimate and the tokenizer it
+    /// needs is not built yet (it takes a fraction of a second, once).
+    pub fn estimate_is_slow(&self, complete: bool) -> bool {
+        let estimates = match &self.reader {
+            Reader::Sse(s) => s.usage().is_none(),
+            Reader::Json(j) => j.usage().is_none() && !complete,
+        };
+        estimates && !self.encoding.is_ready()
+    }
+
+    /// Whether this meter may remove bytes (strip mode on a stream).
+    pub fn strips(&self) -> bool {
+        matches!(&self.reader, Reader::Sse(s) if s.strips())
+    }
+
     /// Whether the usage chunk was removed from the stream.
     pub fn removed(&self) -> bool {
         matches!(&self.reader, Reader::Sse(s) if s.removed())

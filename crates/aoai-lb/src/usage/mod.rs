@@ -26,7 +26,75 @@ pub mod inject;
 pub mod meter;
 pub mod sse;
 
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::sync::{LazyLock, RwLock};
+
 use serde::{Deserialize, Serialize};
+
+/// Tokens counted, by client, client-facing deployment, instance, kind
+/// (`prompt`, `completion`, `cached`, `reasoning`) and source (`reported`,
+/// `estimated`).
+pub const TOKENS_TOTAL: &str = "aoai_lb_tokens_total";
+
+/// Adds one response's usage to [`TOKENS_TOTAL`] under (client,
+/// deployment, instance). Zero kinds are still touched, so every series of
+/// a used combination exists.
+///
+/// The four counter handles of each label combination are looked up once
+/// and kept (combinations are bounded by the configuration: client names,
+/// configured deployments, instance names), so a request costs a map
+/// lookup instead of four registry lookups with label allocations.
+pub fn count(client: &str, deployment: &str, instance: &str, u: &Usage) {
+    type Counters = [metrics::Counter; 4];
+    static HANDLES: LazyLock<RwLock<HashMap<String, Counters>>> =
+        LazyLock::new(|| RwLock::new(HashMap::new()));
+    thread_local! {
+        static KEY: RefCell<String> = const { RefCell::new(String::new()) };
+    }
+    let source = u.source.as_str();
+    KEY.with_borrow_mut(|key| {
+        key.clear();
+        for part in [client, deployment, instance, source] {
+            key.push_str(part);
+            key.push('\0');
+        }
+        let bump = |c: &Counters| {
+            for (counter, (_, n)) in c.iter().zip(u.kinds()) {
+                counter.increment(n);
+            }
+        };
+        if let Some(c) = HANDLES
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(key.as_str())
+        {
+            bump(c);
+            return;
+        }
+        let make = |kind: &'static str| {
+            metrics::counter!(
+                TOKENS_TOTAL,
+                "client" => client.to_owned(),
+                "deployment" => deployment.to_owned(),
+                "instance" => instance.to_owned(),
+                "kind" => kind,
+                "source" => source,
+            )
+        };
+        let c = [
+            make("prompt"),
+            make("completion"),
+            make("cached"),
+            make("reasoning"),
+        ];
+        bump(&c);
+        HANDLES
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(key.clone(), c);
+    });
+}
 
 /// Where a [`Usage`] figure comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]

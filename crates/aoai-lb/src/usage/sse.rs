@@ -48,9 +48,12 @@ pub struct SseScanner {
     /// The last byte seen was CR: an LF right after it belongs to the same
     /// terminator.
     after_cr: bool,
-    /// The bytes of the unfinished event (withheld in strip mode, a copy in
-    /// read mode).
+    /// The bytes of the unfinished event (a copy when they were sent
+    /// already, else held back).
     carry: BytesMut,
+    /// The unfinished event's bytes were sent as they came: it cannot be
+    /// removed any more.
+    committed: bool,
     usage: Option<Usage>,
     removed: bool,
     text: String,
@@ -74,6 +77,7 @@ impl SseScanner {
             at_line_start: true,
             after_cr: false,
             carry: BytesMut::new(),
+            committed: false,
             usage: None,
             removed: false,
             text: String::new(),
@@ -85,6 +89,11 @@ impl SseScanner {
     /// The usage reported so far (the usage chunk or `response.completed`).
     pub fn usage(&self) -> Option<Usage> {
         self.usage
+    }
+
+    /// Whether this scanner removes the usage chunk (strip mode).
+    pub fn strips(&self) -> bool {
+        self.strip
     }
 
     /// Whether the usage chunk was removed from the stream.
@@ -119,65 +128,48 @@ impl SseScanner {
             return Some(chunk);
         }
         let len = chunk.len();
+        let mut out = Out::new(&chunk);
         let mut scan = 0usize;
-        // Start of the first event that begins in this chunk.
-        let mut first_start = 0usize;
         let mut seg_start = 0usize;
-        let mut head: Option<Bytes> = None;
-        let mut cut: Option<(usize, usize)> = None;
         while let Some(end) = self.next_boundary(&chunk, &mut scan) {
             if !self.carry.is_empty() && seg_start == 0 {
+                // The event the carry began ends here.
                 self.carry.extend_from_slice(&chunk[..end]);
-                let remove = self.inspect_carry();
-                if self.strip && !remove {
-                    head = Some(self.carry.split().freeze());
-                } else {
-                    self.carry.clear();
+                let committed = std::mem::take(&mut self.committed);
+                let remove = self.inspect_carry(!committed);
+                if committed {
+                    out.range(0, end);
+                } else if !remove {
+                    out.owned(self.carry.split().freeze());
                 }
-                first_start = end;
-            } else if self.inspect(&chunk[seg_start..end]) {
-                cut = Some((seg_start, end));
+                self.carry.clear();
+            } else if !self.inspect(&chunk[seg_start..end], true) {
+                out.range(seg_start, end);
             }
             seg_start = end;
             if self.passthrough() && !self.after_cr {
                 // Nothing more to look at: the rest goes on as it is.
-                seg_start = len;
+                out.range(seg_start, len);
                 self.at_line_start = true;
-                break;
+                return out.build();
             }
-        }
-        if seg_start == 0 && !self.carry.is_empty() {
-            // Still inside the event the carry began.
-            self.carry.extend_from_slice(&chunk);
-            return if self.strip { None } else { Some(chunk) };
         }
         if seg_start < len {
+            // The start or the middle of an event that ends later.
+            let before = self.carry.len();
             self.carry.extend_from_slice(&chunk[seg_start..]);
-        }
-        if !self.strip {
-            return Some(chunk);
-        }
-        match (head, cut) {
-            (None, None) if first_start == 0 && seg_start == len => Some(chunk),
-            (None, None) if seg_start > first_start => Some(chunk.slice(first_start..seg_start)),
-            (None, None) => None,
-            (head, cut) => {
-                let mut out = BytesMut::with_capacity(
-                    head.as_ref().map_or(0, Bytes::len) + (seg_start - first_start),
-                );
-                if let Some(h) = &head {
-                    out.extend_from_slice(h);
+            if self.committed {
+                out.range(seg_start, len);
+            } else if !self.strip || not_a_usage_chunk(&self.carry) {
+                // Its bytes can go now: it is not the one to remove.
+                self.committed = true;
+                if before > 0 {
+                    out.owned(Bytes::copy_from_slice(&self.carry[..before]));
                 }
-                match cut {
-                    Some((a, b)) => {
-                        out.extend_from_slice(&chunk[first_start..a]);
-                        out.extend_from_slice(&chunk[b..seg_start]);
-                    }
-                    None => out.extend_from_slice(&chunk[first_start..seg_start]),
-                }
-                (!out.is_empty()).then(|| out.freeze())
+                out.range(seg_start, len);
             }
         }
+        out.build()
     }
 
     /// The instance's body ended cleanly: settles a pending CR and returns
@@ -185,21 +177,18 @@ impl SseScanner {
     /// passed on as it came).
     pub fn finish(&mut self) -> Option<Bytes> {
         let complete = std::mem::take(&mut self.after_cr) && self.terminate();
+        let committed = std::mem::take(&mut self.committed);
+        let mut held = None;
         if !self.carry.is_empty() {
             // Only a complete event may be removed; an unterminated one is
             // looked at for usage and passed on as it came.
-            let strip = self.strip;
-            self.strip = strip && complete;
-            if self.inspect_carry() {
-                self.carry.clear();
+            let remove = self.inspect_carry(complete && !committed);
+            if !remove && !committed {
+                held = Some(self.carry.split().freeze());
             }
-            self.strip = strip;
-        }
-        if self.strip && !self.carry.is_empty() {
-            return Some(self.carry.split().freeze());
         }
         self.carry.clear();
-        None
+        held
     }
 
     /// Advances the line state over `c` from `*scan`; returns the end
@@ -255,15 +244,16 @@ impl SseScanner {
         }
     }
 
-    fn inspect_carry(&mut self) -> bool {
+    fn inspect_carry(&mut self, removable: bool) -> bool {
         let carry = std::mem::take(&mut self.carry);
-        let remove = self.inspect(&carry);
+        let remove = self.inspect(&carry, removable);
         self.carry = carry;
         remove
     }
 
-    /// Looks at one complete event; true when it is to be removed.
-    fn inspect(&mut self, event: &[u8]) -> bool {
+    /// Looks at one complete event; true when it is to be removed (only
+    /// when `removable`: none of its bytes were sent yet).
+    fn inspect(&mut self, event: &[u8], removable: bool) -> bool {
         if self.usage.is_some() {
             return false;
         }
@@ -272,7 +262,14 @@ impl SseScanner {
             && let Some(e) = parse_event(&data)
         {
             self.usage = Some(e.usage);
-            if self.strip && e.usage_chunk && !self.removed {
+            // The same test that lets a partial event go early keeps it
+            // here, so where the chunks were cut never changes the result.
+            if self.strip
+                && removable
+                && e.usage_chunk
+                && !self.removed
+                && !not_a_usage_chunk(event)
+            {
                 self.removed = true;
                 return true;
             }
@@ -307,6 +304,121 @@ impl SseScanner {
             }
         }
     }
+}
+
+/// What one chunk sends on: ranges of the chunk and held-back bytes, in
+/// order. A single range is a slice of the chunk (no copy); anything else
+/// is joined into one buffer.
+struct Out<'a> {
+    chunk: &'a Bytes,
+    /// At most three pieces occur (a held-back event completed here, the
+    /// chunk's bytes before and after a removed event); more would be
+    /// joined.
+    pieces: [Option<Piece>; 4],
+    n: usize,
+}
+
+enum Piece {
+    Range(usize, usize),
+    Owned(Bytes),
+}
+
+impl<'a> Out<'a> {
+    fn new(chunk: &'a Bytes) -> Self {
+        Self {
+            chunk,
+            pieces: [None, None, None, None],
+            n: 0,
+        }
+    }
+
+    fn range(&mut self, a: usize, b: usize) {
+        if a >= b {
+            return;
+        }
+        if let Some(Some(Piece::Range(_, end))) = self.n.checked_sub(1).map(|i| &mut self.pieces[i])
+            && *end == a
+        {
+            *end = b;
+            return;
+        }
+        self.push(Piece::Range(a, b));
+    }
+
+    fn owned(&mut self, b: Bytes) {
+        if !b.is_empty() {
+            self.push(Piece::Owned(b));
+        }
+    }
+
+    fn push(&mut self, p: Piece) {
+        if self.n == self.pieces.len() {
+            let joined = self.join();
+            self.pieces = [Some(Piece::Owned(joined)), None, None, None];
+            self.n = 1;
+        }
+        self.pieces[self.n] = Some(p);
+        self.n += 1;
+    }
+
+    fn join(&self) -> Bytes {
+        let mut buf = BytesMut::new();
+        for p in self.pieces.iter().take(self.n).flatten() {
+            match p {
+                Piece::Range(a, b) => buf.extend_from_slice(&self.chunk[*a..*b]),
+                Piece::Owned(o) => buf.extend_from_slice(o),
+            }
+        }
+        buf.freeze()
+    }
+
+    fn build(self) -> Option<Bytes> {
+        match (&self.pieces[0], self.n) {
+            (_, 0) => None,
+            (Some(Piece::Range(a, b)), 1) => Some(if *a == 0 && *b == self.chunk.len() {
+                self.chunk.clone()
+            } else {
+                self.chunk.slice(*a..*b)
+            }),
+            (Some(Piece::Owned(o)), 1) => Some(o.clone()),
+            _ => Some(self.join()),
+        }
+    }
+}
+
+/// True when the start of an event already shows it is not a usage chunk:
+/// its data is not a JSON object (`[DONE]`), `choices` is not empty,
+/// `usage` is `null`, or `id` is empty (Azure's prompt-annotation event; a
+/// usage chunk carries the completion's id). Such an event's bytes go on
+/// before it is complete.
+fn not_a_usage_chunk(partial: &[u8]) -> bool {
+    let data = partial
+        .split(|&b| b == b'\n' || b == b'\r')
+        .find_map(|l| l.strip_prefix(b"data:"))
+        .map(<[u8]>::trim_ascii_start);
+    if data.is_some_and(|d| d.first().is_some_and(|&c| c != b'{')) {
+        return true;
+    }
+    let after = |key: &[u8]| {
+        memchr::memmem::find_iter(partial, key).any(|at| {
+            let rest = partial[at + key.len()..].trim_ascii_start();
+            let Some(rest) = rest.strip_prefix(b":") else {
+                return false;
+            };
+            let rest = rest.trim_ascii_start();
+            if key == b"\"usage\"" {
+                return rest.first() == Some(&b'n');
+            }
+            if key == b"\"id\"" {
+                return rest.starts_with(b"\"\"");
+            }
+            let Some(rest) = rest.strip_prefix(b"[") else {
+                return false;
+            };
+            rest.trim_ascii_start().first().is_some_and(|&c| c != b']')
+        })
+    };
+    after(b"\"choices\"") || after(b"\"usage\"") || after(b"\"id\"")
 }
 
 /// Whether `"usage"` is followed (after optional whitespace and a colon)
@@ -584,6 +696,38 @@ mod tests {
         let mut s = SseScanner::new(Endpoint::Chat, true);
         let out = run(&mut s, &[b"data: {\"choices\":[]}\n\ndata: [DO", b"NE]"]);
         assert_eq!(out, b"data: {\"choices\":[]}\n\ndata: [DONE]");
+    }
+
+    #[test]
+    fn strip_mode_sends_a_partial_content_event_at_once_and_holds_a_partial_usage_chunk() {
+        let mut s = SseScanner::new(Endpoint::Chat, true);
+        let ev = delta("Hello");
+        let cut = ev.find("Hel").unwrap();
+        let out = s
+            .push(Bytes::copy_from_slice(&ev.as_bytes()[..cut]))
+            .unwrap();
+        assert_eq!(
+            &out[..],
+            &ev.as_bytes()[..cut],
+            "non-empty choices: not the usage chunk"
+        );
+        let out = s
+            .push(Bytes::copy_from_slice(&ev.as_bytes()[cut..]))
+            .unwrap();
+        assert_eq!(&out[..], &ev.as_bytes()[cut..]);
+
+        let cut = USAGE.find("\"usage\"").unwrap() + 3;
+        assert_eq!(
+            s.push(Bytes::copy_from_slice(&USAGE.as_bytes()[..cut])),
+            None
+        );
+        assert_eq!(
+            s.push(Bytes::copy_from_slice(&USAGE.as_bytes()[cut..])),
+            None
+        );
+        assert!(s.removed());
+        let done = s.push(Bytes::from_static(b"data: [DO")).unwrap();
+        assert_eq!(&done[..], b"data: [DO");
     }
 
     #[test]
