@@ -480,3 +480,48 @@ async fn the_real_binary_logs_and_exports_the_usage_of_an_injected_stream() {
     }
     assert_eq!(counted(&text, "binary-0", "gpt-4o", "reported"), want);
 }
+
+#[tokio::test]
+async fn v1_streams_are_injected_and_counted_under_the_client_facing_deployment() {
+    let sims = named_sims("v1", 1).await;
+    let doc = config_with(
+        &sims,
+        serde_json::json!({"instances":[{"deployments": {"gpt-4o-v1": "gpt-4o-backend"}}]}),
+    );
+    let gw = start_gateway(&doc, Some(CLIENT_KEY)).await;
+    let url = format!("{}/openai/v1/chat/completions", gw.url());
+    let body = serde_json::json!({
+        "model": "gpt-4o-v1",
+        "messages": [{"role": "user", "content": "Name a colour."}],
+        "stream": true,
+    })
+    .to_string();
+    let r = send_stream(Method::POST, &url, &auth(), body).await;
+    assert_eq!(r.status, StatusCode::OK);
+    let data = r.sse_data();
+    assert_eq!(data.last().map(String::as_str), Some("[DONE]"));
+    assert!(data.iter().all(|d| !d.contains("\"usage\":{")));
+    let got = settled(&gw, "v1-0", "gpt-4o-v1", "reported").await;
+    let want = ledger(&sims[0], "gpt-4o-backend");
+    assert!(want.prompt > 0, "the instance saw its own deployment name");
+    assert_eq!(got, want);
+}
+
+#[tokio::test]
+async fn a_legacy_completions_stream_without_include_usage_is_estimated() {
+    let sims = named_sims("legacy", 1).await;
+    let gw = start_gateway(&config_for(&sims), Some(CLIENT_KEY)).await;
+    let url = format!(
+        "{}{}",
+        gw.url(),
+        dated("gpt-35-turbo-instruct", "completions", NEW)
+    );
+    let body = r#"{"prompt":"Once upon a time","max_tokens":12,"stream":true}"#;
+    let r = send_stream(Method::POST, &url, &auth(), body).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.sse_data().last().map(String::as_str), Some("[DONE]"));
+    let got = settled(&gw, "legacy-0", "gpt-35-turbo-instruct", "estimated").await;
+    let want = ledger(&sims[0], "gpt-35-turbo-instruct");
+    assert!(want.completion > 0);
+    assert_eq!((got.prompt, got.completion), (want.prompt, want.completion));
+}
