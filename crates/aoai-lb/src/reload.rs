@@ -394,6 +394,12 @@ impl Reloader {
             );
         }
         count(OUTCOME_APPLIED);
+        // A removed instance is no longer available; its series would
+        // otherwise keep its last value for ever.
+        for name in &report.removed {
+            metrics::gauge!(crate::metrics::INSTANCE_AVAILABLE, "instance" => name.clone())
+                .set(0.0);
+        }
         let info = ConfigInfo {
             hash: hash.to_owned(),
             loaded_at: rfc3339_ms(now),
