@@ -189,6 +189,7 @@ impl GatewayState {
                 clock: self.clock.clone(),
                 affinity: Arc::new(affinity),
                 draining,
+                rates: Arc::clone(&self.rates),
             },
             report,
         ))
