@@ -194,6 +194,11 @@ struct ChatRequest {
     n: Option<u32>,
     #[serde(default)]
     model: Option<String>,
+    /// Tool and legacy function definitions, counted as prompt tokens.
+    #[serde(default)]
+    tools: Option<Value>,
+    #[serde(default)]
+    functions: Option<Value>,
 }
 
 /// Chat's `usage` object, keys in Azure's (alphabetical) order.
@@ -256,7 +261,11 @@ fn chat(ctx: &Ctx, path_dep: Option<&str>) -> Result<Reply, Reply> {
         .with_deployment(dep));
     };
     check_stream_options(ctx, dep, req.stream_options.is_some())?;
-    let prompt = Prompt::chat(encoding(ctx, dep), messages);
+    let prompt = Prompt::chat_request(
+        encoding(ctx, dep),
+        messages,
+        [req.tools.as_ref(), req.functions.as_ref()],
+    );
     let p = plan(ctx, dep, req.max_completion_tokens.or(req.max_tokens));
     let n = req.n.unwrap_or(1).clamp(1, 128);
     let remaining = ctx.admit(dep, Op::Chat, prompt.estimate() + p.reserve * u64::from(n))?;

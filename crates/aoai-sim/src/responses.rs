@@ -40,6 +40,8 @@ struct ResponseRequest {
     max_output_tokens: Option<u32>,
     #[serde(default)]
     store: Option<bool>,
+    #[serde(default)]
+    tools: Option<Value>,
 }
 
 /// The framed prompt of a request: instructions, then the input.
@@ -59,6 +61,7 @@ fn prompt(ctx: &Ctx, dep: &str, req: &ResponseRequest) -> Prompt {
         other => p.message(enc, &json!({"role": "user", "content": other})),
     }
     p.finish();
+    p.tools(enc, req.tools.as_ref());
     p
 }
 

@@ -21,31 +21,32 @@ pub enum Encoding {
 }
 
 impl Encoding {
-    /// The encoding a model uses, by name (case-insensitive). Names that are not
-    /// recognised get `o200k_base`, the encoding of every current chat model.
+    /// The encoding a model uses, by name (case-insensitive): `cl100k_base`
+    /// for the gpt-4 family before 4o (a name containing `gpt-4` but not
+    /// `gpt-4o`, `gpt-4.1`, `gpt-4.5`), gpt-35 / gpt-3.5, text-embedding-*,
+    /// ada-002, davinci-002 and babbage-002; `o200k_base` for everything else
+    /// (gpt-4o, gpt-4.1, gpt-5, o-series and unrecognised names). Deployment
+    /// names such as `prod-gpt-35-turbo` work because the test is "contains",
+    /// the same rule the gateway's estimator uses.
     pub fn for_model(model: &str) -> Encoding {
-        let m = model.to_ascii_lowercase();
-        let o200k = [
-            "gpt-4o",
-            "gpt-4.1",
-            "gpt-4.5",
-            "gpt-5",
-            "o1",
-            "o3",
-            "o4",
-            "gpt-oss",
-            "chatgpt-",
-            "codex",
-            "computer-use",
+        let n = model.to_ascii_lowercase();
+        let old_gpt4 = n.contains("gpt-4")
+            && !["gpt-4o", "gpt-4.1", "gpt-4.5", "gpt-41", "gpt-45"]
+                .iter()
+                .any(|x| n.contains(x));
+        let cl100k = [
+            "gpt-35",
+            "gpt-3.5",
+            "text-embedding",
+            "ada-002",
+            "davinci-002",
+            "babbage-002",
         ];
-        if o200k.iter().any(|p| m.starts_with(p)) {
-            return Encoding::O200kBase;
+        if old_gpt4 || cl100k.iter().any(|x| n.contains(x)) {
+            Encoding::Cl100kBase
+        } else {
+            Encoding::O200kBase
         }
-        let cl100k = ["gpt-4", "gpt-35", "gpt-3.5", "text-embedding-"];
-        if cl100k.iter().any(|p| m.starts_with(p)) {
-            return Encoding::Cl100kBase;
-        }
-        Encoding::O200kBase
     }
 
     /// The encoding's name as `tiktoken` spells it.
@@ -97,12 +98,16 @@ pub fn is_reasoning_model(model: &str) -> bool {
 pub const TOKENS_PER_MESSAGE: u64 = 3;
 /// Extra token for a message's `name`.
 pub const TOKENS_PER_NAME: u64 = 1;
+/// Tokens of an image part of a prompt (one low-detail tile).
+pub const IMAGE_TOKENS: u64 = 85;
 /// Tokens that prime the assistant's reply, once per request.
 pub const REPLY_PRIMING_TOKENS: u64 = 3;
 
 /// Stand-in id for framing tokens in a prompt's id sequence (used only to find
 /// shared prefixes for prompt caching; never a real token).
 const FRAME_ID: u32 = u32::MAX;
+/// Stand-in id for the tokens of an image part.
+const IMAGE_ID: u32 = u32::MAX - 1;
 
 /// A prompt being counted: its token ids, framing included, and the characters
 /// of its text for Azure's admission estimate.
@@ -152,25 +157,37 @@ impl Prompt {
         (self.chars.div_ceil(4) + self.raw_tokens).max(1)
     }
 
-    /// Text of a message `content`: a string, or the `text` of each part of an
-    /// array (images and audio parts are not counted).
+    /// A message `content`: a string, or an array of parts, each counted by
+    /// its `text` (chat `text`, Responses `input_text`) or as an image
+    /// (`image_url`, `input_image`: 85 tokens, a low-detail tile). Other parts
+    /// (audio, files) count 0.
     fn content(&mut self, enc: Encoding, v: &Value) {
         match v {
             Value::String(s) => self.text(enc, s),
             Value::Array(parts) => {
                 for p in parts {
-                    match p {
-                        Value::String(s) => self.text(enc, s),
-                        Value::Object(o) => {
-                            if let Some(Value::String(t)) = o.get("text") {
+                    match p.get("type").and_then(Value::as_str) {
+                        Some("image_url" | "input_image") => {
+                            self.ids.extend([IMAGE_ID; IMAGE_TOKENS as usize]);
+                        }
+                        _ => {
+                            if let Some(Value::String(t)) = p.get("text") {
                                 self.text(enc, t);
                             }
                         }
-                        _ => {}
                     }
                 }
             }
             _ => {}
+        }
+    }
+
+    /// Tool (or function) definitions: the tokens of their compact JSON
+    /// (keys sorted), an approximation of the service's internal rendering.
+    /// Not part of the admission estimate.
+    pub(crate) fn tools(&mut self, enc: Encoding, v: Option<&Value>) {
+        if let Some(v) = v.filter(|v| !v.is_null()) {
+            self.piece(enc, &v.to_string(), false);
         }
     }
 
@@ -222,6 +239,20 @@ impl Prompt {
             p.message(enc, m);
         }
         p.finish();
+        p
+    }
+
+    /// A chat request's prompt: its messages, then its `tools` and legacy
+    /// `functions` definitions.
+    pub(crate) fn chat_request(
+        enc: Encoding,
+        messages: &[Value],
+        tools: [Option<&Value>; 2],
+    ) -> Prompt {
+        let mut p = Prompt::chat(enc, messages);
+        for t in tools {
+            p.tools(enc, t);
+        }
         p
     }
 
@@ -397,6 +428,28 @@ mod tests {
             + 1
             + 3;
         assert_eq!(count_chat(enc, &msgs), expected);
+    }
+
+    #[test]
+    fn images_count_85_and_tool_definitions_their_json_text() {
+        let enc = Encoding::O200kBase;
+        let msgs = [json!({"role": "user", "content": [
+            {"type": "text", "text": "look"},
+            {"type": "image_url", "image_url": {"url": "data:,"}}
+        ]})];
+        assert_eq!(
+            Prompt::chat(enc, &msgs).tokens(),
+            3 + enc.count("user") + enc.count("look") + IMAGE_TOKENS + 3
+        );
+        let tools = json!([{"type": "function", "function": {"name": "f", "parameters": {}}}]);
+        let p = Prompt::chat_request(enc, &msgs, [Some(&tools), None]);
+        assert_eq!(
+            p.tokens(),
+            Prompt::chat(enc, &msgs).tokens()
+                + enc.count(r#"[{"function":{"name":"f","parameters":{}},"type":"function"}]"#)
+        );
+        // Neither images nor tools enter the character estimate.
+        assert_eq!(p.estimate(), 1);
     }
 
     #[test]
