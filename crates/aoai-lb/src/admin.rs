@@ -91,6 +91,11 @@ fn answer<H: Handler>(
             "application/json",
             Bytes::from(handler.backends_json()),
         ),
+        "/admin/clients" => reply(
+            StatusCode::OK,
+            "application/json",
+            Bytes::from(handler.clients_json()),
+        ),
         "/healthz" => reply(
             StatusCode::OK,
             "application/json",

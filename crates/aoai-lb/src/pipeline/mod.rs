@@ -99,6 +99,7 @@ impl RequestCtx {
             method: parts.method.clone(),
             path: parts.uri.path().to_owned(),
             deployment: None,
+            client: None,
             attempts: Vec::new(),
             instance: None,
             status: 0,
