@@ -32,3 +32,4 @@ pub mod state;
 pub mod status;
 pub mod stream;
 pub mod upstream;
+pub mod usage;

@@ -21,6 +21,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use crate::clients::Client;
 use crate::config::{QuotaPeriod, TokenQuota};
+use crate::usage::Endpoint;
 
 /// Length of the sliding window for `rpm` and `tpm`.
 pub const WINDOW_MS: u64 = 60_000;
@@ -325,8 +326,9 @@ pub fn admit(
 /// `max_output_tokens`, else `default_max_tokens`) times `n` (or
 /// `best_of`, whichever is larger). Embeddings generate nothing. A body
 /// that is not a JSON object (audio uploads, GET requests) is estimated at
-/// 0: such requests count against `rpm` only.
-pub fn estimate_tokens(path: &str, body: &[u8], default_max_tokens: u64) -> u64 {
+/// 0: such requests count against `rpm` only. `model` (the deployment)
+/// picks the tokenizer.
+pub fn estimate_tokens(path: &str, model: &str, body: &[u8], default_max_tokens: u64) -> u64 {
     #[derive(serde::Deserialize, Default)]
     #[serde(default)]
     struct Caps {
@@ -343,8 +345,9 @@ pub fn estimate_tokens(path: &str, body: &[u8], default_max_tokens: u64) -> u64 
     let Ok(caps) = serde_json::from_slice::<Caps>(body) else {
         return 0;
     };
-    let prompt = prompt_tokens(body);
-    if path.ends_with("/embeddings") {
+    let endpoint = Endpoint::from_path(path);
+    let prompt = prompt_tokens(endpoint, model, body);
+    if endpoint == Some(Endpoint::Embeddings) {
         return prompt;
     }
     let out = caps
@@ -356,12 +359,15 @@ pub fn estimate_tokens(path: &str, body: &[u8], default_max_tokens: u64) -> u64 
     prompt.saturating_add(out.saturating_mul(times))
 }
 
-/// Prompt tokens of a request body, estimated from its size: about four
-/// bytes of JSON per token, the same order as Azure's character-based
-/// estimate. A tokenizer-based count can replace this function without
-/// touching its callers.
-pub fn prompt_tokens(body: &[u8]) -> u64 {
-    (body.len() as u64).div_ceil(4)
+/// Prompt tokens of a request body: counted with the model's tokenizer on
+/// the inference endpoints ([`crate::usage::estimate::prompt_tokens`]),
+/// and estimated from the body's size elsewhere (about four bytes of JSON
+/// per token, the order of Azure's own character-based estimate).
+pub fn prompt_tokens(endpoint: Option<Endpoint>, model: &str, body: &[u8]) -> u64 {
+    match endpoint {
+        Some(e) => crate::usage::estimate::prompt_tokens(e, model, body),
+        None => (body.len() as u64).div_ceil(4),
+    }
 }
 
 // ---- Calendar periods --------------------------------------------------
@@ -549,21 +555,28 @@ mod tests {
 
     #[test]
     fn estimates_like_azure() {
+        let chat = "/openai/deployments/gpt-4o/chat/completions";
+        let ep = Endpoint::from_path(chat);
         let body = br#"{"messages":[{"role":"user","content":"hi"}],"max_tokens":16,"n":2}"#;
-        let p = prompt_tokens(body);
-        assert_eq!(estimate_tokens("/chat/completions", body, 100), p + 32);
-        let body = br#"{"messages":[]}"#;
+        let p = prompt_tokens(ep, "gpt-4o", body);
+        assert!(p > 0);
+        assert_eq!(estimate_tokens(chat, "gpt-4o", body, 100), p + 32);
+        let body = br#"{"messages":[{"role":"user","content":"hi"}]}"#;
+        assert_eq!(estimate_tokens(chat, "gpt-4o", body, 100), p + 100);
+        let emb = "/openai/deployments/e/embeddings";
+        let body = br#"{"input":"hi there","max_tokens":50}"#;
         assert_eq!(
-            estimate_tokens("/chat/completions", body, 100),
-            prompt_tokens(body) + 100
+            estimate_tokens(emb, "e", body, 100),
+            prompt_tokens(Endpoint::from_path(emb), "e", body)
         );
-        let body = br#"{"input":"hi","max_tokens":50}"#;
+        let images = "/openai/deployments/d/images/generations";
+        let body = br#"{"prompt":"a cat"}"#;
         assert_eq!(
-            estimate_tokens("/x/embeddings", body, 100),
-            prompt_tokens(body)
+            estimate_tokens(images, "d", body, 100),
+            (body.len() as u64).div_ceil(4) + 100
         );
-        assert_eq!(estimate_tokens("/audio", b"RIFF....", 100), 0);
-        assert_eq!(estimate_tokens("/x", b"", 100), 0);
+        assert_eq!(estimate_tokens("/audio", "d", b"RIFF....", 100), 0);
+        assert_eq!(estimate_tokens("/x", "d", b"", 100), 0);
     }
 
     proptest! {

@@ -51,6 +51,7 @@ fn body(max_tokens: u64) -> String {
 fn estimate(body: &str) -> u64 {
     aoai_lb::limits::estimate_tokens(
         "/openai/deployments/gpt-4o/chat/completions",
+        "gpt-4o",
         body.as_bytes(),
         4096,
     )

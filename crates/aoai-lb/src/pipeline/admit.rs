@@ -63,6 +63,7 @@ pub fn admit(gw: &GatewayState, ctx: &mut RequestCtx) -> Result<(), ProxyError> 
     let estimate = if client.limits.counts_tokens() {
         limits::estimate_tokens(
             ctx.parts.uri.path(),
+            ctx.route.deployment.as_deref().unwrap_or(""),
             &ctx.body,
             client.limits.default_max_tokens,
         )
