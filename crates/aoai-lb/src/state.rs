@@ -34,6 +34,9 @@ pub struct GatewayState {
     pub clock: Clock,
     /// Which instance holds which stateful object.
     pub affinity: Arc<AffinityTable>,
+    /// Instances removed by a reload, kept for the status page while
+    /// requests they took before it finish. New requests never use them.
+    pub draining: Vec<Arc<Backend>>,
 }
 
 impl GatewayState {
@@ -77,6 +80,7 @@ impl GatewayState {
             client_h1,
             clock,
             affinity: Arc::new(AffinityTable::default()),
+            draining: Vec::new(),
         })
     }
 }
