@@ -305,8 +305,9 @@ pub struct Client {
     pub spillover: bool,
     /// Its configured limits.
     pub limits: ClientLimits,
-    /// Its live windows and quota.
-    pub state: LimitState,
+    /// Its live windows and quota; shared with the same-named client of a
+    /// reloaded configuration, so a reload does not reset them.
+    pub state: Arc<LimitState>,
     /// `aoai_lb_requests_total{instance, code, client}` handles per
     /// instance index, made on first use.
     requests: Box<[OnceLock<[metrics::Counter; 5]>]>,
@@ -322,7 +323,7 @@ impl std::fmt::Debug for Client {
 }
 
 impl Client {
-    fn new(cfg: &ClientConfig, backends: &[Arc<Backend>]) -> Self {
+    fn new(cfg: &ClientConfig, backends: &[Arc<Backend>], state: Arc<LimitState>) -> Self {
         let mut excluded = IndexSet::default();
         if let Some(p) = &cfg.priorities {
             for b in backends {
@@ -350,7 +351,7 @@ impl Client {
                 token_quota: cfg.token_quota,
                 default_max_tokens: cfg.default_max_tokens,
             },
-            state: LimitState::default(),
+            state,
             requests: (0..backends.len()).map(|_| OnceLock::new()).collect(),
         }
     }
@@ -374,7 +375,7 @@ impl Client {
                 token_quota: None,
                 default_max_tokens: DEFAULT_MAX_TOKENS,
             },
-            state: LimitState::default(),
+            state: Arc::default(),
             requests: (0..instances).map(|_| OnceLock::new()).collect(),
         }
     }
@@ -444,7 +445,9 @@ pub enum ClientsError {
 impl Clients {
     /// The table for `configs` plus `API_KEY` (`client_key`). With
     /// `open`, a request presenting no known key is served as client
-    /// `default` (unauthenticated mode) instead of being refused.
+    /// `default` (unauthenticated mode) instead of being refused. A client
+    /// named as one in `previous` (the table before a reload) keeps its
+    /// window and quota use.
     ///
     /// # Errors
     /// [`ClientsError::ApiKeyTaken`].
@@ -453,12 +456,18 @@ impl Clients {
         client_key: Option<&Secret>,
         open: bool,
         backends: &[Arc<Backend>],
+        previous: Option<&Clients>,
     ) -> Result<Self, ClientsError> {
+        let state_of = |name: &str| {
+            previous
+                .and_then(|p| p.all.iter().find(|c| &*c.name == name))
+                .map_or_else(Arc::default, |c| Arc::clone(&c.state))
+        };
         let mut by_hash = HashMap::new();
         let mut all = Vec::with_capacity(configs.len() + 1);
         let mut default = None;
         for cfg in configs {
-            let c = Arc::new(Client::new(cfg, backends));
+            let c = Arc::new(Client::new(cfg, backends, state_of(&cfg.name)));
             for h in &cfg.key_hashes {
                 by_hash.insert(*h, Arc::clone(&c));
             }
@@ -471,7 +480,9 @@ impl Clients {
         let default = match default {
             Some(d) => Some(d),
             None if needs_default => {
-                let d = Arc::new(Client::unlimited_over(DEFAULT_CLIENT, backends.len()));
+                let mut d = Client::unlimited_over(DEFAULT_CLIENT, backends.len());
+                d.state = state_of(DEFAULT_CLIENT);
+                let d = Arc::new(d);
                 all.insert(0, Arc::clone(&d));
                 Some(d)
             }
@@ -572,6 +583,7 @@ mod tests {
             api_key.map(Secret::new).as_ref(),
             false,
             &backends,
+            None,
         )
         .unwrap()
     }
@@ -629,7 +641,7 @@ mod tests {
             &env,
         )
         .unwrap();
-        let e = Clients::new(&c.clients, Some(&Secret::new("same")), false, &[]).unwrap_err();
+        let e = Clients::new(&c.clients, Some(&Secret::new("same")), false, &[], None).unwrap_err();
         assert_eq!(e, ClientsError::ApiKeyTaken("a".into()));
         assert!(!e.to_string().contains("same\""));
     }

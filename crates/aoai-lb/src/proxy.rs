@@ -164,10 +164,9 @@ impl Gateway {
 
     /// Per-client limits and use for the admin listener.
     pub fn clients(&self) -> Vec<ClientStatus> {
-        let clock = &self.inner.clock;
-        let (now, unix) = (clock.now_ms(), clock.unix_ms());
-        self.inner
-            .clients
+        let gw = self.state();
+        let (now, unix) = (gw.clock.now_ms(), gw.clock.unix_ms());
+        gw.clients
             .all()
             .iter()
             .map(|c| {

@@ -20,6 +20,8 @@ use crate::upstream::{self, UpstreamClient};
 pub struct GatewayState {
     /// The configuration it was built with.
     pub config: Arc<Config>,
+    /// `API_KEY`, kept to rebuild [`GatewayState::clients`] on a reload.
+    pub client_key: Option<Secret>,
     /// The clients and their keys (`API_KEY` is client `default`).
     pub clients: Clients,
     /// Instances in configuration order.
@@ -66,13 +68,14 @@ impl GatewayState {
         // No key at all means unauthenticated mode (the server refuses to
         // start that way unless the operator opted out).
         let open = client_key.is_none() && config.clients.is_empty();
-        let clients = Clients::new(&config.clients, client_key.as_ref(), open, &backends)
+        let clients = Clients::new(&config.clients, client_key.as_ref(), open, &backends, None)
             .map_err(|e| GatewayError::Clients(e.to_string()))?;
         let selector = Selector::new(&backends);
         let client = upstream::build_client(&config, true)?;
         let client_h1 = upstream::build_client(&config, false)?;
         Ok(GatewayState {
             config,
+            client_key,
             clients,
             backends,
             selector,
