@@ -199,6 +199,7 @@ impl GatewayState {
                 clock: self.clock.clone(),
                 affinity: Arc::new(affinity),
                 draining,
+                rates: Arc::clone(&self.rates),
             },
             report,
         ))
@@ -403,6 +404,12 @@ impl Reloader {
             );
         }
         count(OUTCOME_APPLIED);
+        // A removed instance is no longer available; its series would
+        // otherwise keep its last value for ever.
+        for name in &report.removed {
+            metrics::gauge!(crate::metrics::INSTANCE_AVAILABLE, "instance" => name.clone())
+                .set(0.0);
+        }
         let info = ConfigInfo {
             hash: hash.to_owned(),
             loaded_at: rfc3339_ms(now),

@@ -39,6 +39,9 @@ pub struct GatewayState {
     /// Instances removed by a reload, kept for the status page while
     /// requests they took before it finish. New requests never use them.
     pub draining: Vec<Arc<Backend>>,
+    /// Per-client and per-deployment rates for the status page; kept by a
+    /// reload.
+    pub rates: Arc<crate::status::Rates>,
 }
 
 impl GatewayState {
@@ -84,6 +87,7 @@ impl GatewayState {
             clock,
             affinity: Arc::new(AffinityTable::default()),
             draining: Vec::new(),
+            rates: Arc::default(),
         })
     }
 }
