@@ -15,6 +15,7 @@ pub mod error;
 pub mod log;
 pub mod logging;
 pub mod metrics;
+pub mod otel;
 pub mod proxy;
 pub mod rewrite;
 pub mod route;

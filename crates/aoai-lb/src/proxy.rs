@@ -69,6 +69,8 @@ pub struct Inner {
     pub clock: Clock,
     /// Which instance holds which stateful object.
     pub affinity: Arc<AffinityTable>,
+    /// The trace exporter while tracing is on ([`crate::otel`]).
+    pub tracing: Option<Arc<crate::otel::Tracing>>,
 }
 
 /// One instance in the `/admin/backends` document. Never holds a key or URL.
@@ -101,7 +103,11 @@ impl Gateway {
     /// # Errors
     /// Bad extra CA file, TLS set-up failure, more than 128 instances, or a
     /// host/key that cannot be a header value.
-    pub fn new(config: Arc<Config>, client_key: Option<Secret>) -> Result<Gateway, GatewayError> {
+    pub fn new(
+        config: Arc<Config>,
+        client_key: Option<Secret>,
+        tracing: Option<Arc<crate::otel::Tracing>>,
+    ) -> Result<Gateway, GatewayError> {
         if config.instances.len() > MAX_INSTANCES {
             return Err(GatewayError::TooManyInstances { max: MAX_INSTANCES });
         }
@@ -128,6 +134,7 @@ impl Gateway {
                 client_h1,
                 clock: Clock::new(),
                 affinity: Arc::new(AffinityTable::default()),
+                tracing,
             }),
         })
     }
@@ -191,6 +198,7 @@ impl Gateway {
             bytes: 0,
             streamed: false,
             error: None,
+            trace: gw.tracing.as_ref().map(|t| t.begin(&parts.headers)),
         };
 
         if let Err(e) = auth::authenticate(gw.client_key.as_ref(), &parts.headers) {
@@ -258,6 +266,7 @@ impl Gateway {
             &rec.request_id,
             client_upgrade.is_some(),
         );
+        let trace = rec.trace.clone();
         let out = Outgoing {
             method: &parts.method,
             path: parts.uri.path(),
@@ -266,6 +275,7 @@ impl Gateway {
             route: &route,
             body: &body,
             websocket: client_upgrade.is_some(),
+            trace: trace.as_ref(),
         };
         let mut upstream_wait = std::time::Duration::ZERO;
         // If the client goes away while instances are tried, hyper drops

@@ -80,6 +80,9 @@ pub struct ServeOptions {
     pub client_key: Option<Secret>,
     /// Serve without client auth (explicit operator opt-out).
     pub allow_unauthenticated: bool,
+    /// The trace exporter, when tracing is on ([`crate::otel`]). Default
+    /// `None`: no spans, no `traceparent` rewriting.
+    pub tracing: Option<Arc<crate::otel::Tracing>>,
 }
 
 impl Default for ServeOptions {
@@ -91,6 +94,7 @@ impl Default for ServeOptions {
             admin_port: 8001,
             client_key: None,
             allow_unauthenticated: false,
+            tracing: None,
         }
     }
 }
@@ -105,6 +109,7 @@ impl ServeOptions {
             admin_port: 0,
             allow_unauthenticated: client_key.is_none(),
             client_key,
+            tracing: None,
         }
     }
 }
@@ -248,8 +253,12 @@ pub async fn spawn(config: Arc<Config>, opts: ServeOptions) -> Result<ServerHand
     // The recorder must exist before the gateway caches its metric handles;
     // handles taken earlier would record nowhere.
     crate::metrics::install()?;
-    let gateway = crate::proxy::Gateway::new(config.clone(), opts.client_key.clone())
-        .map_err(|e| ServeError::Gateway(e.to_string()))?;
+    let gateway = crate::proxy::Gateway::new(
+        config.clone(),
+        opts.client_key.clone(),
+        opts.tracing.clone(),
+    )
+    .map_err(|e| ServeError::Gateway(e.to_string()))?;
     serve(gateway, config.server, opts).await
 }
 

@@ -275,6 +275,7 @@ mod tests {
                 bytes: 0,
                 streamed: false,
                 error: None,
+                trace: None,
             },
             start: Instant::now(),
             in_flight: b.try_acquire(1),
