@@ -160,6 +160,7 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
         client_key: settings.client_key.clone(),
         allow_unauthenticated: settings.allow_unauthenticated,
         tracing: otel.clone(),
+        clock: aoai_lb::backend::Clock::new(),
     };
     let mut term = signal(SignalKind::terminate())
         .map_err(|e| anyhow::anyhow!("cannot watch SIGTERM: {e}"))?;

@@ -29,6 +29,10 @@ pub const IN_FLIGHT: &str = "aoai_lb_in_flight";
 pub const COOLDOWNS_TOTAL: &str = "aoai_lb_cooldowns_total";
 /// 1 while an instance's circuit breaker is open.
 pub const BREAKER_OPEN: &str = "aoai_lb_breaker_open";
+/// 1 while an instance can take a request (not cooling down, breaker not
+/// open); refreshed at each scrape. This, not `/readyz`, is where "every
+/// instance is throttled" shows.
+pub const INSTANCE_AVAILABLE: &str = "aoai_lb_instance_available";
 /// Requests answered by the gateway itself, by reason.
 pub const CLIENT_ERRORS_TOTAL: &str = "aoai_lb_client_errors_total";
 /// Client connections currently open on the public listener.
@@ -102,6 +106,28 @@ pub fn install() -> Result<PrometheusHandle, MetricsError> {
     Ok(handle)
 }
 
+/// Process-wide metric handles used on every request, created on first
+/// use (after the recorder is installed) so the hot path skips the
+/// registry lookup.
+pub struct GlobalMetrics {
+    /// `aoai_lb_overhead_seconds`.
+    pub overhead: metrics::Histogram,
+    /// `aoai_lb_request_duration_seconds{streamed="true"}`.
+    pub duration_streamed: metrics::Histogram,
+    /// `aoai_lb_request_duration_seconds{streamed="false"}`.
+    pub duration_plain: metrics::Histogram,
+}
+
+/// The process-wide handles (see [`GlobalMetrics`]).
+pub fn global() -> &'static GlobalMetrics {
+    static CELL: OnceLock<GlobalMetrics> = OnceLock::new();
+    CELL.get_or_init(|| GlobalMetrics {
+        overhead: metrics::histogram!(OVERHEAD_SECONDS),
+        duration_streamed: metrics::histogram!(REQUEST_DURATION_SECONDS, "streamed" => "true"),
+        duration_plain: metrics::histogram!(REQUEST_DURATION_SECONDS, "streamed" => "false"),
+    })
+}
+
 /// The installed recorder's handle, if any.
 pub fn handle() -> Option<PrometheusHandle> {
     HANDLE.get().cloned()
@@ -142,6 +168,11 @@ fn describe() {
         BREAKER_OPEN,
         Unit::Count,
         "1 while the instance's circuit breaker is open, else 0"
+    );
+    describe_gauge!(
+        INSTANCE_AVAILABLE,
+        Unit::Count,
+        "1 while the instance can take a request (not cooling down after a 429, breaker not open), else 0; refreshed at each scrape"
     );
     describe_counter!(
         CLIENT_ERRORS_TOTAL,

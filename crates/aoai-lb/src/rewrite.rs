@@ -8,8 +8,11 @@
 //!   per the instance's `deployments` map) + the query string, untouched
 //!   except for a realtime request's renamed `deployment`/`model` value and
 //!   the removal of any `api-key` parameter (a client credential).
-//! - Headers: the client's `authorization` and `api-key` are removed and the
-//!   instance's `api-key` set; `Host` is overwritten; hop-by-hop headers are
+//! - Headers: every client credential (`authorization`, `api-key`,
+//!   `proxy-authorization`, `cookie`, `ocp-apim-subscription-key`,
+//!   `x-api-key`, the `x-ms-token-*` / `x-ms-client-principal*` headers of
+//!   App Service authentication, a key in a WebSocket subprotocol) is
+//!   removed and the instance's own credential set; `Host` is overwritten; hop-by-hop headers are
 //!   removed (RFC 9110 §7.6.1); `x-ms-client-request-id` carries the request
 //!   id.
 //! - Body: on `/openai/v1/*` and `/openai/responses` only the bytes of the
@@ -116,9 +119,16 @@ fn remove_listed(headers: &mut HeaderMap, listed: &[HeaderName], skip: u32) {
 }
 
 /// What [`prepare_request_headers`] removes: the hop-by-hop list (in the
-/// same order as [`HOP_BY_HOP`]) and then the client's credentials, `Host`,
-/// `Content-Length` and `Expect`.
-static REQUEST_DROPPED: [HeaderName; 12] = [
+/// same order as [`HOP_BY_HOP`]), then every header that carries a client
+/// credential, then `Host`, `Content-Length` and `Expect`.
+///
+/// The credential headers are those a client, or a platform in front of the
+/// gateway, can attach: the two the gateway checks (`Authorization`,
+/// `api-key`), `Proxy-Authorization` (meant for a forward proxy, and RFC
+/// 9110 §11.7.2 says a proxy consumes it), `Cookie` (a session with whatever
+/// serves the gateway's host), the APIM subscription key and the `x-api-key`
+/// some SDKs send. An instance only ever sees the gateway's own credential.
+static REQUEST_DROPPED: [HeaderName; 16] = [
     header::CONNECTION,
     header::UPGRADE,
     HeaderName::from_static("keep-alive"),
@@ -128,12 +138,28 @@ static REQUEST_DROPPED: [HeaderName; 12] = [
     header::TRANSFER_ENCODING,
     header::AUTHORIZATION,
     HeaderName::from_static("api-key"),
+    header::PROXY_AUTHORIZATION,
+    header::COOKIE,
+    HeaderName::from_static("ocp-apim-subscription-key"),
+    HeaderName::from_static("x-api-key"),
     header::HOST,
     header::CONTENT_LENGTH,
     // The body is already read in full, so `Expect: 100-continue` was
     // answered by us and means nothing upstream.
     header::EXPECT,
 ];
+
+/// Prefixes of headers that App Service / Container Apps authentication
+/// ("Easy Auth") injects in front of the gateway: the caller's Entra tokens
+/// (`x-ms-token-aad-access-token`, `x-ms-token-aad-id-token`, ...) and its
+/// identity (`x-ms-client-principal`, `-id`, `-name`, `-idp`). They belong to
+/// the gateway's host and must not reach an instance.
+const PLATFORM_CREDENTIAL_PREFIXES: [&str; 2] = ["x-ms-token-", "x-ms-client-principal"];
+
+/// The WebSocket subprotocol prefix OpenAI's browser clients use to carry a
+/// key (`openai-insecure-api-key.<key>`), since browsers cannot set headers
+/// on a WebSocket handshake.
+const SUBPROTOCOL_KEY_PREFIX: &str = "openai-insecure-api-key.";
 
 /// Prepares the client's headers once per request, for every attempt:
 /// removes credentials, `Host`, hop-by-hop headers, `Expect` and
@@ -146,10 +172,62 @@ pub fn prepare_request_headers(headers: &mut HeaderMap, request_id: &HeaderValue
     // exactly `upgrade` below).
     let skip = if websocket { 0b11 } else { 0 };
     remove_listed(headers, &REQUEST_DROPPED, skip);
+    remove_platform_credentials(headers);
     if websocket {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        strip_subprotocol_keys(headers);
     }
     headers.insert(CLIENT_REQUEST_ID.clone(), request_id.clone());
+}
+
+/// Removes every header named by [`PLATFORM_CREDENTIAL_PREFIXES`]. One pass
+/// over the names; nothing is allocated unless one is present.
+fn remove_platform_credentials(headers: &mut HeaderMap) {
+    let is_platform = |n: &HeaderName| {
+        PLATFORM_CREDENTIAL_PREFIXES
+            .iter()
+            .any(|p| n.as_str().starts_with(p))
+    };
+    if !headers.keys().any(is_platform) {
+        return;
+    }
+    let named: Vec<HeaderName> = headers.keys().filter(|n| is_platform(n)).cloned().collect();
+    for name in named {
+        headers.remove(&name);
+    }
+}
+
+/// Drops `openai-insecure-api-key.*` entries from `Sec-WebSocket-Protocol`,
+/// keeping the others in order (the instance echoes one of them back); the
+/// header goes when nothing else is left.
+fn strip_subprotocol_keys(headers: &mut HeaderMap) {
+    let has_key = |v: &HeaderValue| {
+        v.as_bytes().split(|&c| c == b',').any(|p| {
+            p.trim_ascii()
+                .starts_with(SUBPROTOCOL_KEY_PREFIX.as_bytes())
+        })
+    };
+    if !headers
+        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .any(has_key)
+    {
+        return;
+    }
+    let kept: Vec<Vec<u8>> = headers
+        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&c| c == b','))
+        .map(<[u8]>::trim_ascii)
+        .filter(|p| !p.is_empty() && !p.starts_with(SUBPROTOCOL_KEY_PREFIX.as_bytes()))
+        .map(<[u8]>::to_vec)
+        .collect();
+    headers.remove(header::SEC_WEBSOCKET_PROTOCOL);
+    if !kept.is_empty()
+        && let Ok(v) = HeaderValue::from_bytes(&kept.join(&b", "[..]))
+    {
+        headers.insert(header::SEC_WEBSOCKET_PROTOCOL, v);
+    }
 }
 
 /// The per-attempt header map: the prepared headers plus this instance's
@@ -521,6 +599,67 @@ mod tests {
         assert_eq!(a["host"], "127.0.0.1:9000");
         assert_eq!(a["x-ms-client-request-id"], "rid");
         assert!(a.get("content-length").is_none());
+    }
+
+    #[test]
+    fn removes_every_client_credential_header() {
+        let b = backend("http://127.0.0.1:9000");
+        let mut h = HeaderMap::new();
+        for (k, v) in [
+            ("authorization", "Bearer client"),
+            ("api-key", "client"),
+            ("proxy-authorization", "Basic dXNlcjpwdw=="),
+            ("cookie", "session=abc"),
+            ("ocp-apim-subscription-key", "apim"),
+            ("x-api-key", "other"),
+            ("x-ms-token-aad-access-token", "eyJ"),
+            ("x-ms-token-aad-id-token", "eyJ"),
+            ("x-ms-client-principal", "e30="),
+            ("x-ms-client-principal-id", "oid"),
+            ("x-ms-client-principal-name", "me@example.com"),
+            ("x-ms-useragent", "AzureOpenAI/1.0"),
+        ] {
+            h.append(k, HeaderValue::from_static(v));
+        }
+        prepare_request_headers(&mut h, &HeaderValue::from_static("rid"), false);
+        let a = attempt_headers(&h, &b);
+        let mut names: Vec<&str> = a.keys().map(HeaderName::as_str).collect();
+        names.sort_unstable();
+        assert_eq!(
+            names,
+            [
+                "api-key",
+                "host",
+                "x-ms-client-request-id",
+                "x-ms-useragent"
+            ]
+        );
+        assert_eq!(a["api-key"], "backend-key");
+    }
+
+    #[test]
+    fn drops_a_key_carried_as_a_websocket_subprotocol() {
+        let mut h = HeaderMap::new();
+        h.insert("connection", HeaderValue::from_static("Upgrade"));
+        h.insert("upgrade", HeaderValue::from_static("websocket"));
+        h.insert(
+            "sec-websocket-protocol",
+            HeaderValue::from_static(
+                "realtime, openai-insecure-api-key.sk-123, openai-beta.realtime-v1",
+            ),
+        );
+        prepare_request_headers(&mut h, &HeaderValue::from_static("rid"), true);
+        assert_eq!(
+            h["sec-websocket-protocol"],
+            "realtime, openai-beta.realtime-v1"
+        );
+        let mut only = HeaderMap::new();
+        only.insert(
+            "sec-websocket-protocol",
+            HeaderValue::from_static("openai-insecure-api-key.sk-123"),
+        );
+        prepare_request_headers(&mut only, &HeaderValue::from_static("rid"), true);
+        assert!(only.get("sec-websocket-protocol").is_none());
     }
 
     proptest::proptest! {

@@ -11,7 +11,14 @@
 //!   count limit and a bounded read buffer (which bounds the header size);
 //! - `/health`, `/openai/health` (the seed app's routes), `/healthz`
 //!   (liveness) and `/readyz` (readiness), answered before the gateway and
-//!   without auth;
+//!   without auth. Readiness means "this replica can answer": the
+//!   configuration is loaded and the listener is up (both true before the
+//!   first request is served) and it is not draining. It never depends on
+//!   the backends: when every instance is cooling down, every replica is in
+//!   the same state, and a 503 there would make the ingress drop all of
+//!   them at once, so clients would get the ingress's error instead of the
+//!   gateway's 429 with `retry-after-ms`. Backend health is in `/metrics`
+//!   (`aoai_lb_instance_available`) and on the admin status page;
 //! - graceful shutdown in phases: `/readyz` turns 503 (while the listener
 //!   still accepts for `server.drain_delay`, so load balancers notice), the
 //!   listener stops accepting, in-flight requests and streams get
@@ -39,6 +46,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::backend::Clock;
 use crate::config::{Config, ServerConfig};
 use crate::secret::Secret;
 
@@ -56,8 +64,10 @@ pub trait Handler: Clone + Send + Sync + 'static {
     /// Answers one request that is not a health route.
     fn handle(&self, req: Request<Incoming>) -> impl Future<Output = Response<Self::Body>> + Send;
 
-    /// True while at least one backend can take a request (for `/readyz`).
-    fn ready(&self) -> bool;
+    /// Brings the gauges that describe current backend state
+    /// (`aoai_lb_instance_available`) up to date; called before each
+    /// `/metrics` scrape. Default: nothing to refresh.
+    fn refresh_gauges(&self) {}
 
     /// The `/admin/backends` document, as JSON bytes. Never contains a key.
     fn backends_json(&self) -> Vec<u8>;
@@ -80,6 +90,9 @@ pub struct ServeOptions {
     pub client_key: Option<Secret>,
     /// Serve without client auth (explicit operator opt-out).
     pub allow_unauthenticated: bool,
+    /// The gateway's clock. Default: the real one; tests pass a manual
+    /// [`Clock`] to step through cooldowns and limit windows.
+    pub clock: Clock,
     /// The trace exporter, when tracing is on ([`crate::otel`]). Default
     /// `None`: no spans, no `traceparent` rewriting.
     pub tracing: Option<Arc<crate::otel::Tracing>>,
@@ -94,6 +107,7 @@ impl Default for ServeOptions {
             admin_port: 8001,
             client_key: None,
             allow_unauthenticated: false,
+            clock: Clock::new(),
             tracing: None,
         }
     }
@@ -109,6 +123,7 @@ impl ServeOptions {
             admin_port: 0,
             allow_unauthenticated: client_key.is_none(),
             client_key,
+            clock: Clock::new(),
             tracing: None,
         }
     }
@@ -253,9 +268,10 @@ pub async fn spawn(config: Arc<Config>, opts: ServeOptions) -> Result<ServerHand
     // The recorder must exist before the gateway caches its metric handles;
     // handles taken earlier would record nowhere.
     crate::metrics::install()?;
-    let gateway = crate::proxy::Gateway::new(
+    let gateway = crate::proxy::Gateway::with_tracing(
         config.clone(),
         opts.client_key.clone(),
+        opts.clock.clone(),
         opts.tracing.clone(),
     )
     .map_err(|e| ServeError::Gateway(e.to_string()))?;
@@ -270,8 +286,12 @@ impl Handler for crate::proxy::Gateway {
         crate::proxy::Gateway::handle(self, req)
     }
 
-    fn ready(&self) -> bool {
-        self.any_available()
+    fn refresh_gauges(&self) {
+        for b in self.backends() {
+            let available = b.cooldown_remaining_ms == 0 && b.breaker != "open";
+            metrics::gauge!(crate::metrics::INSTANCE_AVAILABLE, "instance" => b.name)
+                .set(if available { 1.0 } else { 0.0 });
+        }
     }
 
     fn backends_json(&self) -> Vec<u8> {
@@ -565,11 +585,6 @@ async fn route<H: Handler>(
         "/readyz" => {
             if shared.draining.load(Ordering::Acquire) {
                 json(StatusCode::SERVICE_UNAVAILABLE, br#"{"status":"draining"}"#)
-            } else if !handler.ready() {
-                json(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    br#"{"status":"no_backend_available"}"#,
-                )
             } else {
                 json(StatusCode::OK, br#"{"status":"ready"}"#)
             }
