@@ -363,6 +363,7 @@ impl Tracing {
             sampled,
             wall_start: SystemTime::now(),
             start: Instant::now(),
+            client: None,
         }
     }
 
@@ -467,6 +468,8 @@ pub struct RequestTrace {
     sampled: bool,
     wall_start: SystemTime,
     start: Instant,
+    /// The named client the request came from, once identified.
+    pub client: Option<Arc<crate::clients::Client>>,
 }
 
 impl RequestTrace {
@@ -526,6 +529,9 @@ impl RequestTrace {
         }
         if let Some(i) = &rec.instance {
             attrs.push(KeyValue::new("aoai_lb.instance", i.as_str().to_owned()));
+        }
+        if let Some(c) = &self.client {
+            attrs.push(KeyValue::new("aoai_lb.client", c.name.to_string()));
         }
         attrs.push(KeyValue::new("aoai_lb.attempts", rec.attempts.len() as i64));
         attrs.push(KeyValue::new("aoai_lb.streamed", rec.streamed));
