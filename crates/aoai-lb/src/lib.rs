@@ -6,6 +6,7 @@
 //! failover) → respond (stream back) → account (usage, limits, access log)
 //! when the response ends.
 
+pub mod activity;
 pub mod admin;
 pub mod affinity;
 pub mod auth;
@@ -29,5 +30,7 @@ pub mod select;
 pub mod send;
 pub mod server;
 pub mod state;
+pub mod status;
 pub mod stream;
 pub mod upstream;
+pub mod usage;

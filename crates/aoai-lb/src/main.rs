@@ -159,6 +159,11 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
         admin_port: settings.admin_port,
         client_key: settings.client_key.clone(),
         allow_unauthenticated: settings.allow_unauthenticated,
+        config_source: match &settings.source {
+            ConfigSource::Env(_) => "OPENAI_INSTANCES".to_owned(),
+            ConfigSource::File(path) => format!("file {}", path.display()),
+            ConfigSource::Demo => "demo".to_owned(),
+        },
         tracing: otel.clone(),
         clock: aoai_lb::backend::Clock::new(),
     };

@@ -533,6 +533,7 @@ impl RequestTrace {
         if let Some(c) = &self.client {
             attrs.push(KeyValue::new("aoai_lb.client", c.name.to_string()));
         }
+        push_usage(&mut attrs, rec);
         attrs.push(KeyValue::new("aoai_lb.attempts", rec.attempts.len() as i64));
         attrs.push(KeyValue::new("aoai_lb.streamed", rec.streamed));
         let failed = rec.status >= 500 || rec.error.is_some();
@@ -613,6 +614,15 @@ impl RequestTrace {
         if failed {
             attrs.push(KeyValue::new("error.type", a.outcome));
         }
+        // The tokens belong to the attempt whose answer the client got.
+        if !failed
+            && rec
+                .instance
+                .as_ref()
+                .is_some_and(|i| Arc::ptr_eq(&i.0, backend))
+        {
+            push_usage(&mut attrs, rec);
+        }
         let name: Cow<'static, str> = match (operation, &rec.deployment) {
             (Some(op), Some(dep)) => format!("{op} {dep}").into(),
             _ => rec.method.as_str().to_owned().into(),
@@ -642,6 +652,17 @@ impl RequestTrace {
             },
             instrumentation_scope: self.tracing.scope.clone(),
         }
+    }
+}
+
+/// `gen_ai.usage.*` from the record's exact usage (or the gateway's
+/// estimate, which `aoai_lb.usage.source` says).
+fn push_usage(attrs: &mut Vec<KeyValue>, rec: &AccessRecord) {
+    if let Some(u) = &rec.usage {
+        let n = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        attrs.push(KeyValue::new("gen_ai.usage.input_tokens", n(u.prompt)));
+        attrs.push(KeyValue::new("gen_ai.usage.output_tokens", n(u.completion)));
+        attrs.push(KeyValue::new("aoai_lb.usage.source", u.source.as_str()));
     }
 }
 

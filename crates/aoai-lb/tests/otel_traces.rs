@@ -348,6 +348,27 @@ async fn exports_the_request_and_attempt_spans(protocol: &str) {
     let throttled = attrs(&attempts[0].attributes);
     assert_eq!(throttled["error.type"], "throttled");
 
+    // Tokens: exactly what the instance reported, on the request and on
+    // the attempt that served it, not on the throttled one.
+    let reply: serde_json::Value = serde_json::from_slice(&answer).unwrap();
+    let (prompt, completion) = (
+        reply["usage"]["prompt_tokens"]
+            .as_u64()
+            .unwrap()
+            .to_string(),
+        reply["usage"]["completion_tokens"]
+            .as_u64()
+            .unwrap()
+            .to_string(),
+    );
+    let served = attrs(&attempts[1].attributes);
+    for a in [&ra, &served] {
+        assert_eq!(a["gen_ai.usage.input_tokens"], prompt);
+        assert_eq!(a["gen_ai.usage.output_tokens"], completion);
+        assert_eq!(a["aoai_lb.usage.source"], "reported");
+    }
+    assert!(!throttled.contains_key("gen_ai.usage.input_tokens"));
+
     let res = receiver.resource_attrs();
     assert_eq!(res["service.name"], "aoai-lb-under-test");
     assert_eq!(res["deployment.environment"], "test");
