@@ -23,6 +23,7 @@ pub mod metrics;
 pub mod otel;
 pub mod pipeline;
 pub mod proxy;
+pub mod reload;
 pub mod rewrite;
 pub mod route;
 pub mod secret;

@@ -33,6 +33,9 @@ pub struct GatewayState {
     pub clock: Clock,
     /// Which instance holds which stateful object.
     pub affinity: Arc<AffinityTable>,
+    /// Instances removed by a reload, kept for the status page while
+    /// requests they took before it finish. New requests never use them.
+    pub draining: Vec<Arc<Backend>>,
     /// The trace exporter while tracing is on ([`crate::otel`]); `None`
     /// (the default) means no spans and no `traceparent` rewriting.
     pub tracing: Option<Arc<crate::otel::Tracing>>,
@@ -74,6 +77,7 @@ impl GatewayState {
             client_h1,
             clock,
             affinity: Arc::new(AffinityTable::default()),
+            draining: Vec::new(),
             tracing: None,
         })
     }
