@@ -189,6 +189,7 @@ impl GatewayState {
                 clock: self.clock.clone(),
                 affinity: Arc::new(affinity),
                 draining,
+                rates: Arc::clone(&self.rates),
                 // Tracing is process-wide: a reload keeps the exporter.
                 tracing: self.tracing.clone(),
             },
@@ -395,6 +396,12 @@ impl Reloader {
             );
         }
         count(OUTCOME_APPLIED);
+        // A removed instance is no longer available; its series would
+        // otherwise keep its last value for ever.
+        for name in &report.removed {
+            metrics::gauge!(crate::metrics::INSTANCE_AVAILABLE, "instance" => name.clone())
+                .set(0.0);
+        }
         let info = ConfigInfo {
             hash: hash.to_owned(),
             loaded_at: rfc3339_ms(now),

@@ -36,6 +36,9 @@ pub struct GatewayState {
     /// Instances removed by a reload, kept for the status page while
     /// requests they took before it finish. New requests never use them.
     pub draining: Vec<Arc<Backend>>,
+    /// Per-client and per-deployment rates for the status page; kept by a
+    /// reload.
+    pub rates: Arc<crate::status::Rates>,
     /// The trace exporter while tracing is on ([`crate::otel`]); `None`
     /// (the default) means no spans and no `traceparent` rewriting.
     pub tracing: Option<Arc<crate::otel::Tracing>>,
@@ -78,6 +81,7 @@ impl GatewayState {
             clock,
             affinity: Arc::new(AffinityTable::default()),
             draining: Vec::new(),
+            rates: Arc::default(),
             tracing: None,
         })
     }
