@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use crate::affinity::AffinityTable;
 use crate::backend::{Backend, Clock};
+use crate::clients::Clients;
 use crate::config::Config;
 use crate::error::GatewayError;
 use crate::secret::Secret;
@@ -19,8 +20,10 @@ use crate::upstream::{self, UpstreamClient};
 pub struct GatewayState {
     /// The configuration it was built with.
     pub config: Arc<Config>,
-    /// The key clients must present; `None` in unauthenticated mode.
+    /// `API_KEY`, kept to rebuild [`GatewayState::clients`] on a reload.
     pub client_key: Option<Secret>,
+    /// The clients and their keys (`API_KEY` is client `default`).
+    pub clients: Clients,
     /// Instances in configuration order.
     pub backends: Vec<Arc<Backend>>,
     /// The instance selector.
@@ -65,12 +68,18 @@ impl GatewayState {
                     .map_err(|field| GatewayError::InvalidHeader { index: i, field })
             })
             .collect::<Result<Vec<_>, _>>()?;
+        // No key at all means unauthenticated mode (the server refuses to
+        // start that way unless the operator opted out).
+        let open = client_key.is_none() && config.clients.is_empty();
+        let clients = Clients::new(&config.clients, client_key.as_ref(), open, &backends, None)
+            .map_err(|e| GatewayError::Clients(e.to_string()))?;
         let selector = Selector::new(&backends);
         let client = upstream::build_client(&config, true)?;
         let client_h1 = upstream::build_client(&config, false)?;
         Ok(GatewayState {
             config,
             client_key,
+            clients,
             backends,
             selector,
             client,

@@ -1,20 +1,23 @@
 //! Phase 1: who is asking.
 //!
-//! Checks the client's credential headers (see [`crate::auth`]) and
-//! records which configured client they belong to. A request that names
-//! no known client is answered 401 before its body is read and before any
-//! instance is contacted.
+//! Finds the client whose key the request presents (see
+//! [`crate::clients`] and [`crate::auth`]). A request that names no known
+//! client is answered 401 before its body is read and before any instance
+//! is contacted. In unauthenticated mode every request is client
+//! `default`.
 
-use crate::auth;
 use crate::error::ProxyError;
 use crate::state::GatewayState;
 
 use super::RequestCtx;
 
-/// Authenticates the request and sets [`RequestCtx::client`].
+/// Sets [`RequestCtx::client`].
 ///
 /// # Errors
-/// [`ProxyError::Unauthorized`] when no header carries a valid key.
+/// [`ProxyError::Unauthorized`] when no header carries a known key.
 pub fn identify(gw: &GatewayState, ctx: &mut RequestCtx) -> Result<(), ProxyError> {
-    auth::authenticate(gw.client_key.as_ref(), &ctx.parts.headers)
+    let client = gw.clients.identify(&ctx.parts.headers)?;
+    ctx.record.client = Some(client.name.clone());
+    ctx.client = Some(client);
+    Ok(())
 }
