@@ -115,11 +115,16 @@ async fn storm(url: &str, workers: usize, duration: Duration, pause: Duration) -
     Arc::try_unwrap(results).unwrap().into_inner().unwrap()
 }
 
-/// Arrival times (ms since the first) of the requests an instance received.
+/// Arrival times (ms since the first), in ascending order, of the requests an
+/// instance received. The journal is in arrival-sequence order, but two
+/// requests arriving together can take their timestamps in the other order,
+/// so the times are sorted rather than assumed sorted.
 fn arrivals(sim: &SimHandle) -> Vec<u64> {
     let j = sim.journal();
-    let first = j.first().map_or(0, |e| e.received_at_ms);
-    j.iter().map(|e| e.received_at_ms - first).collect()
+    let first = j.iter().map(|e| e.received_at_ms).min().unwrap_or(0);
+    let mut times: Vec<u64> = j.iter().map(|e| e.received_at_ms - first).collect();
+    times.sort_unstable();
+    times
 }
 
 /// The largest number of requests an instance received within any window
