@@ -245,7 +245,9 @@ async fn sends_a_single_probe_when_a_cooldown_ends() {
     let hits = arrivals(&sims[0]);
     println!("FIGURE probe_per_cooldown hits_ms={hits:?} sent={}", s.sent);
     assert_eq!(s.ok, s.sent, "{s:?}");
-    assert_eq!(max_in_window(&hits, COOLDOWN_MS), 1, "{hits:?}");
+    // The simulator stamps arrivals with the wall clock and the gateway
+    // times cooldowns on its own millisecond clock: allow 2 ms between them.
+    assert_eq!(max_in_window(&hits, COOLDOWN_MS - 2), 1, "{hits:?}");
     gw.shutdown().await;
 }
 
