@@ -200,6 +200,8 @@ impl GatewayState {
                 affinity: Arc::new(affinity),
                 draining,
                 rates: Arc::clone(&self.rates),
+                // Tracing is process-wide: a reload keeps the exporter.
+                tracing: self.tracing.clone(),
             },
             report,
         ))

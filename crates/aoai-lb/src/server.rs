@@ -117,6 +117,9 @@ pub struct ServeOptions {
     /// The gateway's clock. Default: the real one; tests pass a manual
     /// [`Clock`] to step through cooldowns and limit windows.
     pub clock: Clock,
+    /// The trace exporter, when tracing is on ([`crate::otel`]). Default
+    /// `None`: no spans, no `traceparent` rewriting.
+    pub tracing: Option<Arc<crate::otel::Tracing>>,
 }
 
 impl Default for ServeOptions {
@@ -132,6 +135,7 @@ impl Default for ServeOptions {
             config_file: None,
             config_poll: Some(crate::reload::DEFAULT_POLL),
             clock: Clock::new(),
+            tracing: None,
         }
     }
 }
@@ -150,6 +154,7 @@ impl ServeOptions {
             config_file: None,
             config_poll: Some(crate::reload::DEFAULT_POLL),
             clock: Clock::new(),
+            tracing: None,
         }
     }
 }
@@ -311,10 +316,11 @@ pub async fn spawn(config: Arc<Config>, opts: ServeOptions) -> Result<ServerHand
     // The recorder must exist before the gateway caches its metric handles;
     // handles taken earlier would record nowhere.
     crate::metrics::install()?;
-    let gateway = crate::proxy::Gateway::with_clock(
+    let gateway = crate::proxy::Gateway::with_tracing(
         config.clone(),
         opts.client_key.clone(),
         opts.clock.clone(),
+        opts.tracing.clone(),
     )
     .map_err(|e| ServeError::Gateway(e.to_string()))?;
     let info = crate::status::ConfigInfo::new(&config.digest, opts.config_source.clone());

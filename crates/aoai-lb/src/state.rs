@@ -42,6 +42,9 @@ pub struct GatewayState {
     /// Per-client and per-deployment rates for the status page; kept by a
     /// reload.
     pub rates: Arc<crate::status::Rates>,
+    /// The trace exporter while tracing is on ([`crate::otel`]); `None`
+    /// (the default) means no spans and no `traceparent` rewriting.
+    pub tracing: Option<Arc<crate::otel::Tracing>>,
 }
 
 impl GatewayState {
@@ -88,6 +91,7 @@ impl GatewayState {
             affinity: Arc::new(AffinityTable::default()),
             draining: Vec::new(),
             rates: Arc::default(),
+            tracing: None,
         })
     }
 }
