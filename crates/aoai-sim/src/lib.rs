@@ -17,12 +17,15 @@
 // built once on a cold path, so boxing it would only add an allocation.
 #![allow(clippy::result_large_err)]
 
+mod access;
 mod admin;
 mod azure;
 mod body;
 mod config;
 mod fault;
+pub mod identity;
 mod journal;
+mod jwt;
 mod media;
 mod multipart;
 mod openai;
@@ -39,6 +42,10 @@ pub use config::{
     InstanceConfig, Latency, RateLimit,
 };
 pub use fault::Fault;
+pub use identity::{
+    ClientToken, IdentityConfig, IdentityCounts, IdentityHandle, SigningKey, start_identity,
+    start_identity_on,
+};
 pub use journal::{JournalEntry, Outcome};
 pub use openai::embedding_vector;
 pub use ratelimit::{UNLIMITED_REMAINING_REQUESTS, UNLIMITED_REMAINING_TOKENS};
@@ -46,6 +53,7 @@ pub use server::{SimError, SimHandle, start, start_on};
 
 /// Azure's canonical bodies, for tests that compare what a client received.
 pub mod bodies {
+    pub use crate::access::{AUTHENTICATION_TYPE_DISABLED, PERMISSION_DENIED, TOKEN_UNAUTHORIZED};
     pub use crate::azure::{
         CONTENT_FILTER, DEPLOYMENT_NOT_FOUND, FILTER_RESULTS_SAFE, RESOURCE_NOT_FOUND,
         SERVER_ERROR, UNAUTHORIZED, canonical_error,
