@@ -78,11 +78,14 @@ fn answer<H: Handler>(
         );
     }
     match req.uri().path() {
-        "/metrics" => reply(
-            StatusCode::OK,
-            "text/plain; version=0.0.4; charset=utf-8",
-            Bytes::from(prometheus.render()),
-        ),
+        "/metrics" => {
+            handler.refresh_gauges();
+            reply(
+                StatusCode::OK,
+                "text/plain; version=0.0.4; charset=utf-8",
+                Bytes::from(prometheus.render()),
+            )
+        }
         "/admin/backends" => reply(
             StatusCode::OK,
             "application/json",

@@ -111,6 +111,23 @@ pub enum CliError {
     /// The document is invalid.
     #[error("invalid configuration: {0}")]
     Config(ConfigError),
+    /// The document is not JSON at all; `origin` is `OPENAI_INSTANCES` or
+    /// `configuration file <path>`, `reason` ends with the line and column.
+    #[error("{origin} is not valid JSON: {reason}")]
+    NotJson { origin: String, reason: String },
+}
+
+impl CliError {
+    fn from_document(origin: impl FnOnce() -> String, e: ConfigError) -> Self {
+        if e.not_json {
+            Self::NotJson {
+                origin: origin(),
+                reason: e.reason,
+            }
+        } else {
+            Self::Config(e)
+        }
+    }
 }
 
 // By hand rather than `#[from]`: the message already contains the cause,
@@ -227,16 +244,19 @@ impl Settings {
     /// [`ConfigSource::Demo`], whose document is built at start-up).
     ///
     /// # Errors
-    /// [`CliError::ReadFile`] or [`CliError::Config`].
+    /// [`CliError::ReadFile`], [`CliError::NotJson`] or [`CliError::Config`].
     pub fn load_config(&self) -> Result<Config, CliError> {
         match &self.source {
-            ConfigSource::Env(doc) => Ok(Config::from_json(doc)?),
+            ConfigSource::Env(doc) => Config::from_json(doc)
+                .map_err(|e| CliError::from_document(|| "OPENAI_INSTANCES".to_owned(), e)),
             ConfigSource::File(path) => {
                 let text = std::fs::read_to_string(path).map_err(|e| CliError::ReadFile {
                     path: path.display().to_string(),
                     reason: e.to_string(),
                 })?;
-                Ok(Config::from_json(&text)?)
+                Config::from_json(&text).map_err(|e| {
+                    CliError::from_document(|| format!("configuration file {}", path.display()), e)
+                })
             }
             ConfigSource::Demo => Err(CliError::NoConfig),
         }
@@ -385,6 +405,44 @@ mod tests {
         let s = resolve(&["--demo"], &[("API_KEY", "mine"), ("HOST", "0.0.0.0")]).unwrap();
         assert_eq!(s.host, "0.0.0.0");
         assert!(s.client_key.unwrap().matches(b"mine"));
+    }
+
+    #[test]
+    fn says_which_source_is_not_valid_json_and_where() {
+        // The seed's message was only "instances: EOF while parsing a value
+        // at line 1 column 119".
+        let truncated = &DOC[..DOC.len() - 3];
+        let s = resolve(&[], &[("OPENAI_INSTANCES", truncated)]).unwrap();
+        let e = s.load_config().unwrap_err().to_string();
+        assert!(
+            e.starts_with("OPENAI_INSTANCES is not valid JSON: EOF while parsing"),
+            "{e}"
+        );
+        assert!(e.contains(" at line 1 column "), "{e}");
+        assert!(!e.contains('\n'), "{e}");
+
+        let dir = std::env::temp_dir().join(format!("aoai-lb-cli-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("instances.json");
+        std::fs::write(
+            &path,
+            "{\n  \"instances\": [\n    {\"name\": \"a\",}\n  ]\n}\n",
+        )
+        .unwrap();
+        let s = resolve(&["--config", path.to_str().unwrap()], &[]).unwrap();
+        let e = s.load_config().unwrap_err().to_string();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(
+            e.starts_with(&format!(
+                "configuration file {} is not valid JSON: ",
+                path.display()
+            )),
+            "{e}"
+        );
+        assert!(
+            e.ends_with("trailing comma at line 3 column 18 (while reading instances[0])"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -24,6 +24,12 @@ pub struct ConfigError {
     pub field: String,
     /// What is wrong, without echoing any secret.
     pub reason: String,
+    /// The text is not JSON at all (a syntax error or a truncated
+    /// document), as opposed to JSON with a wrong field. The caller knows
+    /// where the text came from and says so: "OPENAI_INSTANCES is not
+    /// valid JSON" helps more than a field path that only says where the
+    /// parser stopped.
+    pub not_json: bool,
 }
 
 impl ConfigError {
@@ -31,6 +37,18 @@ impl ConfigError {
         Self {
             field: one_line(field.into()),
             reason: one_line(reason.into()),
+            not_json: false,
+        }
+    }
+
+    /// One line: `{source} is not valid JSON: ... at line L column C` when
+    /// the text does not parse (`source` is `OPENAI_INSTANCES` or
+    /// `configuration file /path`), else `invalid configuration: field: reason`.
+    pub fn describe(&self, source: &str) -> String {
+        if self.not_json {
+            format!("{source} is not valid JSON: {}", self.reason)
+        } else {
+            format!("invalid configuration: {self}")
         }
     }
 }
@@ -326,6 +344,20 @@ impl Config {
             } else {
                 path
             };
+            if inner.is_syntax() || inner.is_eof() {
+                // serde_json's message ends with "at line L column C"; the
+                // path says which part was being read when it broke.
+                let mut err = ConfigError::new(field.clone(), inner.to_string());
+                // serde_path_to_error marks a key it never finished reading
+                // as `?`; that part says nothing.
+                let within = field.trim_end_matches(".?");
+                if field != "(document)" && !within.is_empty() && within != "?" {
+                    err.reason = one_line(format!("{} (while reading {within})", err.reason));
+                }
+                err.field = "(document)".to_owned();
+                err.not_json = true;
+                return err;
+            }
             // Never echo what was written under a key field: a mistyped key
             // is still a key.
             let reason = if field.contains("api_key") {
@@ -697,6 +729,34 @@ mod tests {
         assert!(
             e.starts_with("(document)") || e.starts_with("instances"),
             "{e}"
+        );
+    }
+
+    #[test]
+    fn tells_invalid_json_from_a_wrong_field_and_says_where() {
+        let doc =
+            "{\"instances\":[{\"name\":\"a\",\"url\":\"https://a.example.com\",\"api_key\":\"k\"}";
+        let e = Config::from_json(doc).unwrap_err();
+        assert!(e.not_json, "{e:?}");
+        let line = e.describe("OPENAI_INSTANCES");
+        assert!(
+            line.starts_with("OPENAI_INSTANCES is not valid JSON: "),
+            "{line}"
+        );
+        assert!(line.contains("line 1 column"), "{line}");
+        assert!(!line.contains('\n'), "{line}");
+        let e = Config::from_json("{\"instances\":[{\"name\":\"a\",}]}").unwrap_err();
+        assert!(e.not_json, "{e:?}");
+        assert_eq!(
+            e.describe("x"),
+            "x is not valid JSON: trailing comma at line 1 column 27 (while reading instances[0])"
+        );
+        // Valid JSON with a bad field is not a syntax problem.
+        let e = Config::from_json(r#"{"instances":[]}"#).unwrap_err();
+        assert!(!e.not_json);
+        assert_eq!(
+            e.describe("OPENAI_INSTANCES"),
+            "invalid configuration: instances: at least one instance is required"
         );
     }
 

@@ -29,6 +29,10 @@ pub const IN_FLIGHT: &str = "aoai_lb_in_flight";
 pub const COOLDOWNS_TOTAL: &str = "aoai_lb_cooldowns_total";
 /// 1 while an instance's circuit breaker is open.
 pub const BREAKER_OPEN: &str = "aoai_lb_breaker_open";
+/// 1 while an instance can take a request (not cooling down, breaker not
+/// open); refreshed at each scrape. This, not `/readyz`, is where "every
+/// instance is throttled" shows.
+pub const INSTANCE_AVAILABLE: &str = "aoai_lb_instance_available";
 /// Requests answered by the gateway itself, by reason.
 pub const CLIENT_ERRORS_TOTAL: &str = "aoai_lb_client_errors_total";
 /// Client connections currently open on the public listener.
@@ -142,6 +146,11 @@ fn describe() {
         BREAKER_OPEN,
         Unit::Count,
         "1 while the instance's circuit breaker is open, else 0"
+    );
+    describe_gauge!(
+        INSTANCE_AVAILABLE,
+        Unit::Count,
+        "1 while the instance can take a request (not cooling down after a 429, breaker not open), else 0; refreshed at each scrape"
     );
     describe_counter!(
         CLIENT_ERRORS_TOTAL,

@@ -11,7 +11,14 @@
 //!   count limit and a bounded read buffer (which bounds the header size);
 //! - `/health`, `/openai/health` (the seed app's routes), `/healthz`
 //!   (liveness) and `/readyz` (readiness), answered before the gateway and
-//!   without auth;
+//!   without auth. Readiness means "this replica can answer": the
+//!   configuration is loaded and the listener is up (both true before the
+//!   first request is served) and it is not draining. It never depends on
+//!   the backends: when every instance is cooling down, every replica is in
+//!   the same state, and a 503 there would make the ingress drop all of
+//!   them at once, so clients would get the ingress's error instead of the
+//!   gateway's 429 with `retry-after-ms`. Backend health is in `/metrics`
+//!   (`aoai_lb_instance_available`) and on the admin status page;
 //! - graceful shutdown in phases: `/readyz` turns 503 (while the listener
 //!   still accepts for `server.drain_delay`, so load balancers notice), the
 //!   listener stops accepting, in-flight requests and streams get
@@ -56,8 +63,10 @@ pub trait Handler: Clone + Send + Sync + 'static {
     /// Answers one request that is not a health route.
     fn handle(&self, req: Request<Incoming>) -> impl Future<Output = Response<Self::Body>> + Send;
 
-    /// True while at least one backend can take a request (for `/readyz`).
-    fn ready(&self) -> bool;
+    /// Brings the gauges that describe current backend state
+    /// (`aoai_lb_instance_available`) up to date; called before each
+    /// `/metrics` scrape. Default: nothing to refresh.
+    fn refresh_gauges(&self) {}
 
     /// The `/admin/backends` document, as JSON bytes. Never contains a key.
     fn backends_json(&self) -> Vec<u8>;
@@ -261,8 +270,12 @@ impl Handler for crate::proxy::Gateway {
         crate::proxy::Gateway::handle(self, req)
     }
 
-    fn ready(&self) -> bool {
-        self.any_available()
+    fn refresh_gauges(&self) {
+        for b in self.backends() {
+            let available = b.cooldown_remaining_ms == 0 && b.breaker != "open";
+            metrics::gauge!(crate::metrics::INSTANCE_AVAILABLE, "instance" => b.name)
+                .set(if available { 1.0 } else { 0.0 });
+        }
     }
 
     fn backends_json(&self) -> Vec<u8> {
@@ -556,11 +569,6 @@ async fn route<H: Handler>(
         "/readyz" => {
             if shared.draining.load(Ordering::Acquire) {
                 json(StatusCode::SERVICE_UNAVAILABLE, br#"{"status":"draining"}"#)
-            } else if !handler.ready() {
-                json(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    br#"{"status":"no_backend_available"}"#,
-                )
             } else {
                 json(StatusCode::OK, br#"{"status":"ready"}"#)
             }

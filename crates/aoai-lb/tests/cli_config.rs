@@ -42,10 +42,6 @@ fn exits_naming_the_field_for_each_bad_document() {
     let url = "https://a.example.com";
     let cases: Vec<(String, &[&str])> = vec![
         (
-            format!(r#"{{"instances":[{{"name":"a","url":"{url}","api_key":"{SECRET}"}}"#),
-            &["line 1 column"],
-        ),
-        (
             format!(
                 r#"{{"instances":[{{"name":"a","url":"{url}","api_key":"{SECRET}","wieght":2}}]}}"#
             ),
@@ -99,6 +95,47 @@ fn exits_naming_the_field_for_each_bad_document() {
         );
         assert!(line.contains("invalid configuration"), "{line}");
     }
+}
+
+#[test]
+fn says_that_openai_instances_is_not_valid_json_and_where() {
+    let url = "https://a.example.com";
+    // Truncated: the closing `]}` is missing.
+    let doc = format!(r#"{{"instances":[{{"name":"a","url":"{url}","api_key":"{SECRET}"}}"#);
+    let line = assert_refused(
+        &[("OPENAI_INSTANCES", &doc), ("API_KEY", CLIENT_KEY)],
+        &[],
+        &[
+            "OPENAI_INSTANCES is not valid JSON: EOF while parsing",
+            "at line 1 column",
+        ],
+    );
+    assert!(!line.contains("invalid configuration"), "{line}");
+}
+
+#[test]
+fn says_which_file_is_not_valid_json_and_where() {
+    let dir = std::env::temp_dir().join(format!("aoai-lb-notjson-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("instances.json");
+    // A trailing comma on line 3.
+    std::fs::write(
+        &path,
+        format!(
+            "{{\n  \"instances\": [\n    {{\"name\": \"a\", \"api_key\": \"{SECRET}\",}}\n  ]\n}}\n"
+        ),
+    )
+    .unwrap();
+    let p = path.to_str().unwrap();
+    assert_refused(
+        &[("API_KEY", CLIENT_KEY)],
+        &["--config", p],
+        &[
+            &format!("configuration file {p} is not valid JSON: "),
+            "line 3 column",
+        ],
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
