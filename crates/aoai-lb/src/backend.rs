@@ -10,18 +10,33 @@
 //! Time is milliseconds since the gateway started ([`Clock`]); `0` means
 //! "no deadline".
 
-use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering};
-use std::time::Instant;
+use std::sync::{Arc, OnceLock};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use http::HeaderValue;
 
 use crate::config::{BreakerConfig, InstanceConfig};
 
-/// Monotonic milliseconds since the gateway was built.
-#[derive(Debug, Clone, Copy)]
+/// Monotonic milliseconds since the gateway was built, and the wall-clock
+/// time that goes with them.
+///
+/// The real clock reads [`Instant`] and [`SystemTime`]. A manual clock
+/// ([`Clock::manual`]) stands still until [`Clock::advance`] moves it, so
+/// that tests of cooldowns, windows and quota periods are exact. Clones
+/// share the same time.
+#[derive(Debug, Clone)]
 pub struct Clock {
     start: Instant,
+    manual: Option<Arc<ManualTime>>,
+}
+
+#[derive(Debug)]
+struct ManualTime {
+    /// Milliseconds since the clock was made.
+    elapsed_ms: AtomicU64,
+    /// Unix time in ms when the clock was made.
+    unix_start_ms: u64,
 }
 
 impl Clock {
@@ -29,15 +44,49 @@ impl Clock {
     pub fn new() -> Self {
         Self {
             start: Instant::now(),
+            manual: None,
+        }
+    }
+
+    /// A clock that starts at Unix time `unix_ms` and moves only when
+    /// [`Clock::advance`] is called.
+    pub fn manual(unix_ms: u64) -> Self {
+        Self {
+            start: Instant::now(),
+            manual: Some(Arc::new(ManualTime {
+                elapsed_ms: AtomicU64::new(0),
+                unix_start_ms: unix_ms,
+            })),
+        }
+    }
+
+    /// Moves a manual clock forward by `ms` (no effect on the real one).
+    pub fn advance(&self, ms: u64) {
+        if let Some(m) = &self.manual {
+            m.elapsed_ms.fetch_add(ms, Ordering::AcqRel);
         }
     }
 
     /// Milliseconds since start, plus one so that `0` stays free to mean
     /// "no deadline".
     pub fn now_ms(&self) -> u64 {
-        u64::try_from(self.start.elapsed().as_millis())
-            .unwrap_or(u64::MAX - 1)
-            .saturating_add(1)
+        let elapsed = match &self.manual {
+            Some(m) => m.elapsed_ms.load(Ordering::Acquire),
+            None => u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX - 1),
+        };
+        elapsed.saturating_add(1)
+    }
+
+    /// Milliseconds since the Unix epoch (UTC), for calendar periods.
+    pub fn unix_ms(&self) -> u64 {
+        match &self.manual {
+            Some(m) => m
+                .unix_start_ms
+                .saturating_add(m.elapsed_ms.load(Ordering::Acquire)),
+            None => SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+        }
     }
 }
 

@@ -1,20 +1,25 @@
 //! aoai-lb: a load-balancing gateway for Azure OpenAI.
 //!
-//! A request goes through explicit phases, each in its own module:
-//! authenticate → route → select a backend → rewrite → send (with retries)
-//! → stream back → log.
+//! A request goes through explicit phases over one request context (see
+//! [`pipeline`]): identify the client → classify the request → admit it
+//! against the client's limits → forward it (rewrite, select, send with
+//! failover) → respond (stream back) → account (usage, limits, access log)
+//! when the response ends.
 
 pub mod admin;
 pub mod affinity;
 pub mod auth;
 pub mod backend;
 pub mod cli;
+pub mod clients;
 pub mod config;
 pub mod demo;
 pub mod error;
+pub mod limits;
 pub mod log;
 pub mod logging;
 pub mod metrics;
+pub mod pipeline;
 pub mod proxy;
 pub mod rewrite;
 pub mod route;
@@ -22,4 +27,6 @@ pub mod secret;
 pub mod select;
 pub mod send;
 pub mod server;
+pub mod state;
 pub mod stream;
+pub mod upstream;

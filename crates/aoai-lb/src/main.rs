@@ -143,6 +143,7 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
         admin_port: settings.admin_port,
         client_key: settings.client_key.clone(),
         allow_unauthenticated: settings.allow_unauthenticated,
+        clock: aoai_lb::backend::Clock::new(),
     };
     let mut term = signal(SignalKind::terminate())
         .map_err(|e| anyhow::anyhow!("cannot watch SIGTERM: {e}"))?;

@@ -106,6 +106,28 @@ pub fn install() -> Result<PrometheusHandle, MetricsError> {
     Ok(handle)
 }
 
+/// Process-wide metric handles used on every request, created on first
+/// use (after the recorder is installed) so the hot path skips the
+/// registry lookup.
+pub struct GlobalMetrics {
+    /// `aoai_lb_overhead_seconds`.
+    pub overhead: metrics::Histogram,
+    /// `aoai_lb_request_duration_seconds{streamed="true"}`.
+    pub duration_streamed: metrics::Histogram,
+    /// `aoai_lb_request_duration_seconds{streamed="false"}`.
+    pub duration_plain: metrics::Histogram,
+}
+
+/// The process-wide handles (see [`GlobalMetrics`]).
+pub fn global() -> &'static GlobalMetrics {
+    static CELL: OnceLock<GlobalMetrics> = OnceLock::new();
+    CELL.get_or_init(|| GlobalMetrics {
+        overhead: metrics::histogram!(OVERHEAD_SECONDS),
+        duration_streamed: metrics::histogram!(REQUEST_DURATION_SECONDS, "streamed" => "true"),
+        duration_plain: metrics::histogram!(REQUEST_DURATION_SECONDS, "streamed" => "false"),
+    })
+}
+
 /// The installed recorder's handle, if any.
 pub fn handle() -> Option<PrometheusHandle> {
     HANDLE.get().cloned()

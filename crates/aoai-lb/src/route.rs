@@ -24,7 +24,7 @@ use serde_json::value::RawValue;
 use crate::error::BadRequest;
 
 /// Where the request's deployment name comes from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Scope {
     /// The `{dep}` segment of `/openai/deployments/{dep}/...`.
     PathDeployment,
@@ -34,11 +34,12 @@ pub enum Scope {
     /// The body's top-level `model` (v1 and dated responses, with a body).
     BodyModel,
     /// Not deployment-scoped: any instance may serve it.
+    #[default]
     Any,
 }
 
-/// The result of classifying a request.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// The result of classifying a request. The default routes anywhere.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Route {
     /// True when the client's path lacks the `/openai` prefix, which the
     /// upstream path then gets.

@@ -46,6 +46,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::backend::Clock;
 use crate::config::{Config, ServerConfig};
 use crate::secret::Secret;
 
@@ -89,6 +90,9 @@ pub struct ServeOptions {
     pub client_key: Option<Secret>,
     /// Serve without client auth (explicit operator opt-out).
     pub allow_unauthenticated: bool,
+    /// The gateway's clock. Default: the real one; tests pass a manual
+    /// [`Clock`] to step through cooldowns and limit windows.
+    pub clock: Clock,
 }
 
 impl Default for ServeOptions {
@@ -100,6 +104,7 @@ impl Default for ServeOptions {
             admin_port: 8001,
             client_key: None,
             allow_unauthenticated: false,
+            clock: Clock::new(),
         }
     }
 }
@@ -114,6 +119,7 @@ impl ServeOptions {
             admin_port: 0,
             allow_unauthenticated: client_key.is_none(),
             client_key,
+            clock: Clock::new(),
         }
     }
 }
@@ -257,8 +263,12 @@ pub async fn spawn(config: Arc<Config>, opts: ServeOptions) -> Result<ServerHand
     // The recorder must exist before the gateway caches its metric handles;
     // handles taken earlier would record nowhere.
     crate::metrics::install()?;
-    let gateway = crate::proxy::Gateway::new(config.clone(), opts.client_key.clone())
-        .map_err(|e| ServeError::Gateway(e.to_string()))?;
+    let gateway = crate::proxy::Gateway::with_clock(
+        config.clone(),
+        opts.client_key.clone(),
+        opts.clock.clone(),
+    )
+    .map_err(|e| ServeError::Gateway(e.to_string()))?;
     serve(gateway, config.server, opts).await
 }
 

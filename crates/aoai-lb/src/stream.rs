@@ -10,23 +10,34 @@
 //!   instead of ending it cleanly, so the client can tell;
 //! - when the client goes away, hyper drops the body, which drops the
 //!   upstream body and so cancels the upstream request at once;
-//! - writes the access record exactly once (end, abort or drop), feeds the
-//!   breaker on a mid-body failure and releases the in-flight slot.
+//! - shows every data chunk to its [`BodyEnd`] and tells it exactly once
+//!   how the body ended (end, abort or drop). What happens then (the
+//!   access record, the breaker, the in-flight slot, usage and limits) is
+//!   the business of the `BodyEnd`, not of this module.
+//!
+//! Also owns [`ProxyBody`], the body type of every response the gateway
+//! returns.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
 use tokio::time::Sleep;
-
-use crate::backend::{Clock, InFlight};
-use crate::config::BreakerConfig;
-use crate::log::{AccessRecord, ms, rfc3339_ms};
 
 /// The error type of response bodies served by the gateway.
 pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The body type of every response the gateway returns.
+pub type ProxyBody = BoxBody<Bytes, BodyError>;
+
+/// A complete in-memory body.
+pub fn full_body(b: impl Into<Bytes>) -> ProxyBody {
+    Full::new(b.into()).map_err(|never| match never {}).boxed()
+}
 
 /// Why a response body ended badly. Messages never name an instance URL.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -40,7 +51,8 @@ pub enum StreamError {
 }
 
 impl StreamError {
-    fn label(self) -> &'static str {
+    /// The access-log `error` value.
+    pub fn label(self) -> &'static str {
         match self {
             StreamError::Idle => "stream_idle_timeout",
             StreamError::Upstream => "upstream_aborted",
@@ -48,56 +60,36 @@ impl StreamError {
     }
 }
 
-/// What is settled when the body ends.
-pub struct Finish {
-    /// The record, complete except for the body-time fields.
-    pub record: AccessRecord,
-    /// When the gateway received the request.
-    pub start: Instant,
-    /// The in-flight slot of the instance serving the body, if any.
-    pub in_flight: Option<InFlight>,
-    /// For feeding a mid-body failure to the breaker.
-    pub breaker: BreakerConfig,
-    /// The gateway clock, for breaker deadlines.
-    pub clock: Clock,
+/// How a response body ended, told to its [`BodyEnd`] exactly once.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Ended {
+    /// Body bytes sent to the client.
+    pub bytes: u64,
+    /// When the first non-empty chunk went out.
+    pub first_byte: Option<Instant>,
+    /// `None` for a clean end; else the access-log reason
+    /// (`stream_idle_timeout`, `upstream_aborted`, `client_disconnected`).
+    pub error: Option<&'static str>,
+    /// True when the instance is to blame (idle gap, broken body), so the
+    /// breaker should hear of it.
+    pub failed: bool,
 }
 
-impl Finish {
-    fn complete(
-        mut self,
-        bytes: u64,
-        first_byte: Option<Instant>,
-        error: Option<&'static str>,
-        failed: bool,
-    ) {
-        let end = Instant::now();
-        let r = &mut self.record;
-        r.bytes = bytes;
-        r.ttfb_ms = first_byte.map(|t| ms(t.duration_since(self.start)));
-        r.total_ms = ms(end.duration_since(self.start));
-        if r.error.is_none() {
-            r.error = error;
-        }
-        r.timestamp = rfc3339_ms(SystemTime::now());
-        if failed && let Some(slot) = &self.in_flight {
-            slot.backend()
-                .record_failure(self.clock.now_ms(), slot.is_probe(), &self.breaker);
-        }
-        let m = crate::proxy::global_metrics();
-        let h = if r.streamed {
-            &m.duration_streamed
-        } else {
-            &m.duration_plain
-        };
-        h.record(end.duration_since(self.start).as_secs_f64());
-        r.emit();
-        // The in-flight slot is released here, with the record written.
-        drop(self.in_flight.take());
+/// What a [`Tracked`] body reports to while it streams and when it ends.
+pub trait BodyEnd: Send + 'static {
+    /// Sees every data chunk on its way to the client and returns what is
+    /// sent instead. The default passes the chunk through unchanged.
+    fn data(&mut self, chunk: Bytes) -> Bytes {
+        chunk
     }
+
+    /// Called exactly once: at the end of the body, when it fails, or when
+    /// it is dropped unfinished (the client went away).
+    fn ended(self, how: Ended);
 }
 
 /// A response body passed through frame by frame, with accounting.
-pub struct Tracked<B: Body> {
+pub struct Tracked<B: Body, E: BodyEnd> {
     inner: B,
     idle: Option<Duration>,
     /// Armed on the first wait for the instance, so a body that is already
@@ -106,13 +98,13 @@ pub struct Tracked<B: Body> {
     last_activity: Instant,
     bytes: u64,
     first_byte: Option<Instant>,
-    finish: Option<Finish>,
+    finish: Option<E>,
 }
 
-impl<B: Body> Tracked<B> {
+impl<B: Body, E: BodyEnd> Tracked<B, E> {
     /// Wraps `inner`. With `idle`, a gap longer than that between frames
     /// aborts the body with [`StreamError::Idle`].
-    pub fn new(inner: B, idle: Option<Duration>, finish: Finish) -> Self {
+    pub fn new(inner: B, idle: Option<Duration>, finish: E) -> Self {
         Self {
             inner,
             idle,
@@ -126,7 +118,12 @@ impl<B: Body> Tracked<B> {
 
     fn settle(&mut self, error: Option<&'static str>, failed: bool) {
         if let Some(f) = self.finish.take() {
-            f.complete(self.bytes, self.first_byte, error, failed);
+            f.ended(Ended {
+                bytes: self.bytes,
+                first_byte: self.first_byte,
+                error,
+                failed,
+            });
         }
     }
 
@@ -154,9 +151,10 @@ impl<B: Body> Tracked<B> {
     }
 }
 
-impl<B> Body for Tracked<B>
+impl<B, E> Body for Tracked<B, E>
 where
     B: Body<Data = Bytes> + Unpin,
+    E: BodyEnd + Unpin,
 {
     type Data = Bytes;
     type Error = BodyError;
@@ -178,6 +176,11 @@ where
                 Poll::Pending
             }
             Poll::Ready(Some(Ok(frame))) => {
+                let frame = match (frame.into_data(), this.finish.as_mut()) {
+                    (Ok(data), Some(f)) => Frame::data(f.data(data)),
+                    (Ok(data), None) => Frame::data(data),
+                    (Err(frame), _) => frame,
+                };
                 if let Some(data) = frame.data_ref() {
                     if this.first_byte.is_none() && !data.is_empty() {
                         this.first_byte = Some(Instant::now());
@@ -214,7 +217,7 @@ where
     }
 }
 
-impl<B: Body> Drop for Tracked<B> {
+impl<B: Body, E: BodyEnd> Drop for Tracked<B, E> {
     fn drop(&mut self) {
         // Reached with the record unwritten only when hyper stopped
         // polling: either the body was complete (known length) or the
@@ -241,96 +244,51 @@ pub async fn drain<B: Body<Data = Bytes> + Unpin>(mut body: B) -> Result<Vec<u8>
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::Backend;
-    use crate::config::Config;
-    use http::{HeaderValue, Method};
     use http_body_util::{Full, StreamBody};
-    use std::sync::Arc;
+    use std::sync::{Arc, Mutex};
 
-    fn backend() -> Arc<Backend> {
-        let c = Config::from_json(
-            r#"{"instances":[{"name":"a","url":"http://127.0.0.1:9","api_key":"k"}]}"#,
-        )
-        .unwrap();
-        Arc::new(Backend::new(0, c.instances[0].clone(), &c.circuit_breaker).unwrap())
-    }
+    /// Records how the body ended; upper-cases what it sees.
+    struct Probe(Arc<Mutex<Vec<Ended>>>);
 
-    fn finish(b: &Arc<Backend>) -> Finish {
-        Finish {
-            record: AccessRecord {
-                timestamp: String::new(),
-                level: "INFO",
-                target: "aoai_lb::access",
-                message: "request",
-                request_id: HeaderValue::from_static("t"),
-                apim_request_id: None,
-                method: Method::POST,
-                path: "/".into(),
-                deployment: None,
-                attempts: Vec::new(),
-                instance: None,
-                status: 200,
-                ttfb_ms: None,
-                total_ms: 0.0,
-                bytes: 0,
-                streamed: false,
-                error: None,
-            },
-            start: Instant::now(),
-            in_flight: b.try_acquire(1),
-            breaker: BreakerConfig::default(),
-            clock: Clock::new(),
+    impl BodyEnd for Probe {
+        fn data(&mut self, chunk: Bytes) -> Bytes {
+            Bytes::from(chunk.to_ascii_uppercase())
+        }
+        fn ended(self, how: Ended) {
+            self.0.lock().unwrap().push(how);
         }
     }
 
     #[tokio::test]
-    async fn passes_bytes_through_and_releases_the_slot_at_the_end() {
-        let b = backend();
-        let body = Tracked::new(Full::new(Bytes::from_static(b"hello")), None, finish(&b));
-        assert_eq!(b.in_flight(), 1);
-        let out = drain(body).await.unwrap();
-        assert_eq!(out, b"hello");
-        assert_eq!(b.in_flight(), 0);
-    }
-
-    #[tokio::test]
-    async fn an_idle_gap_fails_the_body_instead_of_ending_it() {
-        let b = backend();
-        use futures_util::StreamExt as _;
-        let chunks = futures_util::stream::iter(vec![Ok::<_, std::convert::Infallible>(
-            Frame::data(Bytes::from_static(b"data: 1\n\n")),
-        )])
-        .chain(futures_util::stream::pending());
+    async fn tells_the_end_once_and_sends_what_the_end_returns() {
+        let seen = Arc::new(Mutex::new(Vec::new()));
         let body = Tracked::new(
-            StreamBody::new(Box::pin(chunks)),
-            Some(Duration::from_millis(50)),
-            finish(&b),
+            Full::new(Bytes::from_static(b"hello")),
+            None,
+            Probe(seen.clone()),
         );
-        let started = Instant::now();
-        let r = drain(body).await;
-        assert!(r.is_err(), "an idle stream must end with an error");
-        assert!(started.elapsed() >= Duration::from_millis(50));
-        assert_eq!(b.failures(), 1, "fed to the breaker");
-        assert_eq!(b.in_flight(), 0);
+        assert_eq!(drain(body).await.unwrap(), b"HELLO");
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.len(), 1);
+        assert_eq!(seen[0].bytes, 5);
+        assert_eq!(seen[0].error, None);
+        assert!(!seen[0].failed);
     }
 
     #[tokio::test]
-    async fn dropping_an_unfinished_body_releases_the_slot() {
-        let b = backend();
+    async fn a_dropped_unfinished_body_ends_as_a_client_disconnect() {
+        let seen = Arc::new(Mutex::new(Vec::new()));
         let chunks =
             futures_util::stream::pending::<Result<Frame<Bytes>, std::convert::Infallible>>();
         let body = Tracked::new(
             StreamBody::new(Box::pin(chunks)),
             Some(Duration::from_secs(60)),
-            finish(&b),
+            Probe(seen.clone()),
         );
-        assert_eq!(b.in_flight(), 1);
         drop(body);
-        assert_eq!(b.in_flight(), 0);
-        assert_eq!(
-            b.failures(),
-            0,
-            "a client leaving is not the instance's fault"
-        );
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.len(), 1);
+        assert_eq!(seen[0].error, Some("client_disconnected"));
+        assert!(!seen[0].failed);
     }
 }

@@ -1,0 +1,282 @@
+//! Phase 6: settling a request once its response has ended.
+//!
+//! [`Account`] rides along with a response body ([`crate::stream::Tracked`])
+//! and runs once when the body ends, fails or is dropped: it feeds the
+//! breaker on a mid-body failure, records the duration, settles the
+//! admission reservation with the usage read from the body (or with the
+//! estimate when no usage is known), writes the access record and releases
+//! the in-flight slot, in that order.
+//!
+//! [`reject`] is the same phase for an answer the gateway gives itself.
+
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use bytes::Bytes;
+use http::Response;
+
+use crate::backend::{Clock, InFlight};
+use crate::clients::Client;
+use crate::config::BreakerConfig;
+use crate::error::ProxyError;
+use crate::limits::Reservation;
+use crate::log::{AccessRecord, ms, rfc3339_ms};
+use crate::state::GatewayState;
+use crate::stream::{BodyEnd, Ended, ProxyBody, full_body};
+
+use super::{GATEWAY_REQUEST_ID, RequestCtx};
+
+/// The token figures of one response. `cached` is part of `prompt`, and
+/// `reasoning` part of `completion`, as in the APIs' own `usage`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// Prompt (input) tokens.
+    pub prompt: u64,
+    /// Completion (output) tokens.
+    pub completion: u64,
+    /// Prompt tokens served from the cache.
+    pub cached: u64,
+    /// Completion tokens spent on reasoning.
+    pub reasoning: u64,
+    /// True when counted by the gateway rather than reported by the
+    /// instance.
+    pub estimated: bool,
+}
+
+impl Usage {
+    /// Prompt plus completion tokens: what a TPM limit or quota counts.
+    pub fn total(&self) -> u64 {
+        self.prompt.saturating_add(self.completion)
+    }
+}
+
+/// Reads a response's token usage from the body on its way to the client.
+pub trait UsageMeter: Send + Sync {
+    /// Sees every data chunk; returns the bytes to send instead (to remove
+    /// an event the gateway itself asked for).
+    fn data(&mut self, chunk: Bytes) -> Bytes;
+
+    /// The usage once the body has ended (`complete` false when it was cut
+    /// short); `None` when nothing can be said.
+    fn finish(&mut self, complete: bool) -> Option<Usage>;
+}
+
+/// What is settled when a response body ends.
+pub struct Account {
+    /// The record, complete except for the body-time fields.
+    pub record: AccessRecord,
+    /// When the gateway received the request.
+    pub start: Instant,
+    /// The in-flight slot of the instance serving the body, if any.
+    pub in_flight: Option<InFlight>,
+    /// For feeding a mid-body failure to the breaker.
+    pub breaker: BreakerConfig,
+    /// The gateway clock, for breaker deadlines.
+    pub clock: Clock,
+    /// The client the request came from.
+    pub client: Option<Arc<Client>>,
+    /// What admission reserved; settled here.
+    pub reservation: Option<Reservation>,
+    /// Reads the usage from the body, when the response has one.
+    pub meter: Option<Box<dyn UsageMeter>>,
+    /// The usage, once known.
+    pub usage: Option<Usage>,
+}
+
+impl Account {
+    /// The account of `ctx`'s response, with its record and the serving
+    /// instance's slot.
+    pub fn new(
+        gw: &GatewayState,
+        ctx: &mut RequestCtx,
+        record: AccessRecord,
+        in_flight: Option<InFlight>,
+    ) -> Self {
+        Self {
+            record,
+            start: ctx.start,
+            in_flight,
+            breaker: gw.config.circuit_breaker,
+            clock: gw.clock.clone(),
+            client: ctx.client.clone(),
+            reservation: ctx.reservation.take(),
+            meter: None,
+            usage: None,
+        }
+    }
+}
+
+impl BodyEnd for Account {
+    fn data(&mut self, chunk: Bytes) -> Bytes {
+        match &mut self.meter {
+            Some(m) => m.data(chunk),
+            None => chunk,
+        }
+    }
+
+    fn ended(mut self, how: Ended) {
+        let end = Instant::now();
+        if let Some(m) = &mut self.meter {
+            self.usage = m.finish(how.error.is_none());
+        }
+        if let Some(r) = self.reservation.take() {
+            match self.usage {
+                Some(u) => r.settle(u.total()),
+                None => r.keep_estimate(),
+            }
+        }
+        let r = &mut self.record;
+        r.bytes = how.bytes;
+        r.ttfb_ms = how.first_byte.map(|t| ms(t.duration_since(self.start)));
+        r.total_ms = ms(end.duration_since(self.start));
+        if r.error.is_none() {
+            r.error = how.error;
+        }
+        r.timestamp = rfc3339_ms(SystemTime::now());
+        if how.failed
+            && let Some(slot) = &self.in_flight
+        {
+            slot.backend()
+                .record_failure(self.clock.now_ms(), slot.is_probe(), &self.breaker);
+        }
+        let m = crate::metrics::global();
+        let h = if r.streamed {
+            &m.duration_streamed
+        } else {
+            &m.duration_plain
+        };
+        h.record(end.duration_since(self.start).as_secs_f64());
+        r.emit();
+        // The in-flight slot is released here, with the record written.
+        drop(self.in_flight.take());
+    }
+}
+
+/// Answers `e` from the gateway itself and writes the access record now:
+/// the body is a few hundred bytes in memory. A reservation taken for the
+/// request is released: no instance produced tokens for it.
+pub fn reject(_gw: &GatewayState, ctx: &mut RequestCtx, e: ProxyError) -> Response<ProxyBody> {
+    if let Some(r) = ctx.reservation.take() {
+        r.settle(0);
+    }
+    let mut rec = ctx.take_record();
+    let mut resp = e.clone().into_response(full_body);
+    resp.headers_mut()
+        .insert(GATEWAY_REQUEST_ID.clone(), rec.request_id.clone());
+    let status = resp.status().as_u16();
+    metrics::counter!("aoai_lb_client_errors_total", "reason" => e.label()).increment(1);
+    metrics::counter!("aoai_lb_requests_total", "instance" => "none", "code" => status_class(status))
+        .increment(1);
+    let elapsed = ctx.start.elapsed();
+    let m = crate::metrics::global();
+    m.duration_plain.record(elapsed.as_secs_f64());
+    if rec.attempts.is_empty() {
+        m.overhead.record(elapsed.as_secs_f64());
+    }
+    rec.status = status;
+    rec.error = Some(e.label());
+    rec.total_ms = ms(elapsed);
+    rec.timestamp = rfc3339_ms(SystemTime::now());
+    rec.emit();
+    resp
+}
+
+fn status_class(status: u16) -> &'static str {
+    match status / 100 {
+        1 => "1xx",
+        2 => "2xx",
+        3 => "3xx",
+        4 => "4xx",
+        _ => "5xx",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::Backend;
+    use crate::config::Config;
+    use crate::stream::{Tracked, drain};
+    use http::{HeaderValue, Method};
+    use http_body::Frame;
+    use http_body_util::{Full, StreamBody};
+    use std::time::Duration;
+
+    fn backend() -> Arc<Backend> {
+        let c = Config::from_json(
+            r#"{"instances":[{"name":"a","url":"http://127.0.0.1:9","api_key":"k"}]}"#,
+        )
+        .unwrap();
+        Arc::new(Backend::new(0, c.instances[0].clone(), &c.circuit_breaker).unwrap())
+    }
+
+    fn account(b: &Arc<Backend>) -> Account {
+        let mut record = AccessRecord::placeholder();
+        record.request_id = HeaderValue::from_static("t");
+        record.method = Method::POST;
+        record.path = "/".into();
+        record.status = 200;
+        Account {
+            record,
+            start: Instant::now(),
+            in_flight: b.try_acquire(1),
+            breaker: BreakerConfig::default(),
+            clock: Clock::new(),
+            client: None,
+            reservation: None,
+            meter: None,
+            usage: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn passes_bytes_through_and_releases_the_slot_at_the_end() {
+        let b = backend();
+        let body = Tracked::new(Full::new(Bytes::from_static(b"hello")), None, account(&b));
+        assert_eq!(b.in_flight(), 1);
+        let out = drain(body).await.unwrap();
+        assert_eq!(out, b"hello");
+        assert_eq!(b.in_flight(), 0);
+    }
+
+    #[tokio::test]
+    async fn an_idle_gap_fails_the_body_instead_of_ending_it() {
+        let b = backend();
+        use futures_util::StreamExt as _;
+        let chunks = futures_util::stream::iter(vec![Ok::<_, std::convert::Infallible>(
+            Frame::data(Bytes::from_static(b"data: 1\n\n")),
+        )])
+        .chain(futures_util::stream::pending());
+        let body = Tracked::new(
+            StreamBody::new(Box::pin(chunks)),
+            Some(Duration::from_millis(50)),
+            account(&b),
+        );
+        let started = Instant::now();
+        let r = drain(body).await;
+        assert!(r.is_err(), "an idle stream must end with an error");
+        assert!(started.elapsed() >= Duration::from_millis(50));
+        assert_eq!(b.failures(), 1, "fed to the breaker");
+        assert_eq!(b.in_flight(), 0);
+    }
+
+    #[tokio::test]
+    async fn dropping_an_unfinished_body_releases_the_slot() {
+        let b = backend();
+        let chunks =
+            futures_util::stream::pending::<Result<Frame<Bytes>, std::convert::Infallible>>();
+        let body = Tracked::new(
+            StreamBody::new(Box::pin(chunks)),
+            Some(Duration::from_secs(60)),
+            account(&b),
+        );
+        assert_eq!(b.in_flight(), 1);
+        drop(body);
+        assert_eq!(b.in_flight(), 0);
+        assert_eq!(
+            b.failures(),
+            0,
+            "a client leaving is not the instance's fault"
+        );
+    }
+}
