@@ -321,6 +321,15 @@ pub enum GatewayError {
         /// `api_key` or `url`.
         field: &'static str,
     },
+    /// An instance's Entra ID credential cannot work here (a variable it
+    /// needs is missing or invalid).
+    #[error("instances[{index}].auth: {reason}")]
+    Credential {
+        /// Index of the (first) instance using the credential.
+        index: usize,
+        /// What is missing, in words.
+        reason: String,
+    },
 }
 
 #[cfg(test)]

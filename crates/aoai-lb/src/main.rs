@@ -144,6 +144,7 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
         client_key: settings.client_key.clone(),
         allow_unauthenticated: settings.allow_unauthenticated,
         clock: aoai_lb::backend::Clock::new(),
+        azure_env: aoai_lb::credential::AzureEnv::from_process(),
     };
     let mut term = signal(SignalKind::terminate())
         .map_err(|e| anyhow::anyhow!("cannot watch SIGTERM: {e}"))?;

@@ -11,8 +11,9 @@ use std::sync::Arc;
 use http::{Request, Response};
 use hyper::body::Incoming;
 
-use crate::backend::Clock;
+use crate::backend::{Clock, Unavailable};
 use crate::config::Config;
+use crate::credential::{AzureEnv, TokenCache, TokenState};
 use crate::error::GatewayError;
 #[cfg(doc)]
 use crate::error::ProxyError;
@@ -50,6 +51,26 @@ pub struct BackendStatus {
     pub requests: u64,
     /// 5xx, timeouts, connection and auth failures.
     pub failures: u64,
+    /// Why the instance cannot take requests now, in words (`null` when it
+    /// can): a cooldown, an open breaker, or no Entra ID token.
+    pub unavailable: Option<String>,
+    /// The Entra ID credential, for instances that use one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub credential: Option<CredentialStatus>,
+}
+
+/// An Entra ID credential in the `/admin/backends` document. Never holds a
+/// token or secret.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CredentialStatus {
+    /// `type:client_id` (`managed_identity:system`, ...).
+    pub name: String,
+    /// `pending` (first fetch under way), `ok` or `failing`.
+    pub state: TokenState,
+    /// Seconds until the current token expires (0 without one).
+    pub token_expires_in_s: u64,
+    /// The last fetch error while failing.
+    pub last_error: Option<String>,
 }
 
 impl Gateway {
@@ -77,6 +98,36 @@ impl Gateway {
         })
     }
 
+    /// [`Gateway::with_clock`] with the Azure identity variables of `env`
+    /// instead of the process environment.
+    ///
+    /// # Errors
+    /// As [`Gateway::new`], and when an instance's Entra ID credential
+    /// cannot work in `env`.
+    pub fn with_env(
+        config: Arc<Config>,
+        client_key: Option<Secret>,
+        clock: Clock,
+        env: &AzureEnv,
+    ) -> Result<Gateway, GatewayError> {
+        Ok(Gateway {
+            inner: Arc::new(GatewayState::with_env(config, client_key, clock, env)?),
+        })
+    }
+
+    /// The distinct Entra ID token caches, in order of first use.
+    pub fn credentials(&self) -> Vec<Arc<TokenCache>> {
+        let mut out: Vec<Arc<TokenCache>> = Vec::new();
+        for b in &self.inner.backends {
+            if let Some(t) = &b.token
+                && !out.iter().any(|o| Arc::ptr_eq(o, t))
+            {
+                out.push(Arc::clone(t));
+            }
+        }
+        out
+    }
+
     /// The shared state (configuration, instances, clock).
     pub fn state(&self) -> &GatewayState {
         &self.inner
@@ -98,6 +149,22 @@ impl Gateway {
                 latency_ewma_ms: b.latency_ewma_ms(),
                 requests: b.requests(),
                 failures: b.failures(),
+                unavailable: match self.inner.selector.health().check(b, now) {
+                    Ok(()) => None,
+                    Err(Unavailable::Cooling(_)) => Some("cooling down after a 429".to_owned()),
+                    Err(Unavailable::BreakerOpen) => Some("circuit breaker open".to_owned()),
+                    Err(Unavailable::NoToken) => b
+                        .token
+                        .as_ref()
+                        .and_then(|t| t.unavailable_reason())
+                        .or_else(|| Some("no valid Entra ID token".to_owned())),
+                },
+                credential: b.token.as_ref().map(|t| CredentialStatus {
+                    name: t.label.clone(),
+                    state: t.state(),
+                    token_expires_in_s: t.expires_in_secs(),
+                    last_error: t.last_error().map(|e| e.to_string()),
+                }),
             })
             .collect()
     }

@@ -27,6 +27,7 @@
 //! Everything else goes to a [`Handler`], in production the
 //! [`crate::proxy::Gateway`].
 
+use crate::credential::AzureEnv;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -93,6 +94,9 @@ pub struct ServeOptions {
     /// The gateway's clock. Default: the real one; tests pass a manual
     /// [`Clock`] to step through cooldowns and limit windows.
     pub clock: Clock,
+    /// The Azure identity variables (`IDENTITY_ENDPOINT`, `AZURE_*`) that
+    /// Entra ID backend credentials read. Default: the process environment.
+    pub azure_env: AzureEnv,
 }
 
 impl Default for ServeOptions {
@@ -105,6 +109,7 @@ impl Default for ServeOptions {
             client_key: None,
             allow_unauthenticated: false,
             clock: Clock::new(),
+            azure_env: AzureEnv::from_process(),
         }
     }
 }
@@ -120,6 +125,7 @@ impl ServeOptions {
             allow_unauthenticated: client_key.is_none(),
             client_key,
             clock: Clock::new(),
+            azure_env: AzureEnv::from_process(),
         }
     }
 }
@@ -263,10 +269,11 @@ pub async fn spawn(config: Arc<Config>, opts: ServeOptions) -> Result<ServerHand
     // The recorder must exist before the gateway caches its metric handles;
     // handles taken earlier would record nowhere.
     crate::metrics::install()?;
-    let gateway = crate::proxy::Gateway::with_clock(
+    let gateway = crate::proxy::Gateway::with_env(
         config.clone(),
         opts.client_key.clone(),
         opts.clock.clone(),
+        &opts.azure_env,
     )
     .map_err(|e| ServeError::Gateway(e.to_string()))?;
     serve(gateway, config.server, opts).await
@@ -281,8 +288,13 @@ impl Handler for crate::proxy::Gateway {
     }
 
     fn refresh_gauges(&self) {
+        for c in self.credentials() {
+            metrics::gauge!("aoai_lb_token_expires_in_seconds", "credential" => c.label.clone())
+                .set(c.expires_in_secs() as f64);
+        }
         for b in self.backends() {
-            let available = b.cooldown_remaining_ms == 0 && b.breaker != "open";
+            let available =
+                b.cooldown_remaining_ms == 0 && b.breaker != "open" && b.unavailable.is_none();
             metrics::gauge!(crate::metrics::INSTANCE_AVAILABLE, "instance" => b.name)
                 .set(if available { 1.0 } else { 0.0 });
         }

@@ -9,7 +9,8 @@ use std::sync::Arc;
 
 use crate::affinity::AffinityTable;
 use crate::backend::{Backend, Clock};
-use crate::config::Config;
+use crate::config::{BackendCredential, Config};
+use crate::credential::{self, AzureEnv, TokenAuth, TokenCache};
 use crate::error::GatewayError;
 use crate::secret::Secret;
 use crate::select::{MAX_INSTANCES, Selector};
@@ -46,22 +47,41 @@ impl GatewayState {
         client_key: Option<Secret>,
         clock: Clock,
     ) -> Result<GatewayState, GatewayError> {
+        Self::with_env(config, client_key, clock, &AzureEnv::from_process())
+    }
+
+    /// [`GatewayState::new`] with the Azure identity variables of `env`
+    /// instead of the process environment.
+    ///
+    /// # Errors
+    /// As [`GatewayState::new`], and [`GatewayError::Credential`] when an
+    /// instance's `auth` cannot work in `env` (a variable is missing).
+    pub fn with_env(
+        config: Arc<Config>,
+        client_key: Option<Secret>,
+        clock: Clock,
+        env: &AzureEnv,
+    ) -> Result<GatewayState, GatewayError> {
         if config.instances.len() > MAX_INSTANCES {
             return Err(GatewayError::TooManyInstances { max: MAX_INSTANCES });
         }
+        let client = upstream::build_client(&config, true)?;
+        let client_h1 = upstream::build_client(&config, false)?;
+        let caches = token_caches(&config, env, &client)?;
         let backends = config
             .instances
             .iter()
             .enumerate()
             .map(|(i, c)| {
                 Backend::new(i, c.clone(), &config.circuit_breaker)
-                    .map(Arc::new)
+                    .map(|mut b| {
+                        b.token = caches[i].clone();
+                        Arc::new(b)
+                    })
                     .map_err(|field| GatewayError::InvalidHeader { index: i, field })
             })
             .collect::<Result<Vec<_>, _>>()?;
         let selector = Selector::new(&backends);
-        let client = upstream::build_client(&config, true)?;
-        let client_h1 = upstream::build_client(&config, false)?;
         Ok(GatewayState {
             config,
             client_key,
@@ -73,4 +93,44 @@ impl GatewayState {
             affinity: Arc::new(AffinityTable::default()),
         })
     }
+}
+
+/// One token cache per distinct Entra ID credential, indexed like the
+/// instances (`None` for a key credential).
+fn token_caches(
+    config: &Config,
+    env: &AzureEnv,
+    client: &UpstreamClient,
+) -> Result<Vec<Option<Arc<TokenCache>>>, GatewayError> {
+    let mut distinct: Vec<(&TokenAuth, Vec<usize>)> = Vec::new();
+    for (i, inst) in config.instances.iter().enumerate() {
+        if let BackendCredential::Entra(auth) = &inst.credential {
+            match distinct.iter_mut().find(|(a, _)| *a == auth) {
+                Some((_, users)) => users.push(i),
+                None => distinct.push((auth, vec![i])),
+            }
+        }
+    }
+    let mut out = vec![None; config.instances.len()];
+    for (auth, users) in distinct {
+        let source = credential::resolve(auth, env).map_err(|reason| GatewayError::Credential {
+            index: users[0],
+            reason,
+        })?;
+        let names = users
+            .iter()
+            .map(|&i| config.instances[i].name.clone())
+            .collect();
+        let cache = TokenCache::new(
+            credential::label(auth, env),
+            names,
+            source,
+            auth.scope.clone(),
+            client.clone(),
+        );
+        for i in users {
+            out[i] = Some(Arc::clone(&cache));
+        }
+    }
+    Ok(out)
 }

@@ -141,6 +141,8 @@ struct State {
     secrets: Mutex<HashMap<String, String>>,
     assertions: Mutex<HashMap<String, String>>,
     user_assigned: Mutex<Vec<String>>,
+    /// Milliseconds every token route waits before answering.
+    delay_ms: AtomicU64,
     msi: AtomicU64,
     imds: AtomicU64,
     aad: AtomicU64,
@@ -237,6 +239,15 @@ impl IdentityHandle {
         *lock(&self.state.failure) = Some((status, count));
     }
 
+    /// Every token route waits this long before answering (a slow
+    /// endpoint, to show who waits for a fetch).
+    pub fn set_delay(&self, delay: Duration) {
+        self.state.delay_ms.store(
+            u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+    }
+
     /// Undo [`IdentityHandle::fail`].
     pub fn recover(&self) {
         *lock(&self.state.failure) = None;
@@ -302,6 +313,7 @@ pub async fn start_identity_on(
         secrets: Mutex::new(HashMap::new()),
         assertions: Mutex::new(HashMap::new()),
         user_assigned: Mutex::new(Vec::new()),
+        delay_ms: AtomicU64::new(0),
         msi: AtomicU64::new(0),
         imds: AtomicU64::new(0),
         aad: AtomicU64::new(0),
@@ -466,6 +478,10 @@ async fn handle(
     };
     let path = parts.uri.path().to_owned();
     let segs: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let delay = state.delay_ms.load(Ordering::Relaxed);
+    if delay > 0 && (path.ends_with("/token") || path.starts_with("/msi/")) {
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+    }
     let tenant = &state.cfg.tenant_id;
     Ok(match (&parts.method, segs.as_slice()) {
         (&Method::GET, ["msi", "token"]) => msi(&state, &parts),
