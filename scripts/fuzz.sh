@@ -25,7 +25,9 @@ TOOLCHAIN="${FUZZ_TOOLCHAIN:-nightly}"
 installed="$(cargo fuzz --version 2>/dev/null || true)"
 if [ "${installed#cargo-fuzz }" != "$CARGO_FUZZ_VERSION" ]; then
   echo "==> installing cargo-fuzz $CARGO_FUZZ_VERSION"
-  cargo install --locked "cargo-fuzz@$CARGO_FUZZ_VERSION"
+  # Unoptimised: cargo-fuzz only drives cargo, so its own speed is irrelevant
+  # and the debug build compiles several times faster on a fresh machine.
+  cargo install --locked --debug "cargo-fuzz@$CARGO_FUZZ_VERSION"
 fi
 
 if rustup toolchain list 2>/dev/null | grep -q "^$TOOLCHAIN"; then

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test of the project: formatting, lints, the Rust unit and
 # integration tests, the official-SDK suite through the real gateway, the
-# supply-chain policy and a time-boxed run of every fuzz target.
+# admin status page in a headless browser, the supply-chain policy and a
+# time-boxed run of every fuzz target.
 # Usage: scripts/test.sh          (FUZZ_SECONDS=N sets the time per fuzz target, default 15)
 # The long soak is separate: scripts/soak.sh (see RELIABILITY.md).
 set -euo pipefail
@@ -20,6 +21,9 @@ cargo test --workspace
 
 step "official SDK suite through the gateway"
 sdk-tests/run.sh
+
+step "status page: JS logic (node --test) and the page in headless Chromium"
+crates/aoai-lb/tests/status-page/run.sh
 
 step "Azure deployment template: offline parse and validation (deploy/)"
 scripts/check-deploy.sh

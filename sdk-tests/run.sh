@@ -38,8 +38,11 @@ fi
 # ---------------------------------------------------------------- binaries
 AOAI_TARGET="${AOAI_TARGET:-gateway}"
 if [ "$AOAI_TARGET" = gateway ]; then
+  # The same target selection as `cargo test --workspace`: building only the
+  # two packages resolves dependency features without the dev-dependencies
+  # and recompiles a dozen crates that the test run has already built.
   say "building aoai-sim and aoai-lb"
-  (cd "$ROOT" && cargo build -q -p aoai-sim -p aoai-lb)
+  (cd "$ROOT" && cargo build -q --workspace --all-targets)
 else
   say "building aoai-sim"
   (cd "$ROOT" && cargo build -q -p aoai-sim)

@@ -16,6 +16,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use http::HeaderValue;
 
+use crate::activity::{Activity, Unavailability};
 use crate::config::{BackendCredential, BreakerConfig, InstanceConfig};
 use crate::credential::TokenCache;
 
@@ -237,6 +238,7 @@ pub struct Backend {
     base_open_ms: u64,
     state: State,
     metrics: OnceLock<BackendMetrics>,
+    activity: Activity,
 }
 
 struct State {
@@ -320,6 +322,7 @@ impl Backend {
                 failures_total: AtomicU64::new(0),
             },
             metrics: OnceLock::new(),
+            activity: Activity::new(),
         })
     }
 
@@ -332,6 +335,11 @@ impl Backend {
     pub fn metrics(&self) -> &BackendMetrics {
         self.metrics
             .get_or_init(|| BackendMetrics::new(&self.config.name))
+    }
+
+    /// The recent past, for the status page.
+    pub fn activity(&self) -> &Activity {
+        &self.activity
     }
 
     /// Requests currently being served (including streaming bodies).
@@ -442,6 +450,8 @@ impl Backend {
             }
         }
         self.metrics().cooldowns.increment(1);
+        self.activity
+            .unavailable(Unavailability::Cooling, now, until.max(now));
     }
 
     /// Records a success for the breaker (any response that is not a
@@ -482,6 +492,8 @@ impl Backend {
         self.state.breaker.store(OPEN, Ordering::Release);
         self.state.probing.store(false, Ordering::Release);
         self.metrics().breaker_open.set(1.0);
+        self.activity
+            .unavailable(Unavailability::BreakerOpen, now, now.saturating_add(ms));
     }
 
     fn close_breaker(&self) {
@@ -535,6 +547,8 @@ impl Backend {
     /// Counts one attempt outcome in the metrics.
     pub fn count_attempt(&self, o: Outcome) {
         self.metrics().attempts[o.index()].increment(1);
+        self.activity
+            .record(crate::activity::history_now_ms(), o.into());
     }
 
     /// Counts one final response with `status` in the metrics.

@@ -89,6 +89,10 @@ pub struct Config {
     pub circuit_breaker: BreakerConfig,
     pub server: ServerConfig,
     pub upstream: UpstreamConfig,
+    /// First 16 hex digits of the SHA-256 of the document's bytes, as
+    /// `sha256sum` prints them: tells which document is in use without
+    /// showing it. Empty for a configuration not read from text.
+    pub digest: String,
 }
 
 /// One Azure OpenAI resource (or anything that speaks its API).
@@ -390,8 +394,17 @@ impl Config {
             };
             ConfigError::new(field, reason)
         })?;
-        raw.validate()
+        let mut config = raw.validate()?;
+        config.digest = digest(text.as_bytes());
+        Ok(config)
     }
+}
+
+/// First 16 hex digits of the SHA-256 of `bytes`.
+pub fn digest(bytes: &[u8]) -> String {
+    use sha2::Digest as _;
+    let d = sha2::Sha256::digest(bytes);
+    d.iter().take(8).map(|b| format!("{b:02x}")).collect()
 }
 
 fn position(e: &serde_json::Error) -> String {
@@ -571,6 +584,7 @@ impl RawDocument {
             circuit_breaker,
             server,
             upstream,
+            digest: String::new(),
         })
     }
 }

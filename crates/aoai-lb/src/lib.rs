@@ -6,6 +6,7 @@
 //! failover) → respond (stream back) → account (usage, limits, access log)
 //! when the response ends.
 
+pub mod activity;
 pub mod admin;
 pub mod affinity;
 pub mod auth;
@@ -30,5 +31,6 @@ pub mod select;
 pub mod send;
 pub mod server;
 pub mod state;
+pub mod status;
 pub mod stream;
 pub mod upstream;

@@ -143,6 +143,11 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
         admin_port: settings.admin_port,
         client_key: settings.client_key.clone(),
         allow_unauthenticated: settings.allow_unauthenticated,
+        config_source: match &settings.source {
+            ConfigSource::Env(_) => "OPENAI_INSTANCES".to_owned(),
+            ConfigSource::File(path) => format!("file {}", path.display()),
+            ConfigSource::Demo => "demo".to_owned(),
+        },
         clock: aoai_lb::backend::Clock::new(),
         azure_env: aoai_lb::credential::AzureEnv::from_process(),
     };

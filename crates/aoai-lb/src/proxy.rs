@@ -169,8 +169,12 @@ impl Gateway {
             .collect()
     }
 
-    /// True while at least one instance could take a request (for
-    /// `/readyz`).
+    /// The gateway's part of the `/admin/status` document.
+    pub fn status(&self) -> crate::status::GatewayStatus {
+        crate::status::gateway_status(&self.inner.backends, self.inner.clock.now_ms())
+    }
+
+    /// True while at least one instance could take a request.
     pub fn any_available(&self) -> bool {
         let now = self.inner.clock.now_ms();
         self.inner

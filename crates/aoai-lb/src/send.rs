@@ -375,10 +375,12 @@ pub async fn failover(
                 match outcome {
                     Outcome::Throttled => {
                         backend.record_success(slot.is_probe());
-                        backend.cool_down(
-                            now,
-                            cooldown_ms(&parts.headers, &gw.config.cooldown, SystemTime::now()),
-                        );
+                        let ms =
+                            cooldown_ms(&parts.headers, &gw.config.cooldown, SystemTime::now());
+                        backend.cool_down(now, ms);
+                        backend
+                            .activity()
+                            .throttled(now, status.as_u16(), ms, &parts.headers);
                     }
                     Outcome::ServerError if status != StatusCode::REQUEST_TIMEOUT => {
                         backend.record_failure(now, slot.is_probe(), &gw.config.circuit_breaker);

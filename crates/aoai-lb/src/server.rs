@@ -72,6 +72,12 @@ pub trait Handler: Clone + Send + Sync + 'static {
 
     /// The `/admin/backends` document, as JSON bytes. Never contains a key.
     fn backends_json(&self) -> Vec<u8>;
+
+    /// The gateway's part of `/admin/status`: instances and, when known,
+    /// per-client and per-deployment rates. Never contains a key.
+    fn status(&self) -> crate::status::GatewayStatus {
+        crate::status::GatewayStatus::default()
+    }
 }
 
 /// Where to listen and how to authenticate clients.
@@ -91,6 +97,9 @@ pub struct ServeOptions {
     pub client_key: Option<Secret>,
     /// Serve without client auth (explicit operator opt-out).
     pub allow_unauthenticated: bool,
+    /// Where the configuration came from, as the status page shows it:
+    /// `OPENAI_INSTANCES`, `file <path>`, `demo`. Default `inline`.
+    pub config_source: String,
     /// The gateway's clock. Default: the real one; tests pass a manual
     /// [`Clock`] to step through cooldowns and limit windows.
     pub clock: Clock,
@@ -108,6 +117,7 @@ impl Default for ServeOptions {
             admin_port: 8001,
             client_key: None,
             allow_unauthenticated: false,
+            config_source: "inline".to_owned(),
             clock: Clock::new(),
             azure_env: AzureEnv::from_process(),
         }
@@ -124,6 +134,7 @@ impl ServeOptions {
             admin_port: 0,
             allow_unauthenticated: client_key.is_none(),
             client_key,
+            config_source: "inline".to_owned(),
             clock: Clock::new(),
             azure_env: AzureEnv::from_process(),
         }
@@ -157,8 +168,9 @@ pub enum ServeError {
 struct Shared {
     cfg: ServerConfig,
     builder: auto::Builder<TokioExecutor>,
-    /// Set first on shutdown: `/readyz` answers 503 from then on.
-    draining: AtomicBool,
+    /// Set first on shutdown: `/readyz` answers 503 from then on. Shared
+    /// with the admin listener, whose status page shows it.
+    draining: Arc<AtomicBool>,
     open: AtomicUsize,
     /// Shutdown requested: `/readyz` is 503; the listener keeps accepting
     /// for `drain_delay`.
@@ -276,7 +288,10 @@ pub async fn spawn(config: Arc<Config>, opts: ServeOptions) -> Result<ServerHand
         &opts.azure_env,
     )
     .map_err(|e| ServeError::Gateway(e.to_string()))?;
-    serve(gateway, config.server, opts).await
+    let info = Arc::new(arc_swap::ArcSwap::from_pointee(
+        crate::status::ConfigInfo::new(&config.digest, opts.config_source.clone()),
+    ));
+    serve(gateway, config.server, opts, info).await
 }
 
 impl Handler for crate::proxy::Gateway {
@@ -304,6 +319,10 @@ impl Handler for crate::proxy::Gateway {
         serde_json::to_vec(&serde_json::json!({ "backends": self.backends() }))
             .unwrap_or_else(|_| b"{\"backends\":[]}".to_vec())
     }
+
+    fn status(&self) -> crate::status::GatewayStatus {
+        crate::proxy::Gateway::status(self)
+    }
 }
 
 /// Starts the listeners in front of any [`Handler`]. `spawn` is this with
@@ -315,6 +334,7 @@ pub async fn serve<H: Handler>(
     handler: H,
     cfg: ServerConfig,
     opts: ServeOptions,
+    config_info: Arc<arc_swap::ArcSwap<crate::status::ConfigInfo>>,
 ) -> Result<ServerHandle, ServeError> {
     let prometheus = crate::metrics::install()?;
     let listener = bind("public", &opts.host, opts.port).await?;
@@ -347,7 +367,7 @@ pub async fn serve<H: Handler>(
     let shared = Arc::new(Shared {
         cfg,
         builder,
-        draining: AtomicBool::new(false),
+        draining: Arc::new(AtomicBool::new(false)),
         open: AtomicUsize::new(0),
         shutdown: CancellationToken::new(),
         closing: CancellationToken::new(),
@@ -356,8 +376,13 @@ pub async fn serve<H: Handler>(
     let admin_stop = CancellationToken::new();
     let admin_task = tokio::spawn(crate::admin::run(
         admin_listener,
-        handler.clone(),
-        prometheus,
+        crate::admin::Admin {
+            handler: handler.clone(),
+            prometheus,
+            config_info,
+            draining: shared.draining.clone(),
+            started: std::time::SystemTime::now(),
+        },
         admin_stop.clone(),
     ));
     let driver = tokio::spawn(drive(

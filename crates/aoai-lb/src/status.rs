@@ -1,0 +1,381 @@
+//! The operator's view of one replica: the `/admin/status` JSON document and
+//! the page at `/` of the admin listener that polls it.
+//!
+//! The page is one HTML file embedded in the binary (`status.html`: inline
+//! CSS and JS, no external asset). Its Content-Security-Policy allows that
+//! one script and that one style block by their SHA-256 hashes, computed
+//! here from the embedded file, and nothing else: no other script, no
+//! inline event handler, no `eval`, no connection but to this origin, no
+//! framing. The page only reads; it has no control that changes anything.
+//!
+//! The document shows instance names and live state, the configuration's
+//! hash and load time, never a key, a backend URL or a client key.
+
+use std::sync::{Arc, OnceLock};
+use std::time::SystemTime;
+
+use base64::Engine as _;
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use crate::activity::{self, BUCKET_MS, Counts, Unavailability};
+use crate::backend::{Backend, BreakerState};
+use crate::log::rfc3339_ms;
+
+/// The page, as embedded.
+pub const PAGE: &str = include_str!("status.html");
+
+/// The `Content-Security-Policy` for [`PAGE`]: its inline script and style
+/// are allowed by hash, everything else is refused.
+pub fn content_security_policy() -> &'static str {
+    static CSP: OnceLock<String> = OnceLock::new();
+    CSP.get_or_init(|| {
+        format!(
+            "default-src 'none'; script-src '{}'; style-src '{}'; connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+            hash_source(inline(PAGE, "script")),
+            hash_source(inline(PAGE, "style")),
+        )
+    })
+}
+
+/// The text between the first `<tag>` and the next `</tag>`: what the
+/// browser hashes to check it against the policy.
+fn inline<'a>(page: &'a str, tag: &str) -> &'a str {
+    let open = format!("<{tag}>");
+    let close = format!("</{tag}>");
+    page.find(&open)
+        .map(|i| &page[i + open.len()..])
+        .and_then(|rest| rest.find(&close).map(|j| &rest[..j]))
+        .unwrap_or("")
+}
+
+fn hash_source(text: &str) -> String {
+    let digest = Sha256::digest(text.as_bytes());
+    format!(
+        "sha256-{}",
+        base64::engine::general_purpose::STANDARD.encode(digest)
+    )
+}
+
+/// Which replica this is: Container Apps' `CONTAINER_APP_REPLICA_NAME`,
+/// else `HOSTNAME`, else `/etc/hostname`, else empty. Each replica keeps its
+/// own cooldowns, so the page says whose it shows.
+pub fn replica() -> &'static str {
+    static NAME: OnceLock<String> = OnceLock::new();
+    NAME.get_or_init(|| {
+        ["CONTAINER_APP_REPLICA_NAME", "HOSTNAME"]
+            .iter()
+            .find_map(|v| std::env::var(v).ok().filter(|s| !s.trim().is_empty()))
+            .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+            .map(|s| s.trim().chars().take(128).collect())
+            .unwrap_or_default()
+    })
+}
+
+/// The configuration in use, as shown to the operator.
+#[derive(Debug, Clone, Serialize)]
+pub struct ConfigInfo {
+    /// First 16 hex digits of the SHA-256 of the document's bytes (what
+    /// `sha256sum` prints for the file).
+    pub hash: String,
+    /// When this configuration was loaded (RFC 3339, UTC).
+    pub loaded_at: String,
+    /// 1 at start-up, plus one per reload applied.
+    pub generation: u64,
+    /// `OPENAI_INSTANCES`, or the configuration file's path.
+    pub source: String,
+}
+
+impl ConfigInfo {
+    /// The configuration loaded now, first generation.
+    pub fn new(hash: &str, source: String) -> Self {
+        Self {
+            hash: hash.to_owned(),
+            loaded_at: rfc3339_ms(SystemTime::now()),
+            generation: 1,
+            source,
+        }
+    }
+}
+
+/// The parts of the document that belong to the process, not the gateway.
+#[derive(Debug, Clone, Copy)]
+pub struct ServerInfo {
+    /// When the process started serving.
+    pub started: SystemTime,
+    /// Shutdown has begun.
+    pub draining: bool,
+}
+
+/// One instance on the page. Never holds a key or a URL.
+#[derive(Debug, Clone, Serialize)]
+pub struct InstanceStatus {
+    pub name: String,
+    pub priority: u32,
+    pub weight: f64,
+    pub in_flight: u32,
+    /// `ok`, `cooling`, `breaker_open`, `half_open`, or `draining` for an
+    /// instance removed by a reload that still has requests in flight.
+    pub state: &'static str,
+    /// `closed`, `open` or `half_open`.
+    pub breaker: &'static str,
+    /// Time left in a 429 cooldown; 0 when not cooling.
+    pub cooldown_remaining_ms: u64,
+    /// The last 429 and what it said, if there was one.
+    pub last_throttle: Option<ThrottleStatus>,
+    pub latency_ewma_ms: f64,
+    /// Attempts started.
+    pub requests: u64,
+    /// 5xx, timeouts, connection and key failures.
+    pub failures: u64,
+    /// Attempts per [`BUCKET_MS`] bucket over the last few minutes, oldest
+    /// first, as `[ok, throttled, failed]`; the last bucket is the current.
+    pub history: Vec<[u32; 3]>,
+    /// Recent periods when the instance was skipped.
+    pub unavailable: Vec<IntervalStatus>,
+}
+
+/// The last 429 of an instance.
+#[derive(Debug, Clone, Serialize)]
+pub struct ThrottleStatus {
+    /// How long ago it arrived.
+    pub ago_ms: u64,
+    pub status: u16,
+    /// The cooldown the gateway derived from it.
+    pub cooldown_ms: u64,
+    /// The rate-limit headers it carried, as `[name, value]` pairs in the
+    /// order the cooldown reads them (`retry-after-ms` first).
+    pub headers: Vec<(&'static str, String)>,
+}
+
+/// A period of unavailability relative to now: `until_ago_ms` is negative
+/// while it lasts.
+#[derive(Debug, Clone, Serialize)]
+pub struct IntervalStatus {
+    pub kind: Unavailability,
+    pub from_ago_ms: i64,
+    pub until_ago_ms: i64,
+}
+
+fn signed(x: u64) -> i64 {
+    i64::try_from(x).unwrap_or(i64::MAX)
+}
+
+/// The status of one instance at `now` (gateway clock), its history up to
+/// `history_now` ([`activity::history_now_ms`]).
+pub fn instance(b: &Backend, now: u64, history_now: u64, draining: bool) -> InstanceStatus {
+    let cooldown = b.cooling_until(now).map_or(0, |u| u - now);
+    let breaker = b.breaker_state(now);
+    let state = if draining {
+        "draining"
+    } else if cooldown > 0 {
+        "cooling"
+    } else if b.token.as_ref().is_some_and(|t| !t.usable()) {
+        // An Entra ID credential without a valid token.
+        "no_token"
+    } else {
+        match breaker {
+            BreakerState::Closed => "ok",
+            BreakerState::Open => "breaker_open",
+            BreakerState::HalfOpen => "half_open",
+        }
+    };
+    let act = b.activity();
+    let window = BUCKET_MS * activity::BUCKETS as u64;
+    InstanceStatus {
+        name: b.name().to_owned(),
+        priority: b.config.priority,
+        weight: b.config.weight,
+        in_flight: b.in_flight(),
+        state,
+        breaker: breaker.as_str(),
+        cooldown_remaining_ms: cooldown,
+        last_throttle: act.last_throttle().map(|t| ThrottleStatus {
+            ago_ms: now.saturating_sub(t.at_ms),
+            status: t.status,
+            cooldown_ms: t.cooldown_ms,
+            headers: t.headers,
+        }),
+        latency_ewma_ms: b.latency_ewma_ms(),
+        requests: b.requests(),
+        failures: b.failures(),
+        history: act
+            .history(history_now)
+            .into_iter()
+            .map(
+                |Counts {
+                     ok,
+                     throttled,
+                     failed,
+                 }| [ok, throttled, failed],
+            )
+            .collect(),
+        unavailable: act
+            .intervals(now.saturating_sub(window))
+            .into_iter()
+            .map(|i| IntervalStatus {
+                kind: i.kind,
+                from_ago_ms: signed(now) - signed(i.from_ms),
+                until_ago_ms: signed(now) - signed(i.until_ms),
+            })
+            .collect(),
+    }
+}
+
+/// What the gateway contributes to the document: its instances and, when
+/// it has them, per-client and per-deployment rates.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct GatewayStatus {
+    /// Width of a history bucket ([`BUCKET_MS`]).
+    pub bucket_ms: u64,
+    /// How far into its bucket the newest history entry is.
+    pub bucket_elapsed_ms: u64,
+    pub instances: Vec<InstanceStatus>,
+    /// Per client: present once named clients are configured.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub clients: Vec<RateRow>,
+    /// Per client-facing deployment name.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub deployments: Vec<RateRow>,
+}
+
+/// Request and token rates of one client or deployment over the last
+/// minute.
+#[derive(Debug, Clone, Serialize)]
+pub struct RateRow {
+    pub name: String,
+    pub requests_per_min: u64,
+    /// Absent while token usage is not counted.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tokens_per_min: Option<u64>,
+    /// Requests refused by the gateway in the last minute (429/403 of a
+    /// client's limits).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rejected_per_min: Option<u64>,
+}
+
+/// The whole `/admin/status` document.
+#[derive(Debug, Serialize)]
+struct Document<'a> {
+    version: &'static str,
+    replica: &'static str,
+    started_at: String,
+    uptime_s: u64,
+    draining: bool,
+    config: &'a ConfigInfo,
+    #[serde(flatten)]
+    gateway: GatewayStatus,
+}
+
+/// Renders `/admin/status`.
+pub fn document(server: ServerInfo, config: &ConfigInfo, gateway: GatewayStatus) -> Vec<u8> {
+    let doc = Document {
+        version: env!("CARGO_PKG_VERSION"),
+        replica: replica(),
+        started_at: rfc3339_ms(server.started),
+        uptime_s: SystemTime::now()
+            .duration_since(server.started)
+            .map_or(0, |d| d.as_secs()),
+        draining: server.draining,
+        config,
+        gateway,
+    };
+    serde_json::to_vec(&doc).unwrap_or_else(|_| b"{}".to_vec())
+}
+
+/// The gateway's part for `backends` at `now`.
+pub fn gateway_status(backends: &[Arc<Backend>], now: u64) -> GatewayStatus {
+    let history_now = activity::history_now_ms();
+    GatewayStatus {
+        bucket_ms: BUCKET_MS,
+        bucket_elapsed_ms: history_now % BUCKET_MS,
+        instances: backends
+            .iter()
+            .map(|b| instance(b, now, history_now, false))
+            .collect(),
+        ..GatewayStatus::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    #[test]
+    fn the_policy_allows_exactly_the_embedded_script_and_style() {
+        let csp = content_security_policy();
+        let script = inline(PAGE, "script");
+        let style = inline(PAGE, "style");
+        assert!(script.len() > 1000, "the page has its script inline");
+        assert!(style.len() > 100, "the page has its style inline");
+        assert!(csp.contains(&format!("script-src '{}'", hash_source(script))));
+        assert!(csp.contains(&format!("style-src '{}'", hash_source(style))));
+        assert!(csp.starts_with("default-src 'none'"));
+        assert!(!csp.contains("unsafe"));
+        // Exactly one of each, so the hash covers all the code there is.
+        assert_eq!(PAGE.matches("<script").count(), 1);
+        assert_eq!(PAGE.matches("<style").count(), 1);
+    }
+
+    #[test]
+    fn the_page_loads_nothing_from_elsewhere_and_has_no_inline_handlers() {
+        let lower = PAGE.to_ascii_lowercase();
+        for bad in [
+            "http://",
+            "https://",
+            " src=",
+            " href=",
+            "style=\"",
+            " onclick",
+            " onload",
+            "eval(",
+            "innerhtml",
+            "document.write",
+        ] {
+            assert!(!lower.contains(bad), "{bad:?} in the page");
+        }
+    }
+
+    #[test]
+    fn shows_a_cooling_instance_with_its_429_and_no_key() {
+        let c = Config::from_json(
+            r#"{"instances":[{"name":"a","url":"http://127.0.0.1:9","api_key":"secret-key-zz"}]}"#,
+        )
+        .unwrap();
+        let b = Arc::new(Backend::new(0, c.instances[0].clone(), &c.circuit_breaker).unwrap());
+        let mut h = http::HeaderMap::new();
+        h.insert("retry-after-ms", http::HeaderValue::from_static("60000"));
+        b.cool_down(1_000, 60_000);
+        b.activity().throttled(1_000, 429, 60_000, &h);
+        b.count_attempt(crate::backend::Outcome::Throttled);
+        let s = gateway_status(&[b], 11_000);
+        let i = &s.instances[0];
+        assert_eq!(i.state, "cooling");
+        assert_eq!(i.cooldown_remaining_ms, 50_000);
+        let t = i.last_throttle.as_ref().unwrap();
+        assert_eq!((t.ago_ms, t.status), (10_000, 429));
+        assert_eq!(t.headers, vec![("retry-after-ms", "60000".to_owned())]);
+        assert_eq!(i.unavailable[0].from_ago_ms, 10_000);
+        assert_eq!(i.unavailable[0].until_ago_ms, -50_000);
+        // The attempt is in the newest bucket, or the one before if a
+        // bucket boundary passed in between.
+        let throttled: u32 = i.history.iter().rev().take(2).map(|c| c[1]).sum();
+        assert_eq!(throttled, 1);
+        let doc = document(
+            ServerInfo {
+                started: SystemTime::now(),
+                draining: false,
+            },
+            &ConfigInfo::new(&c.digest, "OPENAI_INSTANCES".into()),
+            s,
+        );
+        let text = String::from_utf8(doc).unwrap();
+        assert!(!text.contains("secret-key-zz"), "{text}");
+        assert!(!text.contains("127.0.0.1:9"), "{text}");
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v["config"]["hash"].as_str().unwrap().len(), 16);
+        assert_eq!(v["instances"][0]["name"], "a");
+        assert!(v.get("clients").is_none(), "absent until there are clients");
+    }
+}
