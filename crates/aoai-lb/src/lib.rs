@@ -34,3 +34,4 @@ pub mod state;
 pub mod status;
 pub mod stream;
 pub mod upstream;
+pub mod usage;

@@ -92,6 +92,10 @@ pub struct AccessRecord {
     /// badly (`stream_idle_timeout`, `upstream_aborted`,
     /// `client_disconnected`).
     pub error: Option<&'static str>,
+    /// Tokens of the response (`prompt`, `completion`, `cached`,
+    /// `reasoning`, `source`: `reported` or `estimated`); `null` when the
+    /// response carries none (errors, non-inference requests).
+    pub usage: Option<crate::usage::Usage>,
 }
 
 fn header_str<S: Serializer>(v: &HeaderValue, s: S) -> Result<S::Ok, S::Error> {
@@ -131,6 +135,7 @@ impl AccessRecord {
             bytes: 0,
             streamed: false,
             error: None,
+            usage: None,
         }
     }
 
@@ -232,6 +237,13 @@ mod tests {
             bytes: 10,
             streamed: false,
             error: None,
+            usage: Some(crate::usage::Usage {
+                prompt: 3,
+                completion: 2,
+                cached: 1,
+                reasoning: 0,
+                source: crate::usage::Source::Estimated,
+            }),
         };
         let v = serde_json::to_value(&r).unwrap();
         for k in [
@@ -252,10 +264,15 @@ mod tests {
             "bytes",
             "streamed",
             "error",
+            "usage",
         ] {
             assert!(v.get(k).is_some(), "{k} missing in {v}");
         }
         assert_eq!(v["method"], "POST");
         assert_eq!(v["request_id"], "abc");
+        assert_eq!(
+            v["usage"],
+            serde_json::json!({"prompt":3,"completion":2,"cached":1,"reasoning":0,"source":"estimated"})
+        );
     }
 }

@@ -135,6 +135,11 @@ pub fn handle() -> Option<PrometheusHandle> {
 
 fn describe() {
     describe_counter!(
+        crate::usage::TOKENS_TOTAL,
+        Unit::Count,
+        "Tokens of answered inference requests, by client, client-facing deployment, instance, kind (prompt, completion, cached, reasoning) and source (reported by the instance, or estimated with a tokenizer)"
+    );
+    describe_counter!(
         REQUESTS_TOTAL,
         Unit::Count,
         "Requests answered, by final instance (none when no backend was used) and status class"

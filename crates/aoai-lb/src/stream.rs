@@ -83,6 +83,20 @@ pub trait BodyEnd: Send + 'static {
         chunk
     }
 
+    /// Bytes held back by [`BodyEnd::data`] that go out after the
+    /// instance's body ended cleanly (sent before the end). The default has
+    /// none.
+    fn flush(&mut self) -> Option<Bytes> {
+        None
+    }
+
+    /// True when [`BodyEnd::data`] may change the body's length, so the
+    /// instance's size hint no longer holds. Asked once, when the body is
+    /// wrapped. The default is false.
+    fn rewrites(&self) -> bool {
+        false
+    }
+
     /// Called exactly once: at the end of the body, when it fails, or when
     /// it is dropped unfinished (the client went away).
     fn ended(self, how: Ended);
@@ -99,12 +113,17 @@ pub struct Tracked<B: Body, E: BodyEnd> {
     bytes: u64,
     first_byte: Option<Instant>,
     finish: Option<E>,
+    /// Held-back bytes still to send after the instance's body ended.
+    tail: Option<Bytes>,
+    /// The end may change the body's length (see [`BodyEnd::rewrites`]).
+    rewrites: bool,
 }
 
 impl<B: Body, E: BodyEnd> Tracked<B, E> {
     /// Wraps `inner`. With `idle`, a gap longer than that between frames
     /// aborts the body with [`StreamError::Idle`].
     pub fn new(inner: B, idle: Option<Duration>, finish: E) -> Self {
+        let rewrites = finish.rewrites();
         Self {
             inner,
             idle,
@@ -113,7 +132,28 @@ impl<B: Body, E: BodyEnd> Tracked<B, E> {
             bytes: 0,
             first_byte: None,
             finish: Some(finish),
+            tail: None,
+            rewrites,
         }
+    }
+
+    fn count(&mut self, data: &Bytes) {
+        if self.first_byte.is_none() && !data.is_empty() {
+            self.first_byte = Some(Instant::now());
+        }
+        self.bytes += data.len() as u64;
+    }
+
+    /// The instance's body ended cleanly: keeps what the end still has to
+    /// send (counted now) and settles.
+    fn end_cleanly(&mut self) {
+        if let Some(tail) = self.finish.as_mut().and_then(BodyEnd::flush)
+            && !tail.is_empty()
+        {
+            self.count(&tail);
+            self.tail = Some(tail);
+        }
+        self.settle(None, false);
     }
 
     fn settle(&mut self, error: Option<&'static str>, failed: bool) {
@@ -164,56 +204,71 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = self.get_mut();
+        if let Some(tail) = this.tail.take() {
+            return Poll::Ready(Some(Ok(Frame::data(tail))));
+        }
         if this.finish.is_none() && this.inner.is_end_stream() {
             return Poll::Ready(None);
         }
-        match Pin::new(&mut this.inner).poll_frame(cx) {
-            Poll::Pending => {
-                if this.idle_expired(cx) {
-                    this.settle(Some(StreamError::Idle.label()), true);
-                    return Poll::Ready(Some(Err(Box::new(StreamError::Idle))));
-                }
-                Poll::Pending
-            }
-            Poll::Ready(Some(Ok(frame))) => {
-                let frame = match (frame.into_data(), this.finish.as_mut()) {
-                    (Ok(data), Some(f)) => Frame::data(f.data(data)),
-                    (Ok(data), None) => Frame::data(data),
-                    (Err(frame), _) => frame,
-                };
-                if let Some(data) = frame.data_ref() {
-                    if this.first_byte.is_none() && !data.is_empty() {
-                        this.first_byte = Some(Instant::now());
+        loop {
+            match Pin::new(&mut this.inner).poll_frame(cx) {
+                Poll::Pending => {
+                    if this.idle_expired(cx) {
+                        this.settle(Some(StreamError::Idle.label()), true);
+                        return Poll::Ready(Some(Err(Box::new(StreamError::Idle))));
                     }
-                    this.bytes += data.len() as u64;
-                    if this.idle.is_some() {
-                        this.last_activity = Instant::now();
+                    return Poll::Pending;
+                }
+                Poll::Ready(Some(Ok(frame))) => {
+                    let frame = match frame.into_data() {
+                        Ok(data) => {
+                            if this.idle.is_some() {
+                                this.last_activity = Instant::now();
+                            }
+                            let data = match this.finish.as_mut() {
+                                Some(f) => f.data(data),
+                                None => data,
+                            };
+                            if data.is_empty() && !this.inner.is_end_stream() {
+                                // Held back entirely: nothing to send yet.
+                                continue;
+                            }
+                            this.count(&data);
+                            Frame::data(data)
+                        }
+                        Err(frame) => frame,
+                    };
+                    if this.inner.is_end_stream() {
+                        this.end_cleanly();
                     }
+                    return Poll::Ready(Some(Ok(frame)));
                 }
-                if this.inner.is_end_stream() {
-                    this.settle(None, false);
+                Poll::Ready(Some(Err(_))) => {
+                    // The lower-level error is not passed on: it may
+                    // describe the instance's address.
+                    this.settle(Some(StreamError::Upstream.label()), true);
+                    return Poll::Ready(Some(Err(Box::new(StreamError::Upstream))));
                 }
-                Poll::Ready(Some(Ok(frame)))
-            }
-            Poll::Ready(Some(Err(_))) => {
-                // The lower-level error is not passed on: it may describe
-                // the instance's address.
-                this.settle(Some(StreamError::Upstream.label()), true);
-                Poll::Ready(Some(Err(Box::new(StreamError::Upstream))))
-            }
-            Poll::Ready(None) => {
-                this.settle(None, false);
-                Poll::Ready(None)
+                Poll::Ready(None) => {
+                    if this.finish.is_some() {
+                        this.end_cleanly();
+                    }
+                    return Poll::Ready(this.tail.take().map(|t| Ok(Frame::data(t))));
+                }
             }
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.tail.is_none() && self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        if self.rewrites {
+            SizeHint::default()
+        } else {
+            self.inner.size_hint()
+        }
     }
 }
 

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use bytes::Bytes;
-use http::Response;
+use http::{Method, Response};
 
 use crate::backend::{Clock, InFlight};
 use crate::clients::Client;
@@ -23,42 +23,98 @@ use crate::limits::Reservation;
 use crate::log::{AccessRecord, ms, rfc3339_ms};
 use crate::state::GatewayState;
 use crate::stream::{BodyEnd, Ended, ProxyBody, full_body};
+use crate::usage::meter::Meter;
+use crate::usage::{Endpoint, inject};
+use crate::{route, usage};
 
 use super::{GATEWAY_REQUEST_ID, RequestCtx};
 
-/// The token figures of one response. `cached` is part of `prompt`, and
-/// `reasoning` part of `completion`, as in the APIs' own `usage`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Usage {
-    /// Prompt (input) tokens.
-    pub prompt: u64,
-    /// Completion (output) tokens.
-    pub completion: u64,
-    /// Prompt tokens served from the cache.
-    pub cached: u64,
-    /// Completion tokens spent on reasoning.
-    pub reasoning: u64,
-    /// True when counted by the gateway rather than reported by the
-    /// instance.
-    pub estimated: bool,
-}
-
-impl Usage {
-    /// Prompt plus completion tokens: what a TPM limit or quota counts.
-    pub fn total(&self) -> u64 {
-        self.prompt.saturating_add(self.completion)
-    }
-}
+pub use crate::usage::Usage;
 
 /// Reads a response's token usage from the body on its way to the client.
 pub trait UsageMeter: Send + Sync {
     /// Sees every data chunk; returns the bytes to send instead (to remove
-    /// an event the gateway itself asked for).
+    /// an event the gateway itself asked for; empty while held back).
     fn data(&mut self, chunk: Bytes) -> Bytes;
+
+    /// Bytes still held back when the instance's body ended cleanly.
+    fn flush(&mut self) -> Option<Bytes> {
+        None
+    }
+
+    /// True when [`UsageMeter::data`] may change the body's length.
+    fn rewrites(&self) -> bool {
+        false
+    }
+
+    /// True when [`UsageMeter::finish`] would have to build a tokenizer
+    /// first (the first estimate of the process).
+    fn estimate_is_slow(&self, _complete: bool) -> bool {
+        false
+    }
 
     /// The usage once the body has ended (`complete` false when it was cut
     /// short); `None` when nothing can be said.
     fn finish(&mut self, complete: bool) -> Option<Usage>;
+}
+
+impl UsageMeter for Meter {
+    fn data(&mut self, chunk: Bytes) -> Bytes {
+        Meter::data(self, chunk)
+    }
+
+    fn flush(&mut self) -> Option<Bytes> {
+        Meter::flush(self)
+    }
+
+    fn rewrites(&self) -> bool {
+        Meter::strips(self)
+    }
+
+    fn estimate_is_slow(&self, complete: bool) -> bool {
+        Meter::estimate_is_slow(self, complete)
+    }
+
+    fn finish(&mut self, complete: bool) -> Option<Usage> {
+        Meter::finish(self, complete)
+    }
+}
+
+/// How the usage of a request will be read, decided before it is sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UsagePlan {
+    /// The inference endpoint.
+    pub endpoint: Endpoint,
+    /// The gateway added `include_usage`: the usage chunk is removed.
+    pub strip: bool,
+}
+
+/// Decides how `ctx`'s usage will be read (inference endpoints only) and,
+/// for a streaming chat request that did not ask for usage on an
+/// api-version that accepts it, makes the body that goes upstream carry
+/// `stream_options.include_usage` (see [`crate::usage::inject`]).
+pub fn plan_usage(ctx: &mut RequestCtx) {
+    if ctx.parts.method != Method::POST || !route::body_is_json(&ctx.parts.headers) {
+        return;
+    }
+    let path = ctx.parts.uri.path();
+    let Some(endpoint) = Endpoint::from_path(path) else {
+        return;
+    };
+    let strip = match inject::plan(endpoint, path, ctx.parts.uri.query(), &ctx.body) {
+        inject::Plan::Injected(body) => {
+            ctx.body = body;
+            // Splice offsets (the `model` value) moved with the bytes.
+            if ctx.route.model_span.is_some()
+                && route::apply_body_model(&mut ctx.route, &ctx.body).is_err()
+            {
+                return;
+            }
+            true
+        }
+        _ => false,
+    };
+    ctx.usage = Some(UsagePlan { endpoint, strip });
 }
 
 /// What is settled when a response body ends.
@@ -114,11 +170,46 @@ impl BodyEnd for Account {
         }
     }
 
-    fn ended(mut self, how: Ended) {
+    fn flush(&mut self) -> Option<Bytes> {
+        self.meter.as_mut().and_then(|m| m.flush())
+    }
+
+    fn rewrites(&self) -> bool {
+        self.meter.as_ref().is_some_and(|m| m.rewrites())
+    }
+
+    fn ended(self, how: Ended) {
         let end = Instant::now();
+        // The first estimate of a process builds a tokenizer (a fraction of
+        // a second): that must not hold up the connection's task.
+        if self
+            .meter
+            .as_ref()
+            .is_some_and(|m| m.estimate_is_slow(how.error.is_none()))
+            && let Ok(rt) = tokio::runtime::Handle::try_current()
+        {
+            rt.spawn_blocking(move || self.complete(how, end));
+            return;
+        }
+        self.complete(how, end);
+    }
+}
+
+impl Account {
+    /// Settles everything once the body has ended at `end`.
+    fn complete(mut self, how: Ended, end: Instant) {
         if let Some(m) = &mut self.meter {
             self.usage = m.finish(how.error.is_none());
         }
+        if let Some(u) = &self.usage {
+            usage::count(
+                self.client.as_deref().map_or("none", |c| &*c.name),
+                self.record.deployment.as_deref().unwrap_or("none"),
+                self.record.instance.as_ref().map_or("none", |i| i.as_str()),
+                u,
+            );
+        }
+        self.record.usage = self.usage;
         if let Some(r) = self.reservation.take() {
             match self.usage {
                 Some(u) => r.settle(u.total()),

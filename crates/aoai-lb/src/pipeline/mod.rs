@@ -70,6 +70,9 @@ pub struct RequestCtx {
     /// What [`admit`] reserved against the client's limits; settled with
     /// the real usage when the response ends ([`account`]).
     pub reservation: Option<Reservation>,
+    /// How the response's token usage will be read (set before forwarding
+    /// by [`account::plan_usage`]); `None` for non-inference requests.
+    pub usage: Option<account::UsagePlan>,
     /// The access record being filled in.
     pub record: AccessRecord,
     /// Time spent waiting on instances (for the overhead metric).
@@ -107,6 +110,7 @@ impl RequestCtx {
             bytes: 0,
             streamed: false,
             error: None,
+            usage: None,
         };
         Self {
             start,
@@ -117,6 +121,7 @@ impl RequestCtx {
             client_upgrade: None,
             client: None,
             reservation: None,
+            usage: None,
             record,
             upstream_wait: Duration::ZERO,
             awaiting_upstream: false,
@@ -159,6 +164,7 @@ pub async fn run(
     admit::permit(gw, ctx)?;
     classify::deployment_exists(gw, ctx)?;
     admit::admit(gw, ctx)?;
+    account::plan_usage(ctx);
     let sent = forward::forward(gw, ctx).await?;
     respond::respond(gw, ctx, sent)
 }

@@ -25,6 +25,7 @@ use crate::stream::{ProxyBody, Tracked, full_body};
 
 use super::account::Account;
 use super::{GATEWAY_REQUEST_ID, RequestCtx};
+use crate::usage::meter::Meter;
 
 static APIM_REQUEST_ID: HeaderName = HeaderName::from_static("apim-request-id");
 
@@ -83,7 +84,19 @@ pub fn respond(
             .as_secs_f64(),
     );
 
-    let account = Account::new(gw, ctx, rec, slot);
+    let streamed = rec.streamed;
+    let mut account = Account::new(gw, ctx, rec, slot);
+    if let Some(plan) = ctx.usage
+        && rparts.status.is_success()
+    {
+        let model = ctx.route.deployment.as_deref().unwrap_or("");
+        let meter = Meter::new(plan.endpoint, streamed, plan.strip, model, ctx.body.clone());
+        if meter.strips() {
+            // One event will be removed: the instance's length is wrong.
+            rparts.headers.remove(header::CONTENT_LENGTH);
+        }
+        account.meter = Some(Box::new(meter));
+    }
     let idle = Some(gw.config.timeouts.stream_idle);
     let body: ProxyBody = match body {
         Either::Stream(b) if creation && rparts.status.is_success() => {
