@@ -240,7 +240,10 @@ async fn sends_a_single_probe_when_a_cooldown_ends() {
     let hits = arrivals(&sims[0]);
     println!("FIGURE probe_per_cooldown hits_ms={hits:?} sent={}", s.sent);
     assert_eq!(s.ok, s.sent, "{s:?}");
-    assert_eq!(max_in_window(&hits, COOLDOWN_MS), 1, "{hits:?}");
+    // A few ms of slack: arrivals are the instance's wall-clock ms, the
+    // cooldown runs on the gateway's monotonic ms from when it read the
+    // 429 (rounded to even), so one probe per cooldown can show as 999 ms.
+    assert_eq!(max_in_window(&hits, COOLDOWN_MS - 5), 1, "{hits:?}");
     gw.shutdown().await;
 }
 
