@@ -144,6 +144,25 @@ impl AffinityTable {
         }
     }
 
+    /// A copy for a reloaded configuration: each entry's instance index
+    /// goes through `map`, and entries whose instance is gone (`None`) are
+    /// dropped. Expiry and eviction order are kept.
+    pub fn remapped(&self, map: impl Fn(usize) -> Option<usize>) -> AffinityTable {
+        let table = AffinityTable::new(self.capacity, self.ttl_ms);
+        if let (Ok(old), Ok(mut new)) = (self.inner.lock(), table.inner.lock()) {
+            new.seq = old.seq;
+            for (key, seq) in &old.order {
+                if let Some(e) = old.map.get(key).filter(|e| e.seq == *seq)
+                    && let Some(instance) = map(e.instance)
+                {
+                    new.map.insert(key.clone(), Entry { instance, ..*e });
+                    new.order.push_back((key.clone(), *seq));
+                }
+            }
+        }
+        table
+    }
+
     /// Ids remembered now.
     pub fn len(&self) -> usize {
         self.inner.lock().map_or(0, |l| l.map.len())
@@ -441,6 +460,25 @@ mod tests {
         let bytes = sniff.collect().await.unwrap().to_bytes();
         assert_eq!(&bytes[..], br#"{"object":"file","id":"file-xyz"}"#);
         assert_eq!(table.get("file-xyz", 1), Some(2));
+    }
+
+    #[test]
+    fn a_reload_moves_ids_to_the_new_index_and_drops_removed_instances() {
+        let t = AffinityTable::new(2, 1_000);
+        t.remember("file-a", 0, 0);
+        t.remember("file-b", 1, 10);
+        // Instance 0 was removed; instance 1 is now at index 0.
+        let r = t.remapped(|i| (i == 1).then_some(0));
+        assert_eq!(r.get("file-a", 1), None);
+        assert_eq!(r.get("file-b", 1), Some(0));
+        assert_eq!(r.get("file-b", 1_010), None, "expiry kept");
+        // Capacity and order kept: one more id evicts the oldest.
+        r.remember("file-c", 0, 20);
+        r.remember("file-d", 0, 30);
+        assert_eq!(r.get("file-b", 40), None);
+        assert_eq!(r.len(), 2);
+        // The old table is left as it was, for requests still using it.
+        assert_eq!(t.get("file-a", 1), Some(0));
     }
 
     #[test]

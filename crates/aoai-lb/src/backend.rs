@@ -236,9 +236,12 @@ pub struct Backend {
     /// instance configured with the same one.
     pub token: Option<Arc<TokenCache>>,
     base_open_ms: u64,
-    state: State,
+    /// Shared with the instance's successor when a reload keeps its name
+    /// and URL, so cooldown, breaker, in-flight count and latency carry
+    /// over.
+    state: Arc<State>,
     metrics: OnceLock<BackendMetrics>,
-    activity: Activity,
+    activity: Arc<Activity>,
 }
 
 struct State {
@@ -309,7 +312,7 @@ impl Backend {
             api_key,
             token: None,
             base_open_ms: breaker.open_ms,
-            state: State {
+            state: Arc::new(State {
                 in_flight: AtomicU32::new(0),
                 cooldown_until: AtomicU64::new(0),
                 breaker: AtomicU8::new(CLOSED),
@@ -320,10 +323,37 @@ impl Backend {
                 latency_ewma: AtomicU64::new(0),
                 requests: AtomicU64::new(0),
                 failures_total: AtomicU64::new(0),
-            },
+            }),
             metrics: OnceLock::new(),
-            activity: Activity::new(),
+            activity: Arc::new(Activity::new()),
         })
+    }
+
+    /// Builds the instance at `index` of a reloaded configuration that
+    /// keeps the name and URL of `previous`: the new settings (priority,
+    /// weight, deployments, key) with the live state of `previous`, which
+    /// requests still in flight on it keep updating. A changed breaker
+    /// period applies from the next time the breaker closes.
+    ///
+    /// # Errors
+    /// As [`Backend::new`].
+    pub fn carry_over(
+        index: usize,
+        config: InstanceConfig,
+        breaker: &BreakerConfig,
+        previous: &Backend,
+    ) -> Result<Self, &'static str> {
+        let mut b = Self::new(index, config, breaker)?;
+        b.state = Arc::clone(&previous.state);
+        b.activity = Arc::clone(&previous.activity);
+        Ok(b)
+    }
+
+    /// Whether `config` names the same endpoint: same name and same URL.
+    /// Only then does state carry over a reload; a new URL is a new
+    /// instance, whatever its name.
+    pub fn same_endpoint(&self, config: &InstanceConfig) -> bool {
+        self.config.name == config.name && self.config.url == config.url
     }
 
     /// The instance name from the configuration.

@@ -24,7 +24,9 @@ pub const DEMO_CLIENT_KEY: &str = "demo-key";
 const ENV_HELP: &str = "\
 Environment (flags override):
   OPENAI_INSTANCES       the configuration document as a JSON string
-  OPENAI_CONFIG_PATH     the configuration document as a file (same as --config)
+  OPENAI_CONFIG_PATH     the configuration document as a file (same as --config); reloaded on
+                         SIGHUP and when its content changes
+  CONFIG_POLL_MS         how often that file is read for changes (default 2000; 0 = only on SIGHUP)
   API_KEY                key clients must send (Authorization: Bearer <key> or api-key: <key>)
   ALLOW_UNAUTHENTICATED  true to run without API_KEY (an open proxy; logs a warning)
   HOST, PORT             public listener (default 0.0.0.0:8000)
@@ -61,6 +63,10 @@ pub struct Cli {
     /// Run in front of two in-process simulated instances, no Azure needed.
     #[arg(long)]
     pub demo: bool,
+    /// How often the configuration file is read for changes, in ms; 0 reads
+    /// it only on SIGHUP [env: CONFIG_POLL_MS] [default: 2000].
+    #[arg(long, value_name = "MS")]
+    pub config_poll_ms: Option<u64>,
 }
 
 /// Where the configuration document comes from.
@@ -92,6 +98,9 @@ pub struct Settings {
     /// `OPENAI_INSTANCES` was set but a file was chosen over it (worth a
     /// notice: the operator may expect the variable to apply).
     pub ignored_env_document: bool,
+    /// How often a configuration file is read for changes; `None` only on
+    /// SIGHUP. Default 2 s.
+    pub config_poll: Option<std::time::Duration>,
 }
 
 /// A start-up problem, on one line, never containing a secret.
@@ -224,6 +233,17 @@ impl Settings {
             None => None,
         };
         let ignored_env_document = env_document && matches!(source, ConfigSource::File(_));
+        let poll_ms = match cli.config_poll_ms {
+            Some(ms) => ms,
+            None => match non_empty(env("CONFIG_POLL_MS")) {
+                None => 2_000,
+                Some(v) => v.trim().parse().map_err(|_| CliError::Env {
+                    var: "CONFIG_POLL_MS",
+                    reason: format!("must be a number of milliseconds, got {v:?}"),
+                })?,
+            },
+        };
+        let config_poll = (poll_ms > 0).then(|| std::time::Duration::from_millis(poll_ms));
         Ok(Settings {
             source,
             host,
@@ -237,6 +257,7 @@ impl Settings {
             log_level: non_empty(env("LOG_LEVEL")),
             demo: cli.demo,
             ignored_env_document,
+            config_poll,
         })
     }
 
@@ -381,6 +402,31 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.starts_with("ALLOW_UNAUTHENTICATED: "), "{e}");
+    }
+
+    #[test]
+    fn reads_the_config_poll_interval_with_zero_meaning_only_on_sighup() {
+        let s = resolve(&[], &[("OPENAI_CONFIG_PATH", "/c")]).unwrap();
+        assert_eq!(s.config_poll, Some(std::time::Duration::from_secs(2)));
+        let s = resolve(
+            &[],
+            &[("OPENAI_CONFIG_PATH", "/c"), ("CONFIG_POLL_MS", "250")],
+        )
+        .unwrap();
+        assert_eq!(s.config_poll, Some(std::time::Duration::from_millis(250)));
+        let s = resolve(
+            &["--config-poll-ms", "0"],
+            &[("OPENAI_CONFIG_PATH", "/c"), ("CONFIG_POLL_MS", "250")],
+        )
+        .unwrap();
+        assert_eq!(s.config_poll, None);
+        let e = resolve(
+            &[],
+            &[("OPENAI_CONFIG_PATH", "/c"), ("CONFIG_POLL_MS", "2s")],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.starts_with("CONFIG_POLL_MS: "), "{e}");
     }
 
     #[test]

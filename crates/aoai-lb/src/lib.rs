@@ -24,6 +24,7 @@ pub mod logging;
 pub mod metrics;
 pub mod pipeline;
 pub mod proxy;
+pub mod reload;
 pub mod rewrite;
 pub mod route;
 pub mod secret;

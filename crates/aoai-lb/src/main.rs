@@ -150,11 +150,18 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
         },
         clock: aoai_lb::backend::Clock::new(),
         azure_env: aoai_lb::credential::AzureEnv::from_process(),
+        config_file: match &settings.source {
+            ConfigSource::File(path) => Some(path.clone()),
+            _ => None,
+        },
+        config_poll: settings.config_poll,
     };
     let mut term = signal(SignalKind::terminate())
         .map_err(|e| anyhow::anyhow!("cannot watch SIGTERM: {e}"))?;
     let mut int =
         signal(SignalKind::interrupt()).map_err(|e| anyhow::anyhow!("cannot watch SIGINT: {e}"))?;
+    let mut hup =
+        signal(SignalKind::hangup()).map_err(|e| anyhow::anyhow!("cannot watch SIGHUP: {e}"))?;
     let handle = spawn(config.clone(), opts).await?;
 
     if let Some(d) = &demo {
@@ -181,9 +188,19 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
     }
 
     let control = handle.control();
-    let signal_name = tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
+    let signal_name = loop {
+        tokio::select! {
+            _ = term.recv() => break "SIGTERM",
+            _ = int.recv() => break "SIGINT",
+            _ = hup.recv() => {
+                if !control.reload() {
+                    tracing::warn!(
+                        "SIGHUP: nothing to reload: the configuration comes from {}, which cannot change while the process runs (use --config / OPENAI_CONFIG_PATH for a file that can)",
+                        if settings.demo { "--demo" } else { "OPENAI_INSTANCES" }
+                    );
+                }
+            }
+        }
     };
     tracing::info!(
         signal = signal_name,
@@ -192,6 +209,8 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
         "shutting down: /readyz is 503 now, the listener closes after the drain delay, then in-flight requests get the grace period"
     );
     control.shutdown();
+    // SIGHUP during the drain is ignored rather than ending the process.
+    tokio::spawn(async move { while hup.recv().await.is_some() {} });
     let mut wait = std::pin::pin!(handle.wait());
     tokio::select! {
         () = &mut wait => {}

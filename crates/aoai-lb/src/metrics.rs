@@ -29,6 +29,14 @@ pub const IN_FLIGHT: &str = "aoai_lb_in_flight";
 pub const COOLDOWNS_TOTAL: &str = "aoai_lb_cooldowns_total";
 /// 1 while an instance's circuit breaker is open.
 pub const BREAKER_OPEN: &str = "aoai_lb_breaker_open";
+/// Configuration reloads by `outcome` (`applied`, `rejected`, `unchanged`).
+pub const CONFIG_RELOADS_TOTAL: &str = "aoai_lb_config_reloads_total";
+/// 1 for the hash of the configuration in use (0 for earlier ones).
+pub const CONFIG_INFO: &str = "aoai_lb_config_info";
+/// 1 at start-up, plus one per applied reload.
+pub const CONFIG_GENERATION: &str = "aoai_lb_config_generation";
+/// When the configuration in use was loaded (Unix seconds).
+pub const CONFIG_LOADED_TIMESTAMP_SECONDS: &str = "aoai_lb_config_loaded_timestamp_seconds";
 /// 1 while an instance can take a request (not cooling down, breaker not
 /// open); refreshed at each scrape. This, not `/readyz`, is where "every
 /// instance is throttled" shows.
@@ -173,6 +181,26 @@ fn describe() {
         BREAKER_OPEN,
         Unit::Count,
         "1 while the instance's circuit breaker is open, else 0"
+    );
+    describe_counter!(
+        CONFIG_RELOADS_TOTAL,
+        Unit::Count,
+        "Configuration reloads by outcome: applied, rejected (bad or unreadable document; the running one is kept), unchanged (SIGHUP with the same content)"
+    );
+    describe_gauge!(
+        CONFIG_INFO,
+        Unit::Count,
+        "1 for the hash (first 16 hex digits of the SHA-256 of the document) of the configuration in use, 0 for earlier ones"
+    );
+    describe_gauge!(
+        CONFIG_GENERATION,
+        Unit::Count,
+        "Configuration generation: 1 at start-up, plus one per applied reload"
+    );
+    describe_gauge!(
+        CONFIG_LOADED_TIMESTAMP_SECONDS,
+        Unit::Seconds,
+        "When the configuration in use was loaded, in Unix seconds"
     );
     describe_gauge!(
         INSTANCE_AVAILABLE,

@@ -8,6 +8,7 @@
 
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
 use http::{Request, Response};
 use hyper::body::Incoming;
 
@@ -25,9 +26,14 @@ pub use crate::pipeline::GATEWAY_REQUEST_ID;
 pub use crate::stream::{ProxyBody, full_body};
 
 /// The load-balancing gateway. Cheap to clone (one `Arc`).
+///
+/// The live state sits behind an [`ArcSwap`]: each request takes the state
+/// current when it arrives and keeps it to the end, response body
+/// included, so a reload ([`Gateway::replace`]) applies to new requests at
+/// once and never to one already running.
 #[derive(Clone)]
 pub struct Gateway {
-    inner: Arc<GatewayState>,
+    inner: Arc<ArcSwap<GatewayState>>,
 }
 
 /// One instance in the `/admin/backends` document. Never holds a key or URL.
@@ -94,7 +100,9 @@ impl Gateway {
         clock: Clock,
     ) -> Result<Gateway, GatewayError> {
         Ok(Gateway {
-            inner: Arc::new(GatewayState::new(config, client_key, clock)?),
+            inner: Arc::new(ArcSwap::from_pointee(GatewayState::new(
+                config, client_key, clock,
+            )?)),
         })
     }
 
@@ -111,14 +119,17 @@ impl Gateway {
         env: &AzureEnv,
     ) -> Result<Gateway, GatewayError> {
         Ok(Gateway {
-            inner: Arc::new(GatewayState::with_env(config, client_key, clock, env)?),
+            inner: Arc::new(ArcSwap::from_pointee(GatewayState::with_env(
+                config, client_key, clock, env,
+            )?)),
         })
     }
 
-    /// The distinct Entra ID token caches, in order of first use.
+    /// The distinct Entra ID token caches in use now, in order of first use.
     pub fn credentials(&self) -> Vec<Arc<TokenCache>> {
+        let gw = self.state();
         let mut out: Vec<Arc<TokenCache>> = Vec::new();
-        for b in &self.inner.backends {
+        for b in &gw.backends {
             if let Some(t) = &b.token
                 && !out.iter().any(|o| Arc::ptr_eq(o, t))
             {
@@ -128,16 +139,22 @@ impl Gateway {
         out
     }
 
-    /// The shared state (configuration, instances, clock).
-    pub fn state(&self) -> &GatewayState {
-        &self.inner
+    /// The state new requests use now (configuration, instances, clock).
+    pub fn state(&self) -> Arc<GatewayState> {
+        self.inner.load_full()
+    }
+
+    /// Makes `next` the state of every request from now on. Requests
+    /// already running finish on the state they started with.
+    pub fn replace(&self, next: GatewayState) {
+        self.inner.store(Arc::new(next));
     }
 
     /// Per-instance live state for the admin listener.
     pub fn backends(&self) -> Vec<BackendStatus> {
-        let now = self.inner.clock.now_ms();
-        self.inner
-            .backends
+        let gw = self.state();
+        let now = gw.clock.now_ms();
+        gw.backends
             .iter()
             .map(|b| BackendStatus {
                 name: b.name().to_owned(),
@@ -149,7 +166,7 @@ impl Gateway {
                 latency_ewma_ms: b.latency_ewma_ms(),
                 requests: b.requests(),
                 failures: b.failures(),
-                unavailable: match self.inner.selector.health().check(b, now) {
+                unavailable: match gw.selector.health().check(b, now) {
                     Ok(()) => None,
                     Err(Unavailable::Cooling(_)) => Some("cooling down after a 429".to_owned()),
                     Err(Unavailable::BreakerOpen) => Some("circuit breaker open".to_owned()),
@@ -171,22 +188,25 @@ impl Gateway {
 
     /// The gateway's part of the `/admin/status` document.
     pub fn status(&self) -> crate::status::GatewayStatus {
-        crate::status::gateway_status(&self.inner.backends, self.inner.clock.now_ms())
+        let gw = self.state();
+        crate::status::gateway_status(&gw.backends, &gw.draining, gw.clock.now_ms())
     }
 
     /// True while at least one instance could take a request.
     pub fn any_available(&self) -> bool {
-        let now = self.inner.clock.now_ms();
-        self.inner
-            .backends
+        let gw = self.state();
+        let now = gw.clock.now_ms();
+        gw.backends
             .iter()
-            .any(|b| self.inner.selector.health().check(b, now).is_ok())
+            .any(|b| gw.selector.health().check(b, now).is_ok())
     }
 
     /// Answers one client request. Never fails: every error becomes an
     /// OpenAI-shaped response ([`ProxyError`]).
     pub async fn handle(&self, req: Request<Incoming>) -> Response<ProxyBody> {
-        let gw = &*self.inner;
+        // Held to the end of the request; the body keeps what it needs.
+        let state = self.inner.load_full();
+        let gw = &*state;
         let mut ctx = RequestCtx::new(req);
         match pipeline::run(gw, &mut ctx).await {
             Ok(response) => response,

@@ -100,6 +100,14 @@ pub struct ServeOptions {
     /// Where the configuration came from, as the status page shows it:
     /// `OPENAI_INSTANCES`, `file <path>`, `demo`. Default `inline`.
     pub config_source: String,
+    /// The configuration file, when there is one: it is reloaded on
+    /// [`ServerControl::reload`] (`SIGHUP`) and, with `config_poll`, when
+    /// its content changes (see [`crate::reload`]). Default `None`: the
+    /// configuration is fixed for the life of the process.
+    pub config_file: Option<std::path::PathBuf>,
+    /// How often the configuration file is read for changes; `None` or
+    /// zero reads it only on reload requests. Default 2 s.
+    pub config_poll: Option<Duration>,
     /// The gateway's clock. Default: the real one; tests pass a manual
     /// [`Clock`] to step through cooldowns and limit windows.
     pub clock: Clock,
@@ -118,6 +126,8 @@ impl Default for ServeOptions {
             client_key: None,
             allow_unauthenticated: false,
             config_source: "inline".to_owned(),
+            config_file: None,
+            config_poll: Some(crate::reload::DEFAULT_POLL),
             clock: Clock::new(),
             azure_env: AzureEnv::from_process(),
         }
@@ -135,6 +145,8 @@ impl ServeOptions {
             allow_unauthenticated: client_key.is_none(),
             client_key,
             config_source: "inline".to_owned(),
+            config_file: None,
+            config_poll: Some(crate::reload::DEFAULT_POLL),
             clock: Clock::new(),
             azure_env: AzureEnv::from_process(),
         }
@@ -180,6 +192,10 @@ struct Shared {
     closing: CancellationToken,
     /// Forced: close every connection now (grace period over).
     force: CancellationToken,
+    /// Wakes the configuration reloader.
+    reload: Arc<tokio::sync::Notify>,
+    /// A configuration file is being watched.
+    reloadable: AtomicBool,
 }
 
 /// A running server. Dropping it closes everything at once; call
@@ -254,6 +270,19 @@ impl ServerControl {
         begin_shutdown(&self.shared);
     }
 
+    /// Asks for the configuration file to be read again now (what
+    /// `SIGHUP` does). Returns false when the configuration does not come
+    /// from a file, so there is nothing to reload.
+    pub fn reload(&self) -> bool {
+        if self.shared.reloadable.load(Ordering::Acquire) {
+            // A permit is stored if the reloader is busy: it runs again.
+            self.shared.reload.notify_one();
+            true
+        } else {
+            false
+        }
+    }
+
     /// Ends the grace period now: every open connection is closed.
     pub fn abort(&self) {
         begin_shutdown(&self.shared);
@@ -288,10 +317,22 @@ pub async fn spawn(config: Arc<Config>, opts: ServeOptions) -> Result<ServerHand
         &opts.azure_env,
     )
     .map_err(|e| ServeError::Gateway(e.to_string()))?;
-    let info = Arc::new(arc_swap::ArcSwap::from_pointee(
-        crate::status::ConfigInfo::new(&config.digest, opts.config_source.clone()),
-    ));
-    serve(gateway, config.server, opts, info).await
+    let info = crate::status::ConfigInfo::new(&config.digest, opts.config_source.clone());
+    crate::reload::publish(&info, None, std::time::SystemTime::now());
+    let info = Arc::new(arc_swap::ArcSwap::from_pointee(info));
+    let file = opts.config_file.clone();
+    let poll = opts.config_poll;
+    let handle = serve(gateway.clone(), config.server, opts, info.clone()).await?;
+    if let Some(path) = file {
+        let reloader = crate::reload::Reloader::new(path, gateway, info, config.digest.clone());
+        handle.shared.reloadable.store(true, Ordering::Release);
+        tokio::spawn(reloader.run(
+            handle.shared.reload.clone(),
+            poll,
+            handle.admin_stop.clone(),
+        ));
+    }
+    Ok(handle)
 }
 
 impl Handler for crate::proxy::Gateway {
@@ -372,6 +413,8 @@ pub async fn serve<H: Handler>(
         shutdown: CancellationToken::new(),
         closing: CancellationToken::new(),
         force: CancellationToken::new(),
+        reload: Arc::new(tokio::sync::Notify::new()),
+        reloadable: AtomicBool::new(false),
     });
     let admin_stop = CancellationToken::new();
     let admin_task = tokio::spawn(crate::admin::run(

@@ -34,6 +34,12 @@ pub struct GatewayState {
     pub clock: Clock,
     /// Which instance holds which stateful object.
     pub affinity: Arc<AffinityTable>,
+    /// Instances removed by a reload, kept for the status page while
+    /// requests they took before it finish. New requests never use them.
+    pub draining: Vec<Arc<Backend>>,
+    /// The Azure identity variables Entra ID credentials were resolved
+    /// with (a reload resolves new ones against the same).
+    pub azure_env: AzureEnv,
 }
 
 impl GatewayState {
@@ -67,7 +73,7 @@ impl GatewayState {
         }
         let client = upstream::build_client(&config, true)?;
         let client_h1 = upstream::build_client(&config, false)?;
-        let caches = token_caches(&config, env, &client)?;
+        let caches = token_caches(&config, env, &client, &[])?;
         let backends = config
             .instances
             .iter()
@@ -91,16 +97,21 @@ impl GatewayState {
             client_h1,
             clock,
             affinity: Arc::new(AffinityTable::default()),
+            draining: Vec::new(),
+            azure_env: env.clone(),
         })
     }
 }
 
 /// One token cache per distinct Entra ID credential, indexed like the
-/// instances (`None` for a key credential).
-fn token_caches(
+/// instances (`None` for a key credential). A credential that one of
+/// `previous` (the instances before a reload) already uses keeps its
+/// cache, token included.
+pub(crate) fn token_caches(
     config: &Config,
     env: &AzureEnv,
     client: &UpstreamClient,
+    previous: &[Arc<Backend>],
 ) -> Result<Vec<Option<Arc<TokenCache>>>, GatewayError> {
     let mut distinct: Vec<(&TokenAuth, Vec<usize>)> = Vec::new();
     for (i, inst) in config.instances.iter().enumerate() {
@@ -113,6 +124,18 @@ fn token_caches(
     }
     let mut out = vec![None; config.instances.len()];
     for (auth, users) in distinct {
+        let kept = previous
+            .iter()
+            .find_map(|b| match (&b.config.credential, &b.token) {
+                (BackendCredential::Entra(a), Some(t)) if a == auth => Some(Arc::clone(t)),
+                _ => None,
+            });
+        if let Some(cache) = kept {
+            for i in users {
+                out[i] = Some(Arc::clone(&cache));
+            }
+            continue;
+        }
         let source = credential::resolve(auth, env).map_err(|reason| GatewayError::Credential {
             index: users[0],
             reason,

@@ -82,8 +82,28 @@ pub struct ConfigInfo {
     pub loaded_at: String,
     /// 1 at start-up, plus one per reload applied.
     pub generation: u64,
-    /// `OPENAI_INSTANCES`, or the configuration file's path.
+    /// `OPENAI_INSTANCES`, `file <path>`, `demo`.
     pub source: String,
+    /// The last reload attempt, if there was one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_reload: Option<ReloadStatus>,
+}
+
+/// The last reload attempt.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReloadStatus {
+    /// `applied` or `rejected` (`aoai_lb_config_reloads_total{outcome}`).
+    pub outcome: &'static str,
+    /// When (RFC 3339, UTC).
+    pub at: String,
+    /// `SIGHUP` or `poll`.
+    pub trigger: &'static str,
+    /// Why a document was rejected: the same line as the log's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Fields that differ but need a restart; their running values stay.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub restart_needed: Option<Vec<&'static str>>,
 }
 
 impl ConfigInfo {
@@ -94,6 +114,7 @@ impl ConfigInfo {
             loaded_at: rfc3339_ms(SystemTime::now()),
             generation: 1,
             source,
+            last_reload: None,
         }
     }
 }
@@ -283,16 +304,25 @@ pub fn document(server: ServerInfo, config: &ConfigInfo, gateway: GatewayStatus)
     serde_json::to_vec(&doc).unwrap_or_else(|_| b"{}".to_vec())
 }
 
-/// The gateway's part for `backends` at `now`.
-pub fn gateway_status(backends: &[Arc<Backend>], now: u64) -> GatewayStatus {
+/// The gateway's part for `backends` at `now`, followed by the removed
+/// instances in `draining` that still have requests in flight.
+pub fn gateway_status(
+    backends: &[Arc<Backend>],
+    draining: &[Arc<Backend>],
+    now: u64,
+) -> GatewayStatus {
     let history_now = activity::history_now_ms();
+    let live = backends
+        .iter()
+        .map(|b| instance(b, now, history_now, false));
+    let leaving = draining
+        .iter()
+        .filter(|b| b.in_flight() > 0)
+        .map(|b| instance(b, now, history_now, true));
     GatewayStatus {
         bucket_ms: BUCKET_MS,
         bucket_elapsed_ms: history_now % BUCKET_MS,
-        instances: backends
-            .iter()
-            .map(|b| instance(b, now, history_now, false))
-            .collect(),
+        instances: live.chain(leaving).collect(),
         ..GatewayStatus::default()
     }
 }
@@ -349,7 +379,7 @@ mod tests {
         b.cool_down(1_000, 60_000);
         b.activity().throttled(1_000, 429, 60_000, &h);
         b.count_attempt(crate::backend::Outcome::Throttled);
-        let s = gateway_status(&[b], 11_000);
+        let s = gateway_status(&[b], &[], 11_000);
         let i = &s.instances[0];
         assert_eq!(i.state, "cooling");
         assert_eq!(i.cooldown_remaining_ms, 50_000);

@@ -295,6 +295,7 @@ pub async fn send_stream<K: AsRef<str>, V: AsRef<str>>(
 pub const GATEWAY_ENV: &[&str] = &[
     "OPENAI_INSTANCES",
     "OPENAI_CONFIG_PATH",
+    "CONFIG_POLL_MS",
     "API_KEY",
     "ALLOW_UNAUTHENTICATED",
     "PORT",
