@@ -14,6 +14,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::credential::{CredentialConfig, DEFAULT_SCOPE, TokenAuth};
+use crate::entra::EntraConfig;
 use crate::secret::Secret;
 
 /// A configuration problem, reported as `field: reason` on one line.
@@ -89,6 +90,9 @@ pub struct Config {
     pub circuit_breaker: BreakerConfig,
     pub server: ServerConfig,
     pub upstream: UpstreamConfig,
+    /// Validation of clients' Entra ID tokens; `None` without an `entra`
+    /// block (a JWT bearer is then just an unknown key).
+    pub entra: Option<EntraConfig>,
     /// First 16 hex digits of the SHA-256 of the document's bytes, as
     /// `sha256sum` prints them: tells which document is in use without
     /// showing it. Empty for a configuration not read from text.
@@ -282,6 +286,7 @@ struct RawDocument {
     server: RawServer,
     #[serde(default)]
     upstream: RawUpstream,
+    entra: Option<RawEntra>,
 }
 
 #[derive(Deserialize)]
@@ -294,6 +299,16 @@ struct RawInstance {
     priority: Option<u32>,
     weight: Option<f64>,
     deployments: Option<RawDeployments>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEntra {
+    tenant_id: String,
+    audiences: Option<Vec<String>>,
+    issuers: Option<Vec<String>>,
+    #[serde(default)]
+    allow_any_principal: bool,
 }
 
 #[derive(Deserialize)]
@@ -576,6 +591,11 @@ impl RawDocument {
                 .unwrap_or(du.pool_max_idle_per_host),
         };
 
+        let entra = match self.entra {
+            None => None,
+            Some(e) => Some(entra_config(e)?),
+        };
+
         Ok(Config {
             instances,
             timeouts,
@@ -584,9 +604,45 @@ impl RawDocument {
             circuit_breaker,
             server,
             upstream,
+            entra,
             digest: String::new(),
         })
     }
+}
+
+/// The `entra` block with its defaults.
+fn entra_config(raw: RawEntra) -> Result<EntraConfig, ConfigError> {
+    let tenant = raw.tenant_id.trim().to_ascii_lowercase();
+    if !crate::entra::is_guid(&tenant) {
+        return Err(ConfigError::new(
+            "entra.tenant_id",
+            "must be the tenant's GUID (tokens carry it in tid), not a domain name",
+        ));
+    }
+    let list = |field: &str, v: Option<Vec<String>>, default: Vec<String>| {
+        let v = v.unwrap_or(default);
+        if v.is_empty() || v.iter().any(|s| s.trim().is_empty()) {
+            return Err(ConfigError::new(
+                format!("entra.{field}"),
+                "must be a non-empty list of non-empty strings",
+            ));
+        }
+        Ok(v)
+    };
+    Ok(EntraConfig {
+        audiences: list(
+            "audiences",
+            raw.audiences,
+            vec![crate::entra::DEFAULT_AUDIENCE.to_owned()],
+        )?,
+        issuers: list(
+            "issuers",
+            raw.issuers,
+            EntraConfig::default_issuers(&tenant),
+        )?,
+        tenant_id: tenant,
+        allow_any_principal: raw.allow_any_principal,
+    })
 }
 
 /// The instance's credential from `api_key` and `auth`. On error, the
@@ -985,6 +1041,26 @@ mod tests {
         Config::from_json(&doc).unwrap().instances[0]
             .credential
             .clone()
+    }
+
+    #[test]
+    fn reads_the_entra_block_with_its_defaults() {
+        let t = "9C1C4E5A-7D0B-4C6E-9A43-5E1F2B3C4D5E";
+        let doc = format!(
+            r#"{{"instances":[{{"name":"a","url":"https://a.example.com","api_key":"k"}}],"entra":{{"tenant_id":"{t}"}}}}"#
+        );
+        let e = Config::from_json(&doc).unwrap().entra.unwrap();
+        let t = t.to_ascii_lowercase();
+        assert_eq!(e.tenant_id, t);
+        assert_eq!(e.audiences, ["https://cognitiveservices.azure.com"]);
+        assert_eq!(e.issuers, EntraConfig::default_issuers(&t));
+        assert!(!e.allow_any_principal);
+        let bad = r#"{"instances":[{"name":"a","url":"https://a.example.com","api_key":"k"}],"entra":{"tenant_id":"contoso.onmicrosoft.com"}}"#;
+        assert!(err(bad).starts_with("entra.tenant_id: "));
+        let bad = format!(
+            r#"{{"instances":[{{"name":"a","url":"https://a.example.com","api_key":"k"}}],"entra":{{"tenant_id":"{t}","audiences":[]}}}}"#
+        );
+        assert!(err(&bad).starts_with("entra.audiences: "));
     }
 
     #[test]

@@ -16,6 +16,7 @@ pub mod clients;
 pub mod config;
 pub mod credential;
 pub mod demo;
+pub mod entra;
 pub mod error;
 pub mod jwt;
 pub mod limits;

@@ -142,6 +142,12 @@ impl GatewayState {
         // cache (and token); new ones start fetching now.
         let caches =
             crate::state::token_caches(&next, &self.azure_env, &self.client, &self.backends)?;
+        let entra = crate::state::entra_validator(
+            &next,
+            &self.azure_env,
+            &self.client,
+            self.entra.as_ref(),
+        )?;
         // Old index → new index, for the instances that stay.
         let mut moved: Vec<Option<usize>> = vec![None; self.backends.len()];
         let mut backends = Vec::with_capacity(next.instances.len());
@@ -195,6 +201,7 @@ impl GatewayState {
                 affinity: Arc::new(affinity),
                 draining,
                 azure_env: self.azure_env.clone(),
+                entra,
             },
             report,
         ))

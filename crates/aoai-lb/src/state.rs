@@ -11,6 +11,7 @@ use crate::affinity::AffinityTable;
 use crate::backend::{Backend, Clock};
 use crate::config::{BackendCredential, Config};
 use crate::credential::{self, AzureEnv, TokenAuth, TokenCache};
+use crate::entra::EntraValidator;
 use crate::error::GatewayError;
 use crate::secret::Secret;
 use crate::select::{MAX_INSTANCES, Selector};
@@ -40,6 +41,8 @@ pub struct GatewayState {
     /// The Azure identity variables Entra ID credentials were resolved
     /// with (a reload resolves new ones against the same).
     pub azure_env: AzureEnv,
+    /// Validation of clients' Entra ID tokens (the `entra` block).
+    pub entra: Option<Arc<EntraValidator>>,
 }
 
 impl GatewayState {
@@ -74,6 +77,7 @@ impl GatewayState {
         let client = upstream::build_client(&config, true)?;
         let client_h1 = upstream::build_client(&config, false)?;
         let caches = token_caches(&config, env, &client, &[])?;
+        let entra = entra_validator(&config, env, &client, None)?;
         let backends = config
             .instances
             .iter()
@@ -99,6 +103,7 @@ impl GatewayState {
             affinity: Arc::new(AffinityTable::default()),
             draining: Vec::new(),
             azure_env: env.clone(),
+            entra,
         })
     }
 }
@@ -156,4 +161,29 @@ pub(crate) fn token_caches(
         }
     }
     Ok(out)
+}
+
+/// The client-token validator for `config.entra`, keys fetched from the
+/// authority of `env`. `previous` is kept (with its key set) when the block
+/// did not change.
+pub(crate) fn entra_validator(
+    config: &Config,
+    env: &AzureEnv,
+    client: &UpstreamClient,
+    previous: Option<&Arc<EntraValidator>>,
+) -> Result<Option<Arc<EntraValidator>>, GatewayError> {
+    let Some(cfg) = &config.entra else {
+        return Ok(None);
+    };
+    if let Some(p) = previous
+        && p.config == *cfg
+    {
+        return Ok(Some(Arc::clone(p)));
+    }
+    let authority = credential::authority(env).map_err(GatewayError::Entra)?;
+    Ok(Some(EntraValidator::new(
+        cfg.clone(),
+        &authority,
+        client.clone(),
+    )))
 }

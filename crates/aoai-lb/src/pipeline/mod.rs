@@ -159,7 +159,7 @@ pub async fn run(
     gw: &GatewayState,
     ctx: &mut RequestCtx,
 ) -> Result<Response<ProxyBody>, ProxyError> {
-    identify::identify(gw, ctx)?;
+    identify::identify(gw, ctx).await?;
     classify::classify(gw, ctx).await?;
     admit::permit(gw, ctx)?;
     classify::deployment_exists(gw, ctx)?;
