@@ -189,7 +189,7 @@ impl Gateway {
     /// The gateway's part of the `/admin/status` document.
     pub fn status(&self) -> crate::status::GatewayStatus {
         let gw = self.state();
-        crate::status::gateway_status(&gw.backends, &gw.draining, gw.clock.now_ms())
+        crate::status::gateway_status(&gw.backends, &gw.draining, &gw.rates, gw.clock.now_ms())
     }
 
     /// True while at least one instance could take a request.

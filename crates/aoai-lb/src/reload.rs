@@ -202,6 +202,7 @@ impl GatewayState {
                 draining,
                 azure_env: self.azure_env.clone(),
                 entra,
+                rates: Arc::clone(&self.rates),
             },
             report,
         ))

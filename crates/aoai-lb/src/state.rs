@@ -43,6 +43,9 @@ pub struct GatewayState {
     pub azure_env: AzureEnv,
     /// Validation of clients' Entra ID tokens (the `entra` block).
     pub entra: Option<Arc<EntraValidator>>,
+    /// Per-client and per-deployment rates for the status page; kept by a
+    /// reload.
+    pub rates: Arc<crate::status::Rates>,
 }
 
 impl GatewayState {
@@ -104,6 +107,7 @@ impl GatewayState {
             draining: Vec::new(),
             azure_env: env.clone(),
             entra,
+            rates: Arc::default(),
         })
     }
 }

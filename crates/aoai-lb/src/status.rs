@@ -275,6 +275,158 @@ pub struct RateRow {
     pub rejected_per_min: Option<u64>,
 }
 
+/// Buckets summed for a "per minute" rate: the current one and the 11
+/// before it, 55 to 60 s.
+const RATE_BUCKETS: u64 = 12;
+/// Most names tracked per kind; later names count under `(other)`, so a
+/// client sending many made-up deployment names cannot grow the table.
+pub const MAX_RATE_NAMES: usize = 256;
+
+/// Requests, tokens and refusals in 5 s buckets for one name.
+#[derive(Default)]
+struct RateRing {
+    buckets: [RateBucket; RATE_BUCKETS as usize],
+}
+
+#[derive(Default)]
+struct RateBucket {
+    epoch: std::sync::atomic::AtomicU64,
+    requests: std::sync::atomic::AtomicU64,
+    tokens: std::sync::atomic::AtomicU64,
+    rejected: std::sync::atomic::AtomicU64,
+}
+
+impl RateRing {
+    fn add(&self, now: u64, requests: u64, tokens: u64, rejected: u64) {
+        use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed};
+        let epoch = now / BUCKET_MS;
+        let b = &self.buckets[(epoch % RATE_BUCKETS) as usize];
+        let seen = b.epoch.load(Acquire);
+        if seen != epoch
+            && b.epoch
+                .compare_exchange(seen, epoch, AcqRel, Acquire)
+                .is_ok()
+        {
+            b.requests.store(0, Relaxed);
+            b.tokens.store(0, Relaxed);
+            b.rejected.store(0, Relaxed);
+        }
+        b.requests.fetch_add(requests, Relaxed);
+        b.tokens.fetch_add(tokens, Relaxed);
+        b.rejected.fetch_add(rejected, Relaxed);
+    }
+
+    fn sum(&self, now: u64) -> (u64, u64, u64) {
+        use std::sync::atomic::Ordering::{Acquire, Relaxed};
+        let current = now / BUCKET_MS;
+        let mut t = (0, 0, 0);
+        for b in &self.buckets {
+            let e = b.epoch.load(Acquire);
+            if e <= current && current - e < RATE_BUCKETS {
+                t.0 += b.requests.load(Relaxed);
+                t.1 += b.tokens.load(Relaxed);
+                t.2 += b.rejected.load(Relaxed);
+            }
+        }
+        t
+    }
+}
+
+type RateTable = std::sync::RwLock<std::collections::HashMap<Box<str>, Arc<RateRing>>>;
+
+/// Request and token rates per client and per client-facing deployment
+/// over the last minute, for the status page. Recorded once per request
+/// when it is settled; lives as long as the process (a reload keeps it).
+/// The hot path takes a read lock and bumps atomics; a write lock only for
+/// a name seen for the first time.
+#[derive(Default)]
+pub struct Rates {
+    clients: RateTable,
+    deployments: RateTable,
+    /// Whether any request has carried token usage (else the page has no
+    /// token column to show).
+    tokens_seen: std::sync::atomic::AtomicBool,
+}
+
+impl Rates {
+    /// Records one request of `client` for `deployment` that the gateway
+    /// `rejected` itself or that used `tokens` (`None`: not known).
+    pub fn record(
+        &self,
+        client: Option<&str>,
+        deployment: Option<&str>,
+        tokens: Option<u64>,
+        rejected: bool,
+    ) {
+        let now = activity::history_now_ms();
+        if tokens.is_some() {
+            self.tokens_seen
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        let (req, tok, rej) = (1, tokens.unwrap_or(0), u64::from(rejected));
+        if let Some(c) = client {
+            ring(&self.clients, c).add(now, req, tok, rej);
+        }
+        if let Some(d) = deployment {
+            ring(&self.deployments, d).add(now, req, tok, rej);
+        }
+    }
+
+    /// Rows per client and per deployment with traffic in the last minute,
+    /// busiest first.
+    pub fn rows(&self) -> (Vec<RateRow>, Vec<RateRow>) {
+        let now = activity::history_now_ms();
+        let tokens = self.tokens_seen.load(std::sync::atomic::Ordering::Relaxed);
+        (
+            rows(&self.clients, now, tokens),
+            rows(&self.deployments, now, tokens),
+        )
+    }
+}
+
+fn ring(table: &RateTable, name: &str) -> Arc<RateRing> {
+    let read = table
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some(r) = read.get(name) {
+        return Arc::clone(r);
+    }
+    drop(read);
+    let mut write = table
+        .write()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let key: &str = if write.len() >= MAX_RATE_NAMES && !write.contains_key(name) {
+        "(other)"
+    } else {
+        name
+    };
+    Arc::clone(write.entry(key.into()).or_default())
+}
+
+fn rows(table: &RateTable, now: u64, tokens: bool) -> Vec<RateRow> {
+    let read = table
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mut out: Vec<RateRow> = read
+        .iter()
+        .filter_map(|(name, ring)| {
+            let (requests, toks, rejected) = ring.sum(now);
+            (requests > 0).then(|| RateRow {
+                name: name.to_string(),
+                requests_per_min: requests,
+                tokens_per_min: tokens.then_some(toks),
+                rejected_per_min: Some(rejected),
+            })
+        })
+        .collect();
+    out.sort_by(|a, b| {
+        b.requests_per_min
+            .cmp(&a.requests_per_min)
+            .then_with(|| a.name.cmp(&b.name))
+    });
+    out
+}
+
 /// The whole `/admin/status` document.
 #[derive(Debug, Serialize)]
 struct Document<'a> {
@@ -305,12 +457,15 @@ pub fn document(server: ServerInfo, config: &ConfigInfo, gateway: GatewayStatus)
 }
 
 /// The gateway's part for `backends` at `now`, followed by the removed
-/// instances in `draining` that still have requests in flight.
+/// instances in `draining` that still have requests in flight, and the
+/// per-client and per-deployment `rates`.
 pub fn gateway_status(
     backends: &[Arc<Backend>],
     draining: &[Arc<Backend>],
+    rates: &Rates,
     now: u64,
 ) -> GatewayStatus {
+    let (clients, deployments) = rates.rows();
     let history_now = activity::history_now_ms();
     let live = backends
         .iter()
@@ -323,7 +478,8 @@ pub fn gateway_status(
         bucket_ms: BUCKET_MS,
         bucket_elapsed_ms: history_now % BUCKET_MS,
         instances: live.chain(leaving).collect(),
-        ..GatewayStatus::default()
+        clients,
+        deployments,
     }
 }
 
@@ -331,6 +487,44 @@ pub fn gateway_status(
 mod tests {
     use super::*;
     use crate::config::Config;
+
+    #[test]
+    fn rates_count_the_last_minute_per_client_and_deployment() {
+        let r = Rates::default();
+        r.record(Some("team-a"), Some("gpt-4o"), None, false);
+        r.record(Some("team-a"), Some("gpt-4o"), None, true);
+        r.record(Some("team-b"), Some("embed"), None, false);
+        let (clients, deployments) = r.rows();
+        assert_eq!(clients[0].name, "team-a");
+        assert_eq!(clients[0].requests_per_min, 2);
+        assert_eq!(clients[0].rejected_per_min, Some(1));
+        assert_eq!(clients[0].tokens_per_min, None, "no usage seen yet");
+        assert_eq!(deployments.len(), 2);
+        r.record(None, Some("gpt-4o"), Some(120), false);
+        let (_, deployments) = r.rows();
+        assert_eq!(deployments[0].requests_per_min, 3);
+        assert_eq!(deployments[0].tokens_per_min, Some(120));
+    }
+
+    #[test]
+    fn made_up_deployment_names_cannot_grow_the_rate_table() {
+        let r = Rates::default();
+        for i in 0..MAX_RATE_NAMES + 50 {
+            r.record(None, Some(&format!("d{i}")), None, true);
+        }
+        let (_, deployments) = r.rows();
+        assert_eq!(deployments.len(), MAX_RATE_NAMES + 1);
+        let other = deployments.iter().find(|d| d.name == "(other)").unwrap();
+        assert_eq!(other.requests_per_min, 50);
+    }
+
+    #[test]
+    fn a_rate_bucket_from_a_minute_ago_is_not_counted() {
+        let ring = RateRing::default();
+        ring.add(1_000, 5, 0, 0);
+        assert_eq!(ring.sum(1_000 + BUCKET_MS * (RATE_BUCKETS - 1)).0, 5);
+        assert_eq!(ring.sum(1_000 + BUCKET_MS * RATE_BUCKETS).0, 0);
+    }
 
     #[test]
     fn the_policy_allows_exactly_the_embedded_script_and_style() {
@@ -379,7 +573,7 @@ mod tests {
         b.cool_down(1_000, 60_000);
         b.activity().throttled(1_000, 429, 60_000, &h);
         b.count_attempt(crate::backend::Outcome::Throttled);
-        let s = gateway_status(&[b], &[], 11_000);
+        let s = gateway_status(&[b], &[], &Rates::default(), 11_000);
         let i = &s.instances[0];
         assert_eq!(i.state, "cooling");
         assert_eq!(i.cooldown_remaining_ms, 50_000);

@@ -127,6 +127,13 @@ async fn shows_a_cooling_instance_with_the_429_that_caused_it_and_no_key() {
         .sum();
     assert_eq!(ok, 1);
     assert_eq!(v["bucket_ms"], 5_000);
+
+    // The request shows in the per-deployment rates, with its tokens.
+    let d = &v["deployments"][0];
+    assert_eq!(d["name"], "gpt-4o");
+    assert_eq!(d["requests_per_min"], 1);
+    assert!(d["tokens_per_min"].as_u64().unwrap() > 0, "{d}");
+    assert_eq!(d["rejected_per_min"], 0);
 }
 
 #[tokio::test]

@@ -137,6 +137,8 @@ pub struct Account {
     pub meter: Option<Box<dyn UsageMeter>>,
     /// The usage, once known.
     pub usage: Option<Usage>,
+    /// Rates per client and deployment, for the status page.
+    pub rates: Arc<crate::status::Rates>,
 }
 
 impl Account {
@@ -158,6 +160,7 @@ impl Account {
             reservation: ctx.reservation.take(),
             meter: None,
             usage: None,
+            rates: Arc::clone(&gw.rates),
         }
     }
 }
@@ -210,6 +213,12 @@ impl Account {
             );
         }
         self.record.usage = self.usage;
+        self.rates.record(
+            self.client.as_deref().map(|c| &*c.name),
+            self.record.deployment.as_deref(),
+            self.usage.as_ref().map(Usage::total),
+            false,
+        );
         if let Some(r) = self.reservation.take() {
             match self.usage {
                 Some(u) => r.settle(u.total()),
@@ -246,11 +255,17 @@ impl Account {
 /// Answers `e` from the gateway itself and writes the access record now:
 /// the body is a few hundred bytes in memory. A reservation taken for the
 /// request is released: no instance produced tokens for it.
-pub fn reject(_gw: &GatewayState, ctx: &mut RequestCtx, e: ProxyError) -> Response<ProxyBody> {
+pub fn reject(gw: &GatewayState, ctx: &mut RequestCtx, e: ProxyError) -> Response<ProxyBody> {
     if let Some(r) = ctx.reservation.take() {
         r.settle(0);
     }
     let mut rec = ctx.take_record();
+    gw.rates.record(
+        ctx.client.as_deref().map(|c| &*c.name),
+        rec.deployment.as_deref(),
+        None,
+        true,
+    );
     let mut resp = e.clone().into_response(full_body);
     resp.headers_mut()
         .insert(GATEWAY_REQUEST_ID.clone(), rec.request_id.clone());
@@ -317,6 +332,7 @@ mod tests {
             reservation: None,
             meter: None,
             usage: None,
+            rates: Arc::default(),
         }
     }
 

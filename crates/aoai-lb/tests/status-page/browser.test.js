@@ -166,6 +166,12 @@ test('the status page shows a cooldown with its countdown and reason, and a brea
       assert.ok(await page.locator(`tr[data-instance="${names[2]}"] .strip span[data-state="failing"]`).count() >= 1);
       assert.ok(await page.locator(`tr[data-instance="${names[1]}"] .strip span[data-state="ok"]`).count() >= 1);
       assert.equal(await page.locator('#live').textContent(), 'live');
+      // Per-deployment rates: every request above was for gpt-4o.
+      const dep = page.locator('#deployments-section tr[data-name="gpt-4o"]');
+      await dep.waitFor({ timeout: 5000 });
+      const cells = await dep.locator('td').allTextContents();
+      assert.equal(cells[1], '30');
+      assert.ok(parseInt(cells[2], 10) > 0, `tokens/min ${cells[2]}`);
 
       const html = await page.content();
       for (const secret of [SIM_KEY, CLIENT_KEY, ...sims]) assert.ok(!html.includes(secret), `${secret} shown`);
