@@ -104,6 +104,11 @@ fn answer<H: Handler>(req: &Request<Incoming>, admin: &Admin<H>) -> Response<Ful
             "application/json",
             Bytes::from(handler.backends_json()),
         ),
+        "/admin/clients" => reply(
+            StatusCode::OK,
+            "application/json",
+            Bytes::from(handler.clients_json()),
+        ),
         "/admin/status" => {
             let server = ServerInfo {
                 started: admin.started,

@@ -2,7 +2,8 @@
 //!
 //! The client key is accepted as `Authorization: Bearer <key>` (the seed's
 //! curl, and the plain OpenAI client on `/openai/v1`) or `api-key: <key>`
-//! (what the Azure SDKs send). Comparison is constant-time. A key in the
+//! (what the Azure SDKs send). Comparison is constant-time. Which client a
+//! key belongs to is decided in [`crate::clients`]. A key in the
 //! query string is deliberately not accepted: query strings end up in access
 //! logs of every proxy in front of us. Failure is answered by the caller with
 //! a 401 before any backend is contacted.
@@ -26,19 +27,26 @@ pub fn authenticate(key: Option<&Secret>, headers: &HeaderMap) -> Result<(), Pro
     };
     // Every present credential header is checked, so a stale `api-key` next
     // to a valid bearer token (or the reverse) still authenticates.
-    for value in headers.get_all("api-key") {
-        if key.matches(value.as_bytes()) {
-            return Ok(());
-        }
+    if presented_keys(headers).any(|k| key.matches(k)) {
+        Ok(())
+    } else {
+        Err(ProxyError::Unauthorized)
     }
-    for value in headers.get_all(AUTHORIZATION) {
-        if let Some(token) = bearer_token(value.as_bytes())
-            && key.matches(token)
-        {
-            return Ok(());
-        }
-    }
-    Err(ProxyError::Unauthorized)
+}
+
+/// Every key the request presents, in the order they are tried: each
+/// `api-key` header, then each `Authorization: Bearer` token.
+pub fn presented_keys(headers: &HeaderMap) -> impl Iterator<Item = &[u8]> {
+    headers
+        .get_all("api-key")
+        .into_iter()
+        .map(http::HeaderValue::as_bytes)
+        .chain(
+            headers
+                .get_all(AUTHORIZATION)
+                .into_iter()
+                .filter_map(|v| bearer_token(v.as_bytes())),
+        )
 }
 
 /// The token of `Bearer <token>`; the scheme is case-insensitive (RFC 9110

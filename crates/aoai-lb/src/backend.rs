@@ -132,8 +132,6 @@ pub struct BackendMetrics {
     pub cooldowns: metrics::Counter,
     /// `aoai_lb_breaker_open{instance}`.
     pub breaker_open: metrics::Gauge,
-    /// `aoai_lb_requests_total{instance, code}` for 1xx..5xx (index = class - 1).
-    pub requests: [metrics::Counter; 5],
     /// `aoai_lb_upstream_attempts_total{instance, outcome}` by [`Outcome`].
     pub attempts: [metrics::Counter; Outcome::ALL.len()],
 }
@@ -141,18 +139,10 @@ pub struct BackendMetrics {
 impl BackendMetrics {
     fn new(name: &str) -> Self {
         let instance = name.to_owned();
-        let class = |c: &'static str| metrics::counter!("aoai_lb_requests_total", "instance" => instance.clone(), "code" => c);
         Self {
             in_flight: metrics::gauge!("aoai_lb_in_flight", "instance" => instance.clone()),
             cooldowns: metrics::counter!("aoai_lb_cooldowns_total", "instance" => instance.clone()),
             breaker_open: metrics::gauge!("aoai_lb_breaker_open", "instance" => instance.clone()),
-            requests: [
-                class("1xx"),
-                class("2xx"),
-                class("3xx"),
-                class("4xx"),
-                class("5xx"),
-            ],
             attempts: Outcome::ALL.map(|o| {
                 metrics::counter!("aoai_lb_upstream_attempts_total", "instance" => instance.clone(), "outcome" => o.as_str())
             }),
@@ -579,12 +569,6 @@ impl Backend {
         self.metrics().attempts[o.index()].increment(1);
         self.activity
             .record(crate::activity::history_now_ms(), o.into());
-    }
-
-    /// Counts one final response with `status` in the metrics.
-    pub fn count_response(&self, status: u16) {
-        let class = usize::from((status / 100).clamp(1, 5)) - 1;
-        self.metrics().requests[class].increment(1);
     }
 }
 

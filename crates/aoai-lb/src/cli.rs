@@ -30,7 +30,7 @@ Environment (flags override):
   API_KEY                key clients must send (Authorization: Bearer <key> or api-key: <key>)
   ALLOW_UNAUTHENTICATED  true to run without API_KEY (an open proxy; logs a warning)
   HOST, PORT             public listener (default 0.0.0.0:8000)
-  ADMIN_HOST, ADMIN_PORT admin listener for /metrics and /admin/backends (default HOST:8001)
+  ADMIN_HOST, ADMIN_PORT admin listener: status page at /, /metrics, /admin/* (default HOST:8001)
   LOG_FORMAT             json (default) or text
   RUST_LOG, LOG_LEVEL    log filter (RUST_LOG wins; default info)";
 

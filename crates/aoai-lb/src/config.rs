@@ -35,7 +35,7 @@ pub struct ConfigError {
 }
 
 impl ConfigError {
-    fn new(field: impl Into<String>, reason: impl Into<String>) -> Self {
+    pub(crate) fn new(field: impl Into<String>, reason: impl Into<String>) -> Self {
         Self {
             field: one_line(field.into()),
             reason: one_line(reason.into()),
@@ -97,6 +97,50 @@ pub struct Config {
     /// `sha256sum` prints them: tells which document is in use without
     /// showing it. Empty for a configuration not read from text.
     pub digest: String,
+    /// Named clients with their keys (as SHA-256) and limits; empty when
+    /// the document has none. See [`crate::clients`].
+    pub clients: Vec<ClientConfig>,
+}
+
+/// One `clients[]` entry, validated. Holds key hashes, never a key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientConfig {
+    /// Unique; goes into logs, metric labels and the admin output.
+    pub name: String,
+    /// SHA-256 of each of its keys (at least one).
+    pub key_hashes: Vec<[u8; 32]>,
+    /// Client-facing deployment names it may use; `None` = every one.
+    pub deployments: Option<std::collections::BTreeSet<String>>,
+    /// Requests per sliding 60 s; `None` = unlimited.
+    pub rpm: Option<u64>,
+    /// Tokens per sliding 60 s; `None` = unlimited.
+    pub tpm: Option<u64>,
+    /// Instance priority groups it may use; `None` = every group.
+    pub priorities: Option<std::collections::BTreeSet<u32>>,
+    /// Tokens per UTC day or calendar month; `None` = unlimited.
+    pub token_quota: Option<TokenQuota>,
+    /// Output tokens assumed for admission when a request sets no
+    /// `max_tokens`/`max_completion_tokens`. Default 4096.
+    pub default_max_tokens: u64,
+}
+
+/// A token quota over a calendar period (UTC).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TokenQuota {
+    /// Tokens allowed per period.
+    pub tokens: u64,
+    /// The period, which rolls over at 00:00 UTC.
+    pub period: QuotaPeriod,
+}
+
+/// The period of a [`TokenQuota`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QuotaPeriod {
+    /// A UTC day.
+    Day,
+    /// A calendar month (UTC).
+    Month,
 }
 
 /// One Azure OpenAI resource (or anything that speaks its API).
@@ -287,6 +331,8 @@ struct RawDocument {
     #[serde(default)]
     upstream: RawUpstream,
     entra: Option<RawEntra>,
+    #[serde(default)]
+    clients: Vec<crate::clients::RawClient>,
 }
 
 #[derive(Deserialize)]
@@ -372,11 +418,23 @@ struct RawUpstream {
 }
 
 impl Config {
-    /// Parses and validates a JSON document.
+    /// Parses and validates a JSON document. A client's `key_env` is read
+    /// from the process environment.
     ///
     /// # Errors
     /// A [`ConfigError`] naming the first field at fault.
     pub fn from_json(text: &str) -> Result<Self, ConfigError> {
+        Self::from_json_env(text, &|k| std::env::var(k).ok())
+    }
+
+    /// [`Config::from_json`] with `env` looking up environment variables.
+    ///
+    /// # Errors
+    /// A [`ConfigError`] naming the first field at fault.
+    pub fn from_json_env(
+        text: &str,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConfigError> {
         let de = &mut serde_json::Deserializer::from_str(text);
         let raw: RawDocument = serde_path_to_error::deserialize(de).map_err(|e| {
             let path = e.path().to_string();
@@ -402,14 +460,17 @@ impl Config {
             }
             // Never echo what was written under a key field: a mistyped key
             // is still a key.
-            let reason = if field.contains("api_key") || field.contains("client_secret") {
+            let reason = if field.contains("api_key")
+                || field.contains("key")
+                || field.contains("client_secret")
+            {
                 format!("must be a string ({})", position(&inner))
             } else {
                 inner.to_string()
             };
             ConfigError::new(field, reason)
         })?;
-        let mut config = raw.validate()?;
+        let mut config = raw.validate(env)?;
         config.digest = digest(text.as_bytes());
         Ok(config)
     }
@@ -427,7 +488,7 @@ fn position(e: &serde_json::Error) -> String {
 }
 
 impl RawDocument {
-    fn validate(self) -> Result<Config, ConfigError> {
+    fn validate(self, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
         if self.instances.is_empty() {
             return Err(ConfigError::new(
                 "instances",
@@ -595,8 +656,10 @@ impl RawDocument {
             None => None,
             Some(e) => Some(entra_config(e)?),
         };
+        let clients = crate::clients::validate(self.clients, &instances, env)?;
 
         Ok(Config {
+            clients,
             instances,
             timeouts,
             max_request_body_bytes,

@@ -10,6 +10,8 @@
 //! Errors that Azure itself returned are not `ProxyError`s: those responses
 //! go back to the client unchanged.
 
+use std::sync::Arc;
+
 use http::{HeaderValue, Response, StatusCode, header};
 
 /// Where in the request lifecycle an error arose.
@@ -19,6 +21,8 @@ pub enum Phase {
     Client,
     /// Client authentication.
     Auth,
+    /// The client's permissions and limits.
+    Admit,
     /// Path and body classification.
     Route,
     /// Choosing an instance.
@@ -37,6 +41,7 @@ impl Phase {
         match self {
             Phase::Client => "client",
             Phase::Auth => "auth",
+            Phase::Admit => "admit",
             Phase::Route => "route",
             Phase::Select => "select",
             Phase::Upstream => "upstream",
@@ -135,6 +140,56 @@ pub enum ProxyError {
     /// Something inside the gateway went wrong.
     #[error("internal error")]
     Internal,
+    /// The client's `deployments` do not list the requested one (403).
+    #[error("client may not use the deployment")]
+    DeploymentNotAllowed {
+        /// The client's name.
+        client: Arc<str>,
+        /// The client-facing deployment it asked for.
+        deployment: String,
+    },
+    /// The client is over its `rpm` or `tpm` (429).
+    #[error("client over its rate limit; retry after {retry_after_ms} ms")]
+    ClientRateLimited {
+        /// The client's name.
+        client: Arc<str>,
+        /// Which limit, with its configured value.
+        limit: RateLimit,
+        /// Until the entry that frees enough room leaves the window.
+        retry_after_ms: u64,
+    },
+    /// The request alone needs more tokens than the client's whole `tpm`
+    /// (429 that must not be retried).
+    #[error("request larger than the client's token rate limit")]
+    RequestTooLarge {
+        /// The client's name.
+        client: Arc<str>,
+        /// The client's tokens per minute.
+        tpm: u64,
+        /// The request's admission estimate.
+        estimate: u64,
+    },
+    /// The client's `token_quota` is used up for this period (403).
+    #[error("client token quota exceeded")]
+    QuotaExceeded {
+        /// The client's name.
+        client: Arc<str>,
+        /// The configured quota.
+        tokens: u64,
+        /// `day` or `month`.
+        period: &'static str,
+        /// When the next period starts (RFC 3339, UTC).
+        renews_at: String,
+    },
+}
+
+/// Which per-minute limit a client exceeded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RateLimit {
+    /// `rpm`, with its value.
+    Requests(u64),
+    /// `tpm`, with its value.
+    Tokens(u64),
 }
 
 impl ProxyError {
@@ -149,6 +204,10 @@ impl ProxyError {
             | ProxyError::NoBackend => Phase::Select,
             ProxyError::UpstreamConnect | ProxyError::UpstreamTimeout => Phase::Upstream,
             ProxyError::Internal => Phase::Internal,
+            ProxyError::DeploymentNotAllowed { .. }
+            | ProxyError::ClientRateLimited { .. }
+            | ProxyError::RequestTooLarge { .. }
+            | ProxyError::QuotaExceeded { .. } => Phase::Admit,
         }
     }
 
@@ -171,6 +230,12 @@ impl ProxyError {
             ProxyError::NoBackend | ProxyError::UpstreamConnect => StatusCode::BAD_GATEWAY,
             ProxyError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+            ProxyError::DeploymentNotAllowed { .. } | ProxyError::QuotaExceeded { .. } => {
+                StatusCode::FORBIDDEN
+            }
+            ProxyError::ClientRateLimited { .. } | ProxyError::RequestTooLarge { .. } => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
         }
     }
 
@@ -188,6 +253,39 @@ impl ProxyError {
             ProxyError::UpstreamConnect => "upstream_connect",
             ProxyError::UpstreamTimeout => "upstream_timeout",
             ProxyError::Internal => "internal",
+            ProxyError::DeploymentNotAllowed { .. } => "deployment_not_allowed",
+            ProxyError::ClientRateLimited {
+                limit: RateLimit::Requests(_),
+                ..
+            } => "client_rpm",
+            ProxyError::ClientRateLimited {
+                limit: RateLimit::Tokens(_),
+                ..
+            } => "client_tpm",
+            ProxyError::RequestTooLarge { .. } => "client_request_too_large",
+            ProxyError::QuotaExceeded { .. } => "quota_exceeded",
+        }
+    }
+
+    /// The client and `reason` label of `aoai_lb_client_rejections_total`
+    /// (`deployment`, `rpm`, `tpm`, `too_large`, `quota`), for the refusals
+    /// that come from a client's own permissions and limits.
+    pub fn rejection(&self) -> Option<(&Arc<str>, &'static str)> {
+        match self {
+            ProxyError::DeploymentNotAllowed { client, .. } => Some((client, "deployment")),
+            ProxyError::ClientRateLimited {
+                client,
+                limit: RateLimit::Requests(_),
+                ..
+            } => Some((client, "rpm")),
+            ProxyError::ClientRateLimited {
+                client,
+                limit: RateLimit::Tokens(_),
+                ..
+            } => Some((client, "tpm")),
+            ProxyError::RequestTooLarge { client, .. } => Some((client, "too_large")),
+            ProxyError::QuotaExceeded { client, .. } => Some((client, "quota")),
+            _ => None,
         }
     }
 
@@ -205,6 +303,12 @@ impl ProxyError {
             ProxyError::UpstreamConnect => "bad_gateway",
             ProxyError::UpstreamTimeout => "gateway_timeout",
             ProxyError::Internal => "internal_error",
+            ProxyError::DeploymentNotAllowed { .. } => "DeploymentNotAllowed",
+            // Azure's code for its own rate limits.
+            ProxyError::ClientRateLimited { .. } => "429",
+            // OpenAI's code for a request over the whole TPM.
+            ProxyError::RequestTooLarge { .. } => "rate_limit_exceeded",
+            ProxyError::QuotaExceeded { .. } => "QuotaExceeded",
         }
     }
 
@@ -215,7 +319,13 @@ impl ProxyError {
             | ProxyError::ClientBody
             | ProxyError::BadRequest(_)
             | ProxyError::DeploymentNotFound => "invalid_request_error",
-            ProxyError::AllCooling { .. } => "rate_limit_error",
+            ProxyError::AllCooling { .. } | ProxyError::ClientRateLimited { .. } => {
+                "rate_limit_error"
+            }
+            ProxyError::RequestTooLarge { .. } => "tokens",
+            ProxyError::DeploymentNotAllowed { .. } | ProxyError::QuotaExceeded { .. } => {
+                "permission_error"
+            }
             _ => "server_error",
         }
     }
@@ -243,6 +353,38 @@ impl ProxyError {
                 "No instance answered before the gateway's response timeout.".to_owned()
             }
             ProxyError::Internal => "The gateway hit an internal error.".to_owned(),
+            ProxyError::DeploymentNotAllowed { client, deployment } => format!(
+                "Client '{client}' is not allowed to use the deployment '{deployment}'."
+            ),
+            ProxyError::ClientRateLimited {
+                client,
+                limit,
+                retry_after_ms,
+            } => {
+                let (kind, value, unit) = match limit {
+                    RateLimit::Requests(v) => ("call rate limit", v, "requests"),
+                    RateLimit::Tokens(v) => ("token rate limit", v, "tokens"),
+                };
+                format!(
+                    "Requests from client '{client}' have exceeded its {kind} of {value} {unit} per minute. Please retry after {} seconds.",
+                    retry_after_ms.div_ceil(1000)
+                )
+            }
+            ProxyError::RequestTooLarge {
+                client,
+                tpm,
+                estimate,
+            } => format!(
+                "Request too large for client '{client}' on tokens per min (TPM): Limit {tpm}, Requested {estimate}. The input or output tokens must be reduced in order to run successfully."
+            ),
+            ProxyError::QuotaExceeded {
+                client,
+                tokens,
+                period,
+                renews_at,
+            } => format!(
+                "Client '{client}' has used its token quota of {tokens} tokens for this {period}. It renews at {renews_at}."
+            ),
         }
     }
 
@@ -280,8 +422,10 @@ impl ProxyError {
     }
 
     /// The complete response: status, JSON body, and for
-    /// [`ProxyError::AllCooling`] the `retry-after-ms` and `retry-after`
-    /// (whole seconds, rounded up) headers the SDKs honour.
+    /// [`ProxyError::AllCooling`] and [`ProxyError::ClientRateLimited`] the
+    /// `retry-after-ms` and `retry-after` (whole seconds, rounded up)
+    /// headers the SDKs honour; `x-should-retry: false` for
+    /// [`ProxyError::RequestTooLarge`].
     pub fn into_response<B>(self, body: impl FnOnce(Vec<u8>) -> B) -> Response<B> {
         let mut resp = Response::new(body(self.body()));
         *resp.status_mut() = self.status();
@@ -290,12 +434,19 @@ impl ProxyError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
-        if let ProxyError::AllCooling { retry_after_ms } = self {
+        if let ProxyError::AllCooling { retry_after_ms }
+        | ProxyError::ClientRateLimited { retry_after_ms, .. } = self
+        {
             h.insert("retry-after-ms", HeaderValue::from(retry_after_ms));
             h.insert(
                 header::RETRY_AFTER,
                 HeaderValue::from(retry_after_ms.div_ceil(1000)),
             );
+        }
+        if let ProxyError::RequestTooLarge { .. } = self {
+            // Waiting cannot help: the OpenAI SDKs honour this and do not
+            // retry.
+            h.insert("x-should-retry", HeaderValue::from_static("false"));
         }
         if self == ProxyError::Unauthorized {
             h.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
@@ -319,6 +470,9 @@ pub enum GatewayError {
     /// TLS could not be set up.
     #[error("upstream TLS: {0}")]
     Tls(String),
+    /// The client table cannot be built (`API_KEY` clashes with a client).
+    #[error("{0}")]
+    Clients(String),
     /// More instances than the selector supports.
     #[error("instances: at most {max} instances are supported")]
     TooManyInstances {
@@ -370,6 +524,26 @@ mod tests {
             ProxyError::UpstreamConnect,
             ProxyError::UpstreamTimeout,
             ProxyError::Internal,
+            ProxyError::DeploymentNotAllowed {
+                client: "a".into(),
+                deployment: "d".into(),
+            },
+            ProxyError::ClientRateLimited {
+                client: "a".into(),
+                limit: RateLimit::Tokens(5),
+                retry_after_ms: 1,
+            },
+            ProxyError::RequestTooLarge {
+                client: "a".into(),
+                tpm: 5,
+                estimate: 6,
+            },
+            ProxyError::QuotaExceeded {
+                client: "a".into(),
+                tokens: 5,
+                period: "day",
+                renews_at: "2026-12-01T00:00:00Z".into(),
+            },
         ];
         for e in all {
             let v = body_json(&e);

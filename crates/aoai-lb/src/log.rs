@@ -1,7 +1,8 @@
 //! Phase 7: the access record, one per request.
 //!
 //! Owns what the access line says: time, request ids, method, the path
-//! without its query string (queries can carry secrets), deployment, every
+//! without its query string (queries can carry secrets), deployment, the
+//! client's name, every
 //! attempt (instance, outcome, status, ms), the final instance and status,
 //! time to first byte, total time, bytes and whether the body streamed. It
 //! never holds a key, a header value other than the two ids, or a body.
@@ -74,6 +75,10 @@ pub struct AccessRecord {
     pub path: String,
     /// The client-facing deployment, when the request names one.
     pub deployment: Option<String>,
+    /// The client's configured name (`default` for `API_KEY`); `null`
+    /// when the request named no known client.
+    #[serde(serialize_with = "opt_arc_str")]
+    pub client: Option<Arc<str>>,
     /// Every attempt, in order.
     pub attempts: Vec<Attempt>,
     /// The instance that produced the final response.
@@ -109,6 +114,13 @@ fn opt_header_str<S: Serializer>(v: &Option<HeaderValue>, s: S) -> Result<S::Ok,
     }
 }
 
+fn opt_arc_str<S: Serializer>(v: &Option<Arc<str>>, s: S) -> Result<S::Ok, S::Error> {
+    match v {
+        Some(v) => s.serialize_str(v),
+        None => s.serialize_none(),
+    }
+}
+
 fn method_str<S: Serializer>(m: &Method, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(m.as_str())
 }
@@ -127,6 +139,7 @@ impl AccessRecord {
             method: Method::GET,
             path: String::new(),
             deployment: None,
+            client: None,
             attempts: Vec::new(),
             instance: None,
             status: 0,
@@ -229,6 +242,7 @@ mod tests {
             method: Method::POST,
             path: "/openai/x".to_owned(),
             deployment: Some("gpt-4o".to_owned()),
+            client: Some(Arc::from("team-a")),
             attempts: Vec::new(),
             instance: None,
             status: 200,
@@ -256,6 +270,7 @@ mod tests {
             "method",
             "path",
             "deployment",
+            "client",
             "attempts",
             "instance",
             "status",
@@ -270,6 +285,7 @@ mod tests {
         }
         assert_eq!(v["method"], "POST");
         assert_eq!(v["request_id"], "abc");
+        assert_eq!(v["client"], "team-a");
         assert_eq!(
             v["usage"],
             serde_json::json!({"prompt":3,"completion":2,"cached":1,"reasoning":0,"source":"estimated"})

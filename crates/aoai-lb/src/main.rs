@@ -102,7 +102,8 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
         }
         _ => settings.load_config()?,
     };
-    if settings.client_key.is_none() && !settings.allow_unauthenticated {
+    let no_keys = settings.client_key.is_none() && config.clients.is_empty();
+    if no_keys && !settings.allow_unauthenticated {
         return Err(ServeError::MissingClientKey.into());
     }
     let config = Arc::new(config);
@@ -125,12 +126,26 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
             "OPENAI_INSTANCES is ignored: the configuration file given by --config or OPENAI_CONFIG_PATH takes precedence"
         );
     }
-    if settings.client_key.is_some() && settings.allow_unauthenticated && !settings.demo {
+    if !no_keys && settings.allow_unauthenticated && !settings.demo {
         tracing::info!(
-            "API_KEY is set, so clients must send it; --allow-unauthenticated has no effect"
+            "client keys are configured (API_KEY or clients), so clients must send one; --allow-unauthenticated has no effect"
         );
     }
-    if settings.client_key.is_none() && settings.allow_unauthenticated {
+    for c in &config.clients {
+        tracing::info!(
+            client = %c.name,
+            keys = c.key_hashes.len(),
+            deployments = c
+                .deployments
+                .as_ref()
+                .map(|d| d.iter().cloned().collect::<Vec<_>>().join(","))
+                .unwrap_or_else(|| "*".to_owned()),
+            rpm = c.rpm,
+            tpm = c.tpm,
+            "client configured"
+        );
+    }
+    if no_keys && settings.allow_unauthenticated {
         tracing::warn!(
             "client authentication is OFF (--allow-unauthenticated): anyone who can reach this port can use the configured backends; set API_KEY to require a key"
         );

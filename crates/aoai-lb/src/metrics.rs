@@ -14,8 +14,8 @@ use std::time::Duration;
 use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
-/// Requests answered, by final instance (`none` when no backend) and
-/// status class (`2xx`, `4xx`, `5xx`).
+/// Requests answered, by final instance (`none` when no backend), status
+/// class (`2xx`, `4xx`, `5xx`) and client (`none` before one is known).
 pub const REQUESTS_TOTAL: &str = "aoai_lb_requests_total";
 /// Upstream attempts by instance and outcome.
 pub const UPSTREAM_ATTEMPTS_TOTAL: &str = "aoai_lb_upstream_attempts_total";
@@ -43,6 +43,9 @@ pub const CONFIG_LOADED_TIMESTAMP_SECONDS: &str = "aoai_lb_config_loaded_timesta
 pub const INSTANCE_AVAILABLE: &str = "aoai_lb_instance_available";
 /// Requests answered by the gateway itself, by reason.
 pub const CLIENT_ERRORS_TOTAL: &str = "aoai_lb_client_errors_total";
+/// Requests refused by a client's own permissions and limits, by client
+/// and reason (`deployment`, `rpm`, `tpm`, `too_large`, `quota`).
+pub const CLIENT_REJECTIONS_TOTAL: &str = "aoai_lb_client_rejections_total";
 /// Client connections currently open on the public listener.
 pub const OPEN_CONNECTIONS: &str = "aoai_lb_open_connections";
 /// Client connections closed at once because the cap was reached.
@@ -150,7 +153,7 @@ fn describe() {
     describe_counter!(
         REQUESTS_TOTAL,
         Unit::Count,
-        "Requests answered, by final instance (none when no backend was used) and status class"
+        "Requests answered, by final instance (none when no backend was used), status class and client"
     );
     describe_counter!(
         UPSTREAM_ATTEMPTS_TOTAL,
@@ -211,6 +214,11 @@ fn describe() {
         CLIENT_ERRORS_TOTAL,
         Unit::Count,
         "Requests answered by the gateway itself, by reason (unauthorized, body_too_large, bad_request, deployment_not_found, all_cooling, no_backend)"
+    );
+    describe_counter!(
+        CLIENT_REJECTIONS_TOTAL,
+        Unit::Count,
+        "Requests refused by a client's own permissions and limits, by client and reason (deployment, rpm, tpm, too_large, quota)"
     );
     describe_gauge!(
         OPEN_CONNECTIONS,

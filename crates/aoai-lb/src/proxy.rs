@@ -79,6 +79,52 @@ pub struct CredentialStatus {
     pub last_error: Option<String>,
 }
 
+/// One client in the `/admin/clients` document. Never holds a key or a
+/// key hash.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ClientStatus {
+    /// Configured name (`default` for `API_KEY`).
+    pub name: String,
+    /// Deployments it may use; `null` = all.
+    pub deployments: Option<Vec<String>>,
+    /// Priority groups it may use; `null` = all.
+    pub priorities: Option<Vec<u32>>,
+    /// Whether its `x-ms-spillover-deployment` header is passed on.
+    pub spillover: bool,
+    /// Requests per minute: limit and current use; `null` = unlimited.
+    pub rpm: Option<WindowStatus>,
+    /// Tokens per minute: limit and current use; `null` = unlimited.
+    pub tpm: Option<WindowStatus>,
+    /// The token quota and what is left of it; `null` = none.
+    pub token_quota: Option<QuotaStatus>,
+}
+
+/// A sliding 60 s limit and its use now.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct WindowStatus {
+    /// The configured limit.
+    pub limit: u64,
+    /// Used in the last 60 s.
+    pub used: u64,
+    /// `limit - used`, at least 0.
+    pub remaining: u64,
+}
+
+/// A token quota and its use in the current period.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct QuotaStatus {
+    /// Tokens per period.
+    pub tokens: u64,
+    /// `day` or `month` (UTC).
+    pub period: &'static str,
+    /// Used in the current period.
+    pub used: u64,
+    /// `tokens - used`, at least 0.
+    pub remaining: u64,
+    /// When the next period starts (RFC 3339, UTC).
+    pub renews_at: String,
+}
+
 impl Gateway {
     /// Builds a gateway on the real clock. `client_key` `None` is
     /// unauthenticated mode (only when the operator explicitly allowed it).
@@ -182,6 +228,47 @@ impl Gateway {
                     token_expires_in_s: t.expires_in_secs(),
                     last_error: t.last_error().map(|e| e.to_string()),
                 }),
+            })
+            .collect()
+    }
+
+    /// Per-client limits and use for the admin listener.
+    pub fn clients(&self) -> Vec<ClientStatus> {
+        let gw = self.state();
+        let (now, unix) = (gw.clock.now_ms(), gw.clock.unix_ms());
+        gw.clients
+            .all()
+            .iter()
+            .map(|c| {
+                let l = c.limits;
+                let used = c.state.usage(&l, now, unix);
+                let window = |limit: Option<u64>, used: u64| {
+                    limit.map(|limit| WindowStatus {
+                        limit,
+                        used,
+                        remaining: limit.saturating_sub(used),
+                    })
+                };
+                ClientStatus {
+                    name: c.name.to_string(),
+                    deployments: c.deployments.as_ref().map(|d| d.iter().cloned().collect()),
+                    priorities: c.priorities.as_ref().map(|p| p.iter().copied().collect()),
+                    spillover: c.spillover,
+                    rpm: window(l.rpm, used.requests),
+                    tpm: window(l.tpm, used.tokens),
+                    token_quota: l.token_quota.map(|q| QuotaStatus {
+                        tokens: q.tokens,
+                        period: crate::clients::period_str(q.period),
+                        used: used.quota_used,
+                        remaining: q.tokens.saturating_sub(used.quota_used),
+                        renews_at: crate::log::rfc3339_ms(
+                            std::time::UNIX_EPOCH
+                                + std::time::Duration::from_millis(
+                                    crate::limits::next_period_start(q.period, unix),
+                                ),
+                        ),
+                    }),
+                }
             })
             .collect()
     }

@@ -189,10 +189,20 @@ impl GatewayState {
         }
         let affinity = self.affinity.remapped(|j| moved.get(j).copied().flatten());
         let selector = Selector::new(&backends);
+        let open = self.client_key.is_none() && next.clients.is_empty();
+        let clients = crate::clients::Clients::new(
+            &next.clients,
+            self.client_key.as_ref(),
+            open,
+            &backends,
+            Some(&self.clients),
+        )
+        .map_err(|e| GatewayError::Clients(e.to_string()))?;
         Ok((
             GatewayState {
                 config: Arc::new(next),
                 client_key: self.client_key.clone(),
+                clients,
                 backends,
                 selector,
                 client: self.client.clone(),
@@ -407,6 +417,12 @@ impl Reloader {
             );
         }
         count(OUTCOME_APPLIED);
+        // A removed instance is no longer available; its series would
+        // otherwise keep its last value for ever.
+        for name in &report.removed {
+            metrics::gauge!(crate::metrics::INSTANCE_AVAILABLE, "instance" => name.clone())
+                .set(0.0);
+        }
         let info = ConfigInfo {
             hash: hash.to_owned(),
             loaded_at: rfc3339_ms(now),

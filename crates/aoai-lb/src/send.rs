@@ -206,6 +206,9 @@ pub struct Outgoing<'a> {
     pub body: &'a Bytes,
     /// A WebSocket handshake: sent over HTTP/1.1 so it can be upgraded.
     pub websocket: bool,
+    /// Instances this request must not use (outside the client's
+    /// priority groups).
+    pub excluded: IndexSet,
 }
 
 /// Tries candidates in selector order until one gives an answer to return.
@@ -218,7 +221,10 @@ pub async fn failover(
     upstream_wait: &mut Duration,
 ) -> Sent {
     let dep = out.route.deployment.as_deref();
-    let serves = |b: &Backend| dep.is_none_or(|d| b.config.backend_deployment(d).is_some());
+    let serves = |b: &Backend| {
+        !out.excluded.contains(b.index)
+            && dep.is_none_or(|d| b.config.backend_deployment(d).is_some())
+    };
     let mut exclude = IndexSet::default();
     let mut last_response: Option<(http::response::Parts, Bytes, Arc<Backend>)> = None;
     let mut last_failure: Option<ProxyError> = None;
@@ -484,7 +490,7 @@ pub async fn merged_list(
     let targets: Vec<&Arc<Backend>> = gw
         .backends
         .iter()
-        .filter(|b| gw.selector.health().check(b, now).is_ok())
+        .filter(|b| !out.excluded.contains(b.index) && gw.selector.health().check(b, now).is_ok())
         .collect();
     if targets.len() < 2 {
         return None;

@@ -73,6 +73,13 @@ pub trait Handler: Clone + Send + Sync + 'static {
     /// The `/admin/backends` document, as JSON bytes. Never contains a key.
     fn backends_json(&self) -> Vec<u8>;
 
+    /// The `/admin/clients` document, as JSON bytes: each client's limits,
+    /// current window use and quota left. Never contains a key or a key
+    /// hash. Default: no clients.
+    fn clients_json(&self) -> Vec<u8> {
+        b"{\"clients\":[]}".to_vec()
+    }
+
     /// The gateway's part of `/admin/status`: instances and, when known,
     /// per-client and per-deployment rates. Never contains a key.
     fn status(&self) -> crate::status::GatewayStatus {
@@ -158,7 +165,7 @@ impl ServeOptions {
 pub enum ServeError {
     /// No client key and no explicit opt-out.
     #[error(
-        "API_KEY is not set: set API_KEY=<key> to require clients to send it, or pass --allow-unauthenticated (ALLOW_UNAUTHENTICATED=true) to run an open proxy"
+        "API_KEY is not set and no clients are configured: set API_KEY=<key> (or add clients with keys to the configuration) to require clients to send a key, or pass --allow-unauthenticated (ALLOW_UNAUTHENTICATED=true) to run an open proxy"
     )]
     MissingClientKey,
     /// A listener could not bind.
@@ -304,7 +311,7 @@ fn begin_shutdown(shared: &Shared) {
 /// unauthenticated mode was not chosen; [`ServeError::Bind`] when a port is
 /// taken; [`ServeError::Gateway`] when the gateway cannot be built.
 pub async fn spawn(config: Arc<Config>, opts: ServeOptions) -> Result<ServerHandle, ServeError> {
-    if opts.client_key.is_none() && !opts.allow_unauthenticated {
+    if opts.client_key.is_none() && config.clients.is_empty() && !opts.allow_unauthenticated {
         return Err(ServeError::MissingClientKey);
     }
     // The recorder must exist before the gateway caches its metric handles;
@@ -359,6 +366,11 @@ impl Handler for crate::proxy::Gateway {
     fn backends_json(&self) -> Vec<u8> {
         serde_json::to_vec(&serde_json::json!({ "backends": self.backends() }))
             .unwrap_or_else(|_| b"{\"backends\":[]}".to_vec())
+    }
+
+    fn clients_json(&self) -> Vec<u8> {
+        serde_json::to_vec(&serde_json::json!({ "clients": self.clients() }))
+            .unwrap_or_else(|_| b"{\"clients\":[]}".to_vec())
     }
 
     fn status(&self) -> crate::status::GatewayStatus {

@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use crate::affinity::AffinityTable;
 use crate::backend::{Backend, Clock};
+use crate::clients::Clients;
 use crate::config::{BackendCredential, Config};
 use crate::credential::{self, AzureEnv, TokenAuth, TokenCache};
 use crate::entra::EntraValidator;
@@ -21,8 +22,10 @@ use crate::upstream::{self, UpstreamClient};
 pub struct GatewayState {
     /// The configuration it was built with.
     pub config: Arc<Config>,
-    /// The key clients must present; `None` in unauthenticated mode.
+    /// `API_KEY`, kept to rebuild [`GatewayState::clients`] on a reload.
     pub client_key: Option<Secret>,
+    /// The clients and their keys (`API_KEY` is client `default`).
+    pub clients: Clients,
     /// Instances in configuration order.
     pub backends: Vec<Arc<Backend>>,
     /// The instance selector.
@@ -94,10 +97,16 @@ impl GatewayState {
                     .map_err(|field| GatewayError::InvalidHeader { index: i, field })
             })
             .collect::<Result<Vec<_>, _>>()?;
+        // No key at all means unauthenticated mode (the server refuses to
+        // start that way unless the operator opted out).
+        let open = client_key.is_none() && config.clients.is_empty();
+        let clients = Clients::new(&config.clients, client_key.as_ref(), open, &backends, None)
+            .map_err(|e| GatewayError::Clients(e.to_string()))?;
         let selector = Selector::new(&backends);
         Ok(GatewayState {
             config,
             client_key,
+            clients,
             backends,
             selector,
             client,

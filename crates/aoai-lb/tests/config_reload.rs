@@ -202,6 +202,10 @@ async fn reloads_under_load_with_no_failed_request_and_no_cut_stream() {
         failures.extend(w.await.unwrap());
     }
     let total = done.load(Ordering::Relaxed);
+    eprintln!(
+        "reload under load: {total} requests (half streamed) across {} reloads",
+        steps.len()
+    );
     assert!(total >= 30, "only {total} requests ran");
     assert!(
         failures.is_empty(),

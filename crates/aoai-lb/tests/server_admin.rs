@@ -78,7 +78,9 @@ async fn serves_prometheus_metrics_with_aoai_lb_names_and_no_key() {
     }
     // This gateway's own requests were recorded, not just some earlier one's.
     assert!(
-        text.contains(r#"aoai_lb_requests_total{instance="metrics-alpha",code="2xx"} 2"#),
+        text.contains(
+            r#"aoai_lb_requests_total{instance="metrics-alpha",code="2xx",client="default"} 2"#
+        ),
         "{text}"
     );
     for line in text

@@ -269,9 +269,20 @@ pub fn reject(gw: &GatewayState, ctx: &mut RequestCtx, e: ProxyError) -> Respons
     let mut resp = e.clone().into_response(full_body);
     resp.headers_mut()
         .insert(GATEWAY_REQUEST_ID.clone(), rec.request_id.clone());
+    if let Some(client) = &ctx.client {
+        super::admit::rate_headers(gw, client, resp.headers_mut());
+    }
     let status = resp.status().as_u16();
     metrics::counter!("aoai_lb_client_errors_total", "reason" => e.label()).increment(1);
-    metrics::counter!("aoai_lb_requests_total", "instance" => "none", "code" => status_class(status))
+    if let Some((client, reason)) = e.rejection() {
+        metrics::counter!(crate::metrics::CLIENT_REJECTIONS_TOTAL, "client" => client.to_string(), "reason" => reason)
+            .increment(1);
+    }
+    let client = ctx
+        .client
+        .as_ref()
+        .map_or_else(|| "none".to_owned(), |c| c.name.to_string());
+    metrics::counter!("aoai_lb_requests_total", "instance" => "none", "code" => status_class(status), "client" => client)
         .increment(1);
     let elapsed = ctx.start.elapsed();
     let m = crate::metrics::global();

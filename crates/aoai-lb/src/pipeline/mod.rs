@@ -102,6 +102,7 @@ impl RequestCtx {
             method: parts.method.clone(),
             path: parts.uri.path().to_owned(),
             deployment: None,
+            client: None,
             attempts: Vec::new(),
             instance: None,
             status: 0,

@@ -15,7 +15,7 @@ use http_body_util::combinators::BoxBody;
 use hyper::body::Incoming;
 
 use crate::affinity::{self, Sniff};
-use crate::backend::InFlight;
+use crate::backend::{Backend, InFlight};
 use crate::error::ProxyError;
 use crate::log::{AccessRecord, InstanceName, rfc3339_ms};
 use crate::rewrite;
@@ -50,6 +50,7 @@ pub fn respond(
             let Some(client) = ctx.client_upgrade.take() else {
                 return Err(ProxyError::Internal);
             };
+            count_response(ctx, slot.backend(), response.status().as_u16());
             return Ok(tunnel(response, slot, client, ctx.take_record(), ctx.start));
         }
         Sent::Stream { response, slot } => {
@@ -76,7 +77,10 @@ pub fn respond(
         .get(header::CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
     rec.instance = Some(InstanceName(Arc::clone(&backend)));
-    backend.count_response(rec.status);
+    count_response(ctx, &backend, rec.status);
+    if let Some(client) = &ctx.client {
+        super::admit::rate_headers(gw, client, &mut rparts.headers);
+    }
     crate::metrics::global().overhead.record(
         ctx.start
             .elapsed()
@@ -114,6 +118,13 @@ pub fn respond(
     Ok(Response::from_parts(rparts, body))
 }
 
+/// `aoai_lb_requests_total{instance, code, client}`.
+fn count_response(ctx: &RequestCtx, backend: &Backend, status: u16) {
+    if let Some(client) = &ctx.client {
+        client.count_response(backend, status);
+    }
+}
+
 /// Joins the client's and the instance's upgraded connections and copies
 /// bytes both ways until either side closes. The access record is written
 /// when the tunnel ends; the in-flight slot is held until then.
@@ -133,7 +144,6 @@ fn tunnel(
     rec.apim_request_id = parts.headers.get(&APIM_REQUEST_ID).cloned();
     rec.instance = Some(InstanceName(Arc::clone(slot.backend())));
     rec.streamed = true;
-    slot.backend().count_response(rec.status);
     tokio::spawn(async move {
         let mut error = None;
         let mut bytes = 0;

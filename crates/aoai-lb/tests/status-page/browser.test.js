@@ -113,7 +113,7 @@ test('the status page shows a cooldown with its countdown and reason, and a brea
     }, null, 2));
     const [port, adminPort] = [await freePort(), await freePort()];
     const lb = start(LB_BIN, ['--config', configFile, '--host', '127.0.0.1', '--port', String(port),
-      '--admin-port', String(adminPort)], { API_KEY: CLIENT_KEY, LOG_FORMAT: 'json' });
+      '--admin-port', String(adminPort)], { API_KEY: CLIENT_KEY, LOG_FORMAT: 'json', CONFIG_POLL_MS: '100' });
     const base = `http://127.0.0.1:${port}`;
     const admin = `http://127.0.0.1:${adminPort}`;
     await waitFor('the gateway', async () => (await fetch(`${base}/readyz`)).ok);
@@ -179,6 +179,22 @@ test('the status page shows a cooldown with its countdown and reason, and a brea
 
       fs.mkdirSync(path.dirname(SCREENSHOT), { recursive: true });
       await page.screenshot({ path: SCREENSHOT, fullPage: true });
+
+      // Reloads show in the header line: a refused document, then a good one.
+      const good = fs.readFileSync(configFile, 'utf8');
+      fs.writeFileSync(configFile + '.tmp', good.slice(0, -3));
+      fs.renameSync(configFile + '.tmp', configFile);
+      const line = page.locator('#reload-line.rejected');
+      await line.waitFor({ timeout: 10000 });
+      assert.match(await line.textContent(), /^last reload: rejected \(poll\) at .* is not valid JSON: .* at line \d+ column \d+/);
+      const next = JSON.parse(good);
+      next.instances.pop();
+      fs.writeFileSync(configFile + '.tmp', JSON.stringify(next));
+      fs.renameSync(configFile + '.tmp', configFile);
+      await page.locator('#config-line', { hasText: 'generation 2' }).waitFor({ timeout: 10000 });
+      assert.match(await page.locator('#reload-line').textContent(), /^last reload: applied \(poll\)/);
+      await page.locator(`tr[data-instance="${names[2]}"]`).waitFor({ state: 'detached', timeout: 5000 });
+      assert.deepEqual(problems, [], 'no script error after the reloads');
     } finally {
       await browser.close();
       fs.rmSync(dir, { recursive: true, force: true });
