@@ -116,10 +116,24 @@ for i in $(seq 0 $((N_SIMS - 1))); do
   SIM_URLS="${SIM_URLS:+$SIM_URLS,}http://127.0.0.1:$((SIM_BASE + i))"
 done
 
-INSTANCES="$("$VENV/bin/python" - "$SIM_URLS" "$SIM_KEY" <<'EOF'
+# Besides API_KEY (client `default`, no limits, used by most tests), three
+# named clients for test_clients.py: one request per minute, one deployment
+# only, and a token limit smaller than any chat request.
+LIMITED_KEY="limited-$(rand)"
+NARROW_KEY="narrow-$(rand)"
+SMALL_KEY="small-$(rand)"
+INSTANCES="$("$VENV/bin/python" - "$SIM_URLS" "$SIM_KEY" "$LIMITED_KEY" "$NARROW_KEY" "$SMALL_KEY" <<'EOF'
 import json, sys
 urls, key = sys.argv[1].split(","), sys.argv[2]
-print(json.dumps({"instances": [{"name": f"sim{i}", "url": u, "api_key": key} for i, u in enumerate(urls)]}))
+limited, narrow, small = sys.argv[3:6]
+print(json.dumps({
+    "instances": [{"name": f"sim{i}", "url": u, "api_key": key} for i, u in enumerate(urls)],
+    "clients": [
+        {"name": "sdk-limited", "key": limited, "rpm": 1},
+        {"name": "sdk-narrow", "key": narrow, "deployments": ["only-this-one"]},
+        {"name": "sdk-small", "key": small, "tpm": 50},
+    ],
+}))
 EOF
 )"
 
@@ -150,6 +164,7 @@ fi
 export AOAI_GATEWAY_URL="http://127.0.0.1:$LB_PORT"
 export AOAI_GATEWAY_ADMIN_URL="http://127.0.0.1:$LB_ADMIN_PORT"
 export AOAI_CLIENT_KEY="$CLIENT_KEY"
+export AOAI_LIMITED_KEY="$LIMITED_KEY" AOAI_NARROW_KEY="$NARROW_KEY" AOAI_SMALL_KEY="$SMALL_KEY"
 export AOAI_SIM_URLS="$SIM_URLS"
 export AOAI_SIM_KEY="$SIM_KEY"
 export AOAI_TARGET

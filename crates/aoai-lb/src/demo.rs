@@ -3,7 +3,8 @@
 //! Two aoai-sim instances run in-process on ephemeral 127.0.0.1 ports, with
 //! a little latency so that streaming is visible token by token. The
 //! gateway gets the same kind of document an operator would write, so the
-//! demo exercises the real start-up path. Nothing leaves the machine.
+//! demo exercises the real start-up path, including two named clients with
+//! limits ([`CLIENTS`]). Nothing leaves the machine.
 
 use aoai_sim::SimHandle;
 
@@ -15,6 +16,21 @@ const TTFT_MS: u64 = 120;
 const PER_TOKEN_MS: u64 = 30;
 /// Tokens per reply.
 const REPLY_TOKENS: u32 = 24;
+
+/// The demo's two named clients: name, key, and what they may do. Their
+/// keys are printed at start, like the demo's `API_KEY`.
+pub const CLIENTS: [(&str, &str, &str); 2] = [
+    (
+        "team-a",
+        "demo-team-a-key",
+        "gpt-4o only, 60 requests and 20000 tokens per minute",
+    ),
+    (
+        "team-b",
+        "demo-team-b-key",
+        "any deployment, 100000 tokens per day",
+    ),
+];
 
 /// The demo could not start.
 #[derive(Debug, thiserror::Error)]
@@ -68,7 +84,15 @@ fn document(sims: &[SimHandle]) -> String {
             })
         })
         .collect();
-    serde_json::json!({ "instances": instances }).to_string()
+    let (a, b) = (CLIENTS[0], CLIENTS[1]);
+    serde_json::json!({
+        "instances": instances,
+        "clients": [
+            {"name": a.0, "key": a.1, "deployments": ["gpt-4o"], "rpm": 60, "tpm": 20000},
+            {"name": b.0, "key": b.1, "token_quota": {"tokens": 100_000, "period": "day"}}
+        ],
+    })
+    .to_string()
 }
 
 /// The seed README's request against `base` (e.g. `http://127.0.0.1:8000`),
@@ -104,6 +128,13 @@ mod tests {
         assert_eq!(demo.sims.len(), 2);
         assert_eq!(demo.config.instances.len(), 2);
         assert_eq!(demo.config.instances[0].name, "demo-east");
+        let names: Vec<&str> = demo
+            .config
+            .clients
+            .iter()
+            .map(|c| c.name.as_str())
+            .collect();
+        assert_eq!(names, ["team-a", "team-b"]);
         for s in &demo.sims {
             s.stop();
         }

@@ -200,6 +200,15 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
             aoai_lb::demo::curl(&base, key, false),
             aoai_lb::demo::curl(&base, key, true)
         );
+        let clients: Vec<String> = aoai_lb::demo::CLIENTS
+            .iter()
+            .map(|(name, key, what)| format!("  {name}: key {key} ({what})"))
+            .collect();
+        eprintln!(
+            "Named clients (use their key instead of {key}; limits at http://{host}:{}/admin/clients):\n\n{}\n",
+            handle.admin_addr().port(),
+            clients.join("\n")
+        );
     }
 
     let control = handle.control();

@@ -174,3 +174,38 @@ fn still_refuses_to_start_without_any_key_or_opt_out() {
     assert_eq!(lines.len(), 1, "{lines:#?}");
     assert!(lines[0].1.contains("API_KEY is not set"), "{lines:#?}");
 }
+
+#[tokio::test]
+async fn the_demo_prints_and_serves_two_named_clients() {
+    let port = free_port().to_string();
+    let bin = spawn_binary(
+        &["--demo", "--host", "127.0.0.1", "--admin-port", "0"],
+        &[("PORT", &port), ("LOG_FORMAT", "json")],
+    );
+    let (addr, _) = bin.wait_listening(Duration::from_secs(20));
+    for (name, key, _) in aoai_lb::demo::CLIENTS {
+        let line = bin
+            .wait_for_line(Duration::from_secs(5), |l| l.contains(key))
+            .unwrap_or_else(|| panic!("{name}'s key printed: {:#?}", bin.lines()));
+        assert!(line.contains(name), "{line}");
+        let (s, h, _) = send(
+            Method::POST,
+            &format!("http://{addr}{}", chat_path("gpt-4o")),
+            &key_headers(key),
+            chat_body(false),
+        )
+        .await;
+        assert_eq!(s, StatusCode::OK, "{name}");
+        if name == "team-a" {
+            assert_eq!(h["x-ratelimit-limit-requests"], "60");
+        }
+    }
+    let (s, _, _) = send(
+        Method::POST,
+        &format!("http://{addr}{}", chat_path("gpt-4o-mini")),
+        &key_headers(aoai_lb::demo::CLIENTS[0].1),
+        chat_body(false),
+    )
+    .await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "team-a may use gpt-4o only");
+}

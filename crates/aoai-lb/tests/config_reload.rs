@@ -1,8 +1,9 @@
 //! Hot reload of the configuration file: under load with no failed request
 //! and no cut stream; new instances take traffic and removed ones drain;
-//! live state carries over; bad documents are refused once each and the
-//! running configuration kept; both triggers (the poll, with rename-replace
-//! and Kubernetes-style symlink swaps, and SIGHUP).
+//! live state carries over (instances by name and URL, clients by name);
+//! bad documents are refused once each and the running configuration kept;
+//! both triggers (the poll, with rename-replace and Kubernetes-style symlink
+//! swaps, and SIGHUP).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -588,4 +589,48 @@ async fn sighup_with_the_document_in_the_environment_says_it_cannot_change() {
     assert_eq!(s, StatusCode::OK);
     bin.signal("TERM");
     assert_eq!(bin.wait_exit(WAIT).and_then(|s| s.code()), Some(0));
+}
+
+#[tokio::test]
+async fn a_client_keeps_its_window_use_across_a_reload() {
+    let sims = sims(2).await;
+    let dir = Dir::new("client-window");
+    let path = dir.0.join("instances.json");
+    let clients =
+        serde_json::json!([{"name": "reload-team", "key": "reload-team-key-5c1", "rpm": 2}]);
+    std::fs::write(
+        &path,
+        config_with(&sims[..1], serde_json::json!({ "clients": clients })),
+    )
+    .unwrap();
+    let gw = start_watching(&path, Some(Duration::from_millis(50))).await;
+    let url = chat_url(&gw);
+    let team = [
+        ("api-key", "reload-team-key-5c1"),
+        ("content-type", "application/json"),
+    ];
+    for _ in 0..2 {
+        let (s, _, _) = send(Method::POST, &url, &team, chat_body(false)).await;
+        assert_eq!(s, StatusCode::OK);
+    }
+    // Another instance, same client: its minute is not reset.
+    replace_file(
+        &path,
+        &config_with(&sims, serde_json::json!({ "clients": clients })),
+    );
+    let v = wait_generation(&gw.admin_url(), 2).await;
+    let row = v["clients"]
+        .as_array()
+        .and_then(|c| c.iter().find(|r| r["name"] == "reload-team"))
+        .unwrap_or_else(|| panic!("client row: {v}"));
+    assert_eq!(row["requests_per_min"], 2);
+    let (s, _, body) = send(Method::POST, &url, &team, chat_body(false)).await;
+    assert_eq!(
+        s,
+        StatusCode::TOO_MANY_REQUESTS,
+        "{}",
+        String::from_utf8_lossy(&body)
+    );
+    let total: usize = sims.iter().map(aoai_sim::SimHandle::request_count).sum();
+    assert_eq!(total, 2, "the third request never reached an instance");
 }
