@@ -23,6 +23,7 @@ pub mod limits;
 pub mod log;
 pub mod logging;
 pub mod metrics;
+pub mod otel;
 pub mod pipeline;
 pub mod proxy;
 pub mod reload;

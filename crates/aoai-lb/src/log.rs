@@ -12,7 +12,7 @@
 //! client went away (see [`crate::stream`]).
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use http::{HeaderValue, Method};
 use serde::{Serialize, Serializer};
@@ -31,6 +31,9 @@ pub struct Attempt {
     pub status: Option<u16>,
     /// Time from sending to the verdict, in ms.
     pub ms: f64,
+    /// When the attempt was sent (for its trace span; not logged).
+    #[serde(skip)]
+    pub started: Instant,
 }
 
 /// An instance's name in a record, shared rather than copied.
@@ -101,6 +104,10 @@ pub struct AccessRecord {
     /// `reasoning`, `source`: `reported` or `estimated`); `null` when the
     /// response carries none (errors, non-inference requests).
     pub usage: Option<crate::usage::Usage>,
+    /// The request's trace context while tracing is on ([`crate::otel`]);
+    /// `None` otherwise. Not logged.
+    #[serde(skip)]
+    pub trace: Option<crate::otel::RequestTrace>,
 }
 
 fn header_str<S: Serializer>(v: &HeaderValue, s: S) -> Result<S::Ok, S::Error> {
@@ -149,12 +156,17 @@ impl AccessRecord {
             streamed: false,
             error: None,
             usage: None,
+            trace: None,
         }
     }
 
-    /// Writes the record as one line.
+    /// Writes the record as one line and, while tracing is on, turns it
+    /// into the request's spans ([`crate::otel::RequestTrace::export`]).
     pub fn emit(&self) {
         crate::logging::access(self);
+        if let Some(t) = &self.trace {
+            t.export(self);
+        }
     }
 }
 
@@ -258,6 +270,7 @@ mod tests {
                 reasoning: 0,
                 source: crate::usage::Source::Estimated,
             }),
+            trace: None,
         };
         let v = serde_json::to_value(&r).unwrap();
         for k in [

@@ -151,6 +151,22 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
         );
     }
 
+    let tracing_settings = aoai_lb::otel::Settings::from_env(|k| std::env::var(k).ok())?;
+    let otel = match &tracing_settings {
+        Some(s) => {
+            let t = aoai_lb::otel::Tracing::start(s)?;
+            tracing::info!(
+                protocol = match s.protocol {
+                    aoai_lb::otel::Protocol::Grpc => "grpc",
+                    aoai_lb::otel::Protocol::HttpProtobuf => "http/protobuf",
+                },
+                service_name = %s.service_name,
+                "OpenTelemetry tracing on: one span per request and per upstream attempt"
+            );
+            Some(t)
+        }
+        None => None,
+    };
     let opts = ServeOptions {
         host: settings.host.clone(),
         port: settings.port,
@@ -163,6 +179,7 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
             ConfigSource::File(path) => format!("file {}", path.display()),
             ConfigSource::Demo => "demo".to_owned(),
         },
+        tracing: otel.clone(),
         clock: aoai_lb::backend::Clock::new(),
         azure_env: aoai_lb::credential::AzureEnv::from_process(),
         config_file: match &settings.source {
@@ -242,6 +259,14 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
             tracing::warn!("second signal: closing remaining connections now");
             control.abort();
             wait.await;
+        }
+    }
+    if let Some(t) = otel {
+        // The last requests' spans: exported before exit, bounded by the
+        // processor's 5 s shutdown timeout.
+        let flushed = tokio::task::spawn_blocking(move || t.shutdown()).await;
+        if let Ok(Err(e)) = flushed {
+            tracing::warn!(error = %e, "OpenTelemetry: the last spans could not be exported");
         }
     }
     if let Some(d) = demo {

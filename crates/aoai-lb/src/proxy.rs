@@ -145,14 +145,30 @@ impl Gateway {
         client_key: Option<Secret>,
         clock: Clock,
     ) -> Result<Gateway, GatewayError> {
-        Ok(Gateway {
-            inner: Arc::new(ArcSwap::from_pointee(GatewayState::new(
-                config, client_key, clock,
-            )?)),
-        })
+        Self::with_tracing(config, client_key, clock, None)
     }
 
-    /// [`Gateway::with_clock`] with the Azure identity variables of `env`
+    /// [`Gateway::with_clock`] exporting traces through `tracing`
+    /// ([`crate::otel`]); `None` is tracing off.
+    ///
+    /// # Errors
+    /// As [`Gateway::new`].
+    pub fn with_tracing(
+        config: Arc<Config>,
+        client_key: Option<Secret>,
+        clock: Clock,
+        tracing: Option<Arc<crate::otel::Tracing>>,
+    ) -> Result<Gateway, GatewayError> {
+        Self::with_env(
+            config,
+            client_key,
+            clock,
+            &AzureEnv::from_process(),
+            tracing,
+        )
+    }
+
+    /// [`Gateway::with_tracing`] with the Azure identity variables of `env`
     /// instead of the process environment.
     ///
     /// # Errors
@@ -163,11 +179,12 @@ impl Gateway {
         client_key: Option<Secret>,
         clock: Clock,
         env: &AzureEnv,
+        tracing: Option<Arc<crate::otel::Tracing>>,
     ) -> Result<Gateway, GatewayError> {
+        let mut state = GatewayState::with_env(config, client_key, clock, env)?;
+        state.tracing = tracing;
         Ok(Gateway {
-            inner: Arc::new(ArcSwap::from_pointee(GatewayState::with_env(
-                config, client_key, clock, env,
-            )?)),
+            inner: Arc::new(ArcSwap::from_pointee(state)),
         })
     }
 
@@ -295,6 +312,10 @@ impl Gateway {
         let state = self.inner.load_full();
         let gw = &*state;
         let mut ctx = RequestCtx::new(req);
+        // Tracing on: the ids this request's spans and upstream
+        // `traceparent` headers use, drawn once here; the spans themselves
+        // are built from the record when it is written.
+        ctx.record.trace = gw.tracing.as_ref().map(|t| t.begin(&ctx.parts.headers));
         match pipeline::run(gw, &mut ctx).await {
             Ok(response) => response,
             Err(e) => account::reject(gw, &mut ctx, e),

@@ -213,6 +213,8 @@ impl GatewayState {
                 azure_env: self.azure_env.clone(),
                 entra,
                 rates: Arc::clone(&self.rates),
+                // Tracing is process-wide: a reload keeps the exporter.
+                tracing: self.tracing.clone(),
             },
             report,
         ))

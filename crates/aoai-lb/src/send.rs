@@ -209,6 +209,9 @@ pub struct Outgoing<'a> {
     /// Instances this request must not use (outside the client's
     /// priority groups).
     pub excluded: IndexSet,
+    /// The request's trace context while tracing is on: each attempt
+    /// carries its own `traceparent`.
+    pub trace: Option<&'a crate::otel::RequestTrace>,
 }
 
 /// Tries candidates in selector order until one gives an answer to return.
@@ -303,6 +306,7 @@ pub async fn failover(
                 attempts,
                 Outcome::BackendAuthError,
                 Some(StatusCode::UNAUTHORIZED),
+                started,
                 elapsed,
             );
             *upstream_wait += elapsed;
@@ -362,7 +366,7 @@ pub async fn failover(
                     }
                     backend.record_success(slot.is_probe());
                     backend.record_latency(ms(elapsed));
-                    record(backend, attempts, outcome, Some(status), elapsed);
+                    record(backend, attempts, outcome, Some(status), started, elapsed);
                     *upstream_wait += elapsed;
                     return Sent::Stream { response, slot };
                 }
@@ -404,7 +408,7 @@ pub async fn failover(
                             && body.as_deref().is_some_and(|b| mentions(b, id)))
                 });
                 if outcome == Outcome::ClientError && !object_miss {
-                    record(backend, attempts, outcome, Some(status), elapsed);
+                    record(backend, attempts, outcome, Some(status), started, elapsed);
                     *upstream_wait += elapsed;
                     return match body {
                         Some(body) => Sent::Buffered {
@@ -422,7 +426,7 @@ pub async fn failover(
                 (outcome, Some(status))
             }
         };
-        record(backend, attempts, outcome, status, elapsed);
+        record(backend, attempts, outcome, status, started, elapsed);
         *upstream_wait += elapsed;
         drop(slot);
     }
@@ -467,6 +471,12 @@ fn build_request(
     *req.method_mut() = out.method.clone();
     *req.uri_mut() = uri;
     *req.headers_mut() = rewrite::attempt_headers(out.headers, backend, bearer);
+    if let Some(t) = out.trace {
+        req.headers_mut().insert(
+            crate::otel::TRACEPARENT.clone(),
+            t.traceparent(backend.index),
+        );
+    }
     Ok(req)
 }
 
@@ -522,15 +532,21 @@ pub async fn merged_list(
             }
         };
         drop(slot);
-        Some((Arc::clone(backend), outcome, answer, started.elapsed()))
+        Some((
+            Arc::clone(backend),
+            outcome,
+            answer,
+            started,
+            started.elapsed(),
+        ))
     });
     let results = futures_util::future::join_all(calls).await;
 
     let mut lists = Vec::new();
     let mut first: Option<(http::response::Parts, Arc<Backend>)> = None;
-    for (backend, outcome, answer, elapsed) in results.into_iter().flatten() {
+    for (backend, outcome, answer, started, elapsed) in results.into_iter().flatten() {
         let status = answer.as_ref().map(|(p, _)| p.status);
-        record(&backend, attempts, outcome, status, elapsed);
+        record(&backend, attempts, outcome, status, started, elapsed);
         *upstream_wait = (*upstream_wait).max(elapsed);
         if let Some((parts, body)) = answer
             && parts.status.is_success()
@@ -561,6 +577,7 @@ fn record(
     attempts: &mut Vec<Attempt>,
     outcome: Outcome,
     status: Option<StatusCode>,
+    started: Instant,
     elapsed: Duration,
 ) {
     backend.count_attempt(outcome);
@@ -569,6 +586,7 @@ fn record(
         outcome: outcome.as_str(),
         status: status.map(|s| s.as_u16()),
         ms: ms(elapsed),
+        started,
     });
 }
 

@@ -121,6 +121,9 @@ pub struct ServeOptions {
     /// The Azure identity variables (`IDENTITY_ENDPOINT`, `AZURE_*`) that
     /// Entra ID backend credentials read. Default: the process environment.
     pub azure_env: AzureEnv,
+    /// The trace exporter, when tracing is on ([`crate::otel`]). Default
+    /// `None`: no spans, no `traceparent` rewriting.
+    pub tracing: Option<Arc<crate::otel::Tracing>>,
 }
 
 impl Default for ServeOptions {
@@ -137,6 +140,7 @@ impl Default for ServeOptions {
             config_poll: Some(crate::reload::DEFAULT_POLL),
             clock: Clock::new(),
             azure_env: AzureEnv::from_process(),
+            tracing: None,
         }
     }
 }
@@ -156,6 +160,7 @@ impl ServeOptions {
             config_poll: Some(crate::reload::DEFAULT_POLL),
             clock: Clock::new(),
             azure_env: AzureEnv::from_process(),
+            tracing: None,
         }
     }
 }
@@ -322,6 +327,7 @@ pub async fn spawn(config: Arc<Config>, opts: ServeOptions) -> Result<ServerHand
         opts.client_key.clone(),
         opts.clock.clone(),
         &opts.azure_env,
+        opts.tracing.clone(),
     )
     .map_err(|e| ServeError::Gateway(e.to_string()))?;
     let info = crate::status::ConfigInfo::new(&config.digest, opts.config_source.clone());

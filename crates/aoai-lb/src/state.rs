@@ -49,6 +49,9 @@ pub struct GatewayState {
     /// Per-client and per-deployment rates for the status page; kept by a
     /// reload.
     pub rates: Arc<crate::status::Rates>,
+    /// The trace exporter while tracing is on ([`crate::otel`]); `None`
+    /// (the default) means no spans and no `traceparent` rewriting.
+    pub tracing: Option<Arc<crate::otel::Tracing>>,
 }
 
 impl GatewayState {
@@ -117,6 +120,7 @@ impl GatewayState {
             azure_env: env.clone(),
             entra,
             rates: Arc::default(),
+            tracing: None,
         })
     }
 }

@@ -1,6 +1,7 @@
 //! Run-time admin routes under `/_sim/` on the instance's own port: read and clear
-//! the journal, add and clear faults. They need no key, so they answer only when
-//! the instance was started with `admin` enabled; they are never journaled.
+//! the journal and the usage ledger, add and clear faults, read and advance the
+//! admission clock. They need no key, so they answer only when the instance was
+//! started with `admin` enabled; they are never journaled.
 
 use http::{Method, StatusCode};
 
@@ -14,6 +15,14 @@ fn respond(status: StatusCode, body: String) -> http::Response<SimBody> {
     *r.status_mut() = status;
     r.headers_mut().insert(http::header::CONTENT_TYPE, JSON);
     r
+}
+
+fn clock_json(inst: &Instance) -> String {
+    serde_json::json!({
+        "elapsed_ms": u64::try_from(inst.clock.elapsed().as_millis()).unwrap_or(u64::MAX),
+        "frozen": inst.clock.is_frozen(),
+    })
+    .to_string()
 }
 
 /// Serve one admin request.
@@ -36,6 +45,35 @@ pub(crate) fn handle(
         "/_sim/journal" if m == Method::DELETE => {
             inst.journal.clear();
             respond(StatusCode::OK, r#"{"cleared":true}"#.to_owned())
+        }
+        "/_sim/usage" if m == Method::GET => respond(
+            StatusCode::OK,
+            serde_json::to_string(&inst.ledger.report(&inst.cfg.name))
+                .unwrap_or_else(|_| "{}".to_owned()),
+        ),
+        "/_sim/usage" if m == Method::DELETE => {
+            inst.ledger.clear();
+            respond(StatusCode::OK, r#"{"cleared":true}"#.to_owned())
+        }
+        "/_sim/clock" if m == Method::GET => respond(StatusCode::OK, clock_json(inst)),
+        "/_sim/clock" if m == Method::POST => {
+            #[derive(serde::Deserialize)]
+            #[serde(deny_unknown_fields)]
+            struct Advance {
+                advance_ms: u64,
+            }
+            let de = &mut serde_json::Deserializer::from_slice(body);
+            match serde_path_to_error::deserialize::<_, Advance>(de) {
+                Ok(a) => {
+                    inst.clock.advance(std::time::Duration::from_millis(a.advance_ms));
+                    respond(StatusCode::OK, clock_json(inst))
+                }
+                Err(e) => respond(
+                    StatusCode::BAD_REQUEST,
+                    serde_json::json!({ "error": format!("invalid clock request at {}: {}", e.path(), e.inner()) })
+                        .to_string(),
+                ),
+            }
         }
         "/_sim/faults" if m == Method::GET => respond(
             StatusCode::OK,

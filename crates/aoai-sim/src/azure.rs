@@ -24,6 +24,55 @@ pub const FILTER_RESULTS_SAFE: &str = r#"{"hate":{"filtered":false,"severity":"s
 /// `content_filter_result`, not the spec's).
 pub const CONTENT_FILTER: &str = r#"{"error":{"message":"The response was filtered due to the prompt triggering Azure OpenAI's content management policy. Please modify your prompt and retry. To learn more about our content filtering policies please read our documentation: https://go.microsoft.com/fwlink/?linkid=2198766","type":null,"param":"prompt","code":"content_filter","status":400,"innererror":{"code":"ResponsibleAIPolicyViolation","content_filter_result":{"hate":{"filtered":false,"severity":"safe"},"jailbreak":{"filtered":false,"detected":false},"self_harm":{"filtered":false,"severity":"safe"},"sexual":{"filtered":true,"severity":"high"},"violence":{"filtered":false,"severity":"safe"}}}}}"#;
 
+/// 400 for `stream_options` on an api-version older than 2024-09-01-preview.
+pub const UNRECOGNIZED_STREAM_OPTIONS: &str = r#"{"error":{"message":"Unrecognized request argument supplied: stream_options. Please contact us through an Azure support request at: https://go.microsoft.com/fwlink/?linkid=2213926 for further questions.","type":"invalid_request_error","param":null,"code":null}}"#;
+
+/// `policy-id` of a 429 from the token budget.
+pub const POLICY_TOKENS: &str = "DeploymentRatelimit-Token";
+/// `policy-id` of a 429 from the request budget.
+pub const POLICY_CALLS: &str = "DeploymentRatelimit-Call";
+
+/// What Azure's admission 429 body names.
+pub struct RateLimitMessage<'a> {
+    /// The deployment's model name.
+    pub model: &'a str,
+    pub deployment: &'a str,
+    pub region: &'a str,
+    /// Operation key (`chat`, `embeddings`, …).
+    pub op: &'a str,
+    /// Empty on the v1 surface.
+    pub api_version: &'a str,
+    pub retry_after: Duration,
+    /// Token budget (true) or request budget (false).
+    pub tokens: bool,
+}
+
+/// Azure's current 429 body for a deployment over its quota (`RateLimitReached`),
+/// e.g. "Your requests to gpt-4o for gpt-4o in East US have exceeded the token
+/// rate limit for your current OpenAI S0 pricing tier. This request was for
+/// ChatCompletions_Create under Azure OpenAI API version 2024-10-21. Please
+/// retry after 43 seconds. To increase your default rate limit, visit:
+/// https://aka.ms/oai/quotaincrease."
+pub fn rate_limit_reached(m: &RateLimitMessage<'_>) -> String {
+    let secs = ceil_secs(m.retry_after);
+    let message = format!(
+        "Your requests to {} for {} in {} have exceeded the {} rate limit for your current OpenAI S0 pricing tier. This request was for {} under Azure OpenAI API version {}. Please retry after {} second{}. To increase your default rate limit, visit: https://aka.ms/oai/quotaincrease.",
+        m.model,
+        m.deployment,
+        m.region,
+        if m.tokens { "token" } else { "call" },
+        operation_name(m.op),
+        if m.api_version.is_empty() {
+            "v1"
+        } else {
+            m.api_version
+        },
+        secs,
+        if secs == 1 { "" } else { "s" },
+    );
+    serde_json::json!({"error": {"code": "RateLimitReached", "message": message}}).to_string()
+}
+
 /// Azure's operation name for a route, as it appears in 429 messages.
 pub fn operation_name(op: &str) -> &'static str {
     match op {
@@ -175,6 +224,26 @@ mod tests {
         assert!(msg.contains("token rate limit"));
         assert!(msg.contains("retry after 2 seconds"));
         assert_eq!(v["error"]["code"], "429");
+    }
+
+    #[test]
+    fn rate_limit_reached_names_model_deployment_region_and_wait() {
+        let b = rate_limit_reached(&RateLimitMessage {
+            model: "gpt-4o-2024-08-06",
+            deployment: "chat",
+            region: "Sweden Central",
+            op: "chat",
+            api_version: "2024-10-21",
+            retry_after: Duration::from_millis(42_001),
+            tokens: true,
+        });
+        let v: serde_json::Value = serde_json::from_str(&b).unwrap();
+        assert_eq!(v["error"]["code"], "RateLimitReached");
+        assert_eq!(
+            v["error"]["message"],
+            "Your requests to gpt-4o-2024-08-06 for chat in Sweden Central have exceeded the token rate limit for your current OpenAI S0 pricing tier. This request was for ChatCompletions_Create under Azure OpenAI API version 2024-10-21. Please retry after 43 seconds. To increase your default rate limit, visit: https://aka.ms/oai/quotaincrease."
+        );
+        serde_json::from_str::<serde_json::Value>(UNRECOGNIZED_STREAM_OPTIONS).unwrap();
     }
 
     #[test]

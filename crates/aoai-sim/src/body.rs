@@ -6,6 +6,10 @@
 //! handed to the connection (so a client that has seen the whole body always
 //! finds the entry finished), `Faulted` when a fault cuts it, and
 //! `ClientAborted` when the body is dropped early because the client went away.
+//!
+//! A timed body also meters a stream's completion tokens into the usage ledger
+//! as each frame carrying them is handed to the connection, so a stream cut
+//! short is billed for what was sent and no more.
 
 use std::collections::VecDeque;
 use std::future::Future as _;
@@ -48,6 +52,11 @@ impl Tracker {
         }
     }
 
+    /// The instance this request belongs to.
+    pub(crate) fn instance(&self) -> Arc<Instance> {
+        self.inst.clone()
+    }
+
     pub(crate) fn finish(&mut self, outcome: Outcome) {
         if self.done {
             return;
@@ -80,6 +89,14 @@ impl Drop for Tracker {
 pub(crate) struct Timed {
     pub(crate) delay: Duration,
     pub(crate) data: Bytes,
+    /// Completion tokens this frame carries (content chunks: 1 per choice chunk).
+    pub(crate) tokens: u32,
+}
+
+/// Where a stream's completion tokens are recorded.
+pub(crate) struct Meter {
+    pub(crate) inst: Arc<Instance>,
+    pub(crate) deployment: String,
 }
 
 pub(crate) struct TimedBody {
@@ -92,6 +109,7 @@ pub(crate) struct TimedBody {
     sent: usize,
     yielded_before_cut: bool,
     tracker: Option<Tracker>,
+    meter: Option<Meter>,
 }
 
 enum Inner {
@@ -122,6 +140,7 @@ impl SimBody {
         frames: VecDeque<Timed>,
         cut_after: Option<usize>,
         tracker: Option<Tracker>,
+        meter: Option<Meter>,
     ) -> Self {
         Self {
             inner: Inner::Timed(Box::new(TimedBody {
@@ -132,6 +151,7 @@ impl SimBody {
                 sent: 0,
                 yielded_before_cut: false,
                 tracker,
+                meter,
             })),
         }
     }
@@ -214,6 +234,13 @@ impl TimedBody {
             return Poll::Ready(None);
         };
         self.sent += 1;
+        if frame.tokens > 0
+            && let Some(m) = &self.meter
+        {
+            m.inst
+                .ledger
+                .completion(&m.deployment, u64::from(frame.tokens));
+        }
         if self.frames.is_empty() && self.cut_after.is_none() {
             self.finish(Outcome::Completed);
         }

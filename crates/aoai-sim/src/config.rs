@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::clock::SimClock;
 use crate::fault::Fault;
 
 /// Default key every instance accepts unless told otherwise.
@@ -22,6 +23,9 @@ pub const DEFAULT_MAX_BODY_BYTES: usize = 32 * 1024 * 1024;
 /// Default embedding width when the request has no `dimensions`
 /// (text-embedding-3-small and ada-002 both use 1536).
 pub const DEFAULT_EMBEDDING_DIMENSIONS: usize = 1536;
+/// Default hidden reasoning tokens per choice of a reasoning model (o-series,
+/// gpt-5); other models spend none unless configured.
+pub const DEFAULT_REASONING_TOKENS: u32 = 32;
 
 /// Latency model: time to first token, then a fixed delay per generated token.
 ///
@@ -50,10 +54,12 @@ impl Latency {
     }
 }
 
-/// Azure standard-deployment quota for one deployment.
+/// Azure's admission model for one standard deployment.
 ///
-/// `tpm` is charged per 60 s window; `rpm` is enforced as `ceil(rpm / 6)` requests
-/// per 10 s window, as Azure does. A value of 0 disables that dimension.
+/// Each admitted request reserves its estimate (prompt estimate + `max_tokens` ×
+/// `n`) for a rolling 60 s against `tpm`; requests are limited to
+/// `ceil(rpm / 6)` per rolling 10 s, as Azure does. A value of 0 disables that
+/// dimension. See the crate README for the estimate's exact rule.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RateLimit {
@@ -61,6 +67,16 @@ pub struct RateLimit {
     pub rpm: u32,
     /// Tokens per minute (0 = unlimited).
     pub tpm: u32,
+    /// Also send `x-ratelimit-limit-requests` (the 10 s budget) and
+    /// `x-ratelimit-limit-tokens` (the TPM). Default off: Azure's standard
+    /// deployments mostly send only the `remaining` pair.
+    pub limit_headers: bool,
+    /// Completion tokens reserved when a request sets no `max_tokens` /
+    /// `max_completion_tokens` / `max_output_tokens`. Default (`None`): the
+    /// length the simulator will generate (reasoning included), so the
+    /// reservation then equals the real usage. Azure reportedly reserves far
+    /// more (the model's maximum output); set e.g. 4096 to mimic that.
+    pub default_max_tokens: Option<u32>,
 }
 
 /// Settings that differ for one deployment; unset fields fall back to the instance's.
@@ -73,13 +89,20 @@ pub struct DeploymentOverride {
     pub rate_limit: Option<RateLimit>,
     /// Reply length for this deployment only.
     pub reply_tokens: Option<u32>,
+    /// Model name for this deployment only (bodies, tokenizer, reasoning).
+    pub model: Option<String>,
+    /// Hidden reasoning tokens per choice for this deployment only.
+    pub reasoning_tokens: Option<u32>,
+    /// Prompt caching for this deployment only.
+    pub prompt_cache: Option<bool>,
 }
 
 /// Everything about one simulated Azure OpenAI resource.
 ///
 /// Defaults: key `sim-key`, region `East US`, serves any deployment name, no
-/// latency, no rate limits, no faults, 8-token replies, a journal of 10 000
-/// entries, admin routes off, 32 MiB body cap.
+/// latency, no rate limits, no faults, 8-token replies, 32 reasoning tokens for
+/// reasoning models only, prompt caching on, a journal of 10 000 entries, admin
+/// routes off, 32 MiB body cap, the system clock.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct InstanceConfig {
@@ -91,13 +114,22 @@ pub struct InstanceConfig {
     pub region: String,
     /// Deployments served; `None` serves any name, others get 404 `DeploymentNotFound`.
     pub deployments: Option<Vec<String>>,
-    /// Model name reported in bodies; `None` reports the deployment name.
+    /// Model name reported in bodies; `None` reports the deployment name. It
+    /// also picks the tokenizer (`o200k_base` or `cl100k_base`) and whether the
+    /// deployment is a reasoning model.
     pub model: Option<String>,
     /// Latency model for every deployment.
     pub latency: Latency,
     /// Reply length in tokens (capped by the request's `max_tokens`).
     pub reply_tokens: u32,
-    /// Quota applied to each deployment separately; `None` = unlimited.
+    /// Hidden reasoning tokens per choice; `None` = 32 for reasoning models
+    /// (o-series, gpt-5 except `-chat`) and 0 for the others.
+    pub reasoning_tokens: Option<u32>,
+    /// Report `cached_tokens` for prompts of 1024 tokens or more whose prefix
+    /// this deployment has seen before, as Azure's prompt caching does
+    /// (default on).
+    pub prompt_cache: bool,
+    /// Admission model applied to each deployment separately; `None` = unlimited.
     pub rate_limit: Option<RateLimit>,
     /// Per-deployment overrides of latency, quota and reply length.
     pub deployment_overrides: BTreeMap<String, DeploymentOverride>,
@@ -122,6 +154,10 @@ pub struct InstanceConfig {
     /// OpenAI User" role; a valid token of anyone else gets 401
     /// `PermissionDenied`. `None` (default): every valid token of the tenant.
     pub entra_principals: Option<Vec<String>>,
+    /// Clock of the admission windows and the prompt cache; `None` = a system
+    /// clock of the instance's own. Not part of the config file.
+    #[serde(skip)]
+    pub clock: Option<SimClock>,
 }
 
 impl Default for InstanceConfig {
@@ -141,6 +177,8 @@ impl InstanceConfig {
             model: None,
             latency: Latency::default(),
             reply_tokens: DEFAULT_REPLY_TOKENS,
+            reasoning_tokens: None,
+            prompt_cache: true,
             rate_limit: None,
             deployment_overrides: BTreeMap::new(),
             faults: Vec::new(),
@@ -151,6 +189,7 @@ impl InstanceConfig {
             idle_timeout_ms: None,
             local_auth_disabled: false,
             entra_principals: None,
+            clock: None,
         }
     }
 
@@ -211,18 +250,80 @@ impl InstanceConfig {
         self
     }
 
-    /// Quota per deployment: `rpm` (enforced per 10 s window) and `tpm`; 0 = unlimited.
+    /// Quota per deployment: `rpm` (`ceil(rpm / 6)` per rolling 10 s) and `tpm`
+    /// (rolling 60 s reservations); 0 = unlimited. Other admission settings keep
+    /// their defaults (see [`InstanceConfig::admission`]).
     pub fn rate_limit(mut self, rpm: u32, tpm: u32) -> Self {
-        self.rate_limit = Some(RateLimit { rpm, tpm });
+        self.rate_limit = Some(RateLimit {
+            rpm,
+            tpm,
+            ..RateLimit::default()
+        });
+        self
+    }
+
+    /// The whole admission model for every deployment.
+    pub fn admission(mut self, rl: RateLimit) -> Self {
+        self.rate_limit = Some(rl);
         self
     }
 
     /// Quota for one deployment only, overriding [`InstanceConfig::rate_limit`].
-    pub fn deployment_rate_limit(mut self, deployment: &str, rpm: u32, tpm: u32) -> Self {
+    pub fn deployment_rate_limit(self, deployment: &str, rpm: u32, tpm: u32) -> Self {
+        self.deployment_admission(
+            deployment,
+            RateLimit {
+                rpm,
+                tpm,
+                ..RateLimit::default()
+            },
+        )
+    }
+
+    /// The whole admission model for one deployment only.
+    pub fn deployment_admission(mut self, deployment: &str, rl: RateLimit) -> Self {
         self.deployment_overrides
             .entry(deployment.to_owned())
             .or_default()
-            .rate_limit = Some(RateLimit { rpm, tpm });
+            .rate_limit = Some(rl);
+        self
+    }
+
+    /// Model name for one deployment only (bodies, tokenizer, reasoning).
+    pub fn deployment_model(mut self, deployment: &str, model: impl Into<String>) -> Self {
+        self.deployment_overrides
+            .entry(deployment.to_owned())
+            .or_default()
+            .model = Some(model.into());
+        self
+    }
+
+    /// Hidden reasoning tokens per choice, for every deployment (0 turns
+    /// reasoning off even for reasoning models).
+    pub fn reasoning_tokens(mut self, n: u32) -> Self {
+        self.reasoning_tokens = Some(n);
+        self
+    }
+
+    /// Hidden reasoning tokens per choice for one deployment only.
+    pub fn deployment_reasoning_tokens(mut self, deployment: &str, n: u32) -> Self {
+        self.deployment_overrides
+            .entry(deployment.to_owned())
+            .or_default()
+            .reasoning_tokens = Some(n);
+        self
+    }
+
+    /// Turn prompt caching on or off (default on).
+    pub fn prompt_cache(mut self, enabled: bool) -> Self {
+        self.prompt_cache = enabled;
+        self
+    }
+
+    /// Use this clock for the admission windows; give several instances clones
+    /// of one clock to move them together.
+    pub fn clock(mut self, clock: SimClock) -> Self {
+        self.clock = Some(clock);
         self
     }
 
@@ -289,6 +390,38 @@ impl InstanceConfig {
             .filter(|r| r.rpm > 0 || r.tpm > 0)
     }
 
+    /// The model name that applies to `deployment`.
+    pub(crate) fn model_for<'a>(&'a self, deployment: &'a str) -> &'a str {
+        self.deployment_overrides
+            .get(deployment)
+            .and_then(|o| o.model.as_deref())
+            .or(self.model.as_deref())
+            .unwrap_or(deployment)
+    }
+
+    /// Hidden reasoning tokens per choice for `deployment`.
+    pub(crate) fn reasoning_tokens_for(&self, deployment: &str) -> u32 {
+        self.deployment_overrides
+            .get(deployment)
+            .and_then(|o| o.reasoning_tokens)
+            .or(self.reasoning_tokens)
+            .unwrap_or_else(|| {
+                if crate::tokens::is_reasoning_model(self.model_for(deployment)) {
+                    DEFAULT_REASONING_TOKENS
+                } else {
+                    0
+                }
+            })
+    }
+
+    /// Whether prompt caching applies to `deployment`.
+    pub(crate) fn prompt_cache_for(&self, deployment: &str) -> bool {
+        self.deployment_overrides
+            .get(deployment)
+            .and_then(|o| o.prompt_cache)
+            .unwrap_or(self.prompt_cache)
+    }
+
     /// The reply length that applies to `deployment`.
     pub(crate) fn reply_tokens_for(&self, deployment: Option<&str>) -> u32 {
         deployment
@@ -319,16 +452,25 @@ mod tests {
             .rate_limit(60, 1000)
             .deployment_rate_limit("big", 600, 100_000);
         assert_eq!(
-            c.rate_limit_for("big"),
-            Some(RateLimit {
-                rpm: 600,
-                tpm: 100_000
-            })
+            c.rate_limit_for("big").map(|r| (r.rpm, r.tpm)),
+            Some((600, 100_000))
         );
         assert_eq!(
-            c.rate_limit_for("small"),
-            Some(RateLimit { rpm: 60, tpm: 1000 })
+            c.rate_limit_for("small").map(|r| (r.rpm, r.tpm)),
+            Some((60, 1000))
         );
+    }
+
+    #[test]
+    fn reasoning_defaults_follow_the_model_and_yield_to_configuration() {
+        let c = InstanceConfig::new("a").deployment_model("r", "o3-mini");
+        assert_eq!(c.reasoning_tokens_for("gpt-4o"), 0);
+        assert_eq!(c.reasoning_tokens_for("o4-mini"), DEFAULT_REASONING_TOKENS);
+        assert_eq!(c.reasoning_tokens_for("r"), DEFAULT_REASONING_TOKENS);
+        assert_eq!(c.model_for("r"), "o3-mini");
+        let c = c.reasoning_tokens(5).deployment_reasoning_tokens("r", 7);
+        assert_eq!(c.reasoning_tokens_for("gpt-4o"), 5);
+        assert_eq!(c.reasoning_tokens_for("r"), 7);
     }
 
     #[test]

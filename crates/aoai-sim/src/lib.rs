@@ -21,6 +21,7 @@ mod access;
 mod admin;
 mod azure;
 mod body;
+mod clock;
 mod config;
 mod fault;
 pub mod identity;
@@ -29,17 +30,21 @@ mod jwt;
 mod media;
 mod multipart;
 mod openai;
+mod prompt_cache;
 mod ratelimit;
 mod realtime;
 mod responses;
 mod server;
 mod service;
 mod store;
+mod tokens;
+mod usage;
 
+pub use clock::SimClock;
 pub use config::{
     DEFAULT_API_KEY, DEFAULT_EMBEDDING_DIMENSIONS, DEFAULT_JOURNAL_CAPACITY,
-    DEFAULT_MAX_BODY_BYTES, DEFAULT_REGION, DEFAULT_REPLY_TOKENS, DeploymentOverride,
-    InstanceConfig, Latency, RateLimit,
+    DEFAULT_MAX_BODY_BYTES, DEFAULT_REASONING_TOKENS, DEFAULT_REGION, DEFAULT_REPLY_TOKENS,
+    DeploymentOverride, InstanceConfig, Latency, RateLimit,
 };
 pub use fault::Fault;
 pub use identity::{
@@ -47,15 +52,27 @@ pub use identity::{
     start_identity_on,
 };
 pub use journal::{JournalEntry, Outcome};
-pub use openai::embedding_vector;
+pub use openai::{STREAM_OPTIONS_SINCE, embedding_vector};
+pub use prompt_cache::{PROMPT_CACHE_MIN_TOKENS, PROMPT_CACHE_STEP_TOKENS, PROMPT_CACHE_TTL};
 pub use ratelimit::{UNLIMITED_REMAINING_REQUESTS, UNLIMITED_REMAINING_TOKENS};
 pub use server::{SimError, SimHandle, start, start_on};
+pub use usage::{Usage, UsageReport};
+
+/// The tokenizers the simulator counts with, for tests that want the same
+/// figures (e.g. a gateway's estimate compared with the simulator's report).
+pub mod tokenizer {
+    pub use crate::tokens::{
+        Encoding, REPLY_PRIMING_TOKENS, TOKENS_PER_MESSAGE, TOKENS_PER_NAME, count_chat,
+        count_text, is_reasoning_model,
+    };
+}
 
 /// Azure's canonical bodies, for tests that compare what a client received.
 pub mod bodies {
     pub use crate::access::{AUTHENTICATION_TYPE_DISABLED, PERMISSION_DENIED, TOKEN_UNAUTHORIZED};
     pub use crate::azure::{
-        CONTENT_FILTER, DEPLOYMENT_NOT_FOUND, FILTER_RESULTS_SAFE, RESOURCE_NOT_FOUND,
-        SERVER_ERROR, UNAUTHORIZED, canonical_error,
+        CONTENT_FILTER, DEPLOYMENT_NOT_FOUND, FILTER_RESULTS_SAFE, POLICY_CALLS, POLICY_TOKENS,
+        RESOURCE_NOT_FOUND, SERVER_ERROR, UNAUTHORIZED, UNRECOGNIZED_STREAM_OPTIONS,
+        canonical_error,
     };
 }

@@ -47,9 +47,27 @@ struct Cli {
     /// Requests per minute per deployment (enforced per 10 s window).
     #[arg(long)]
     rpm: Option<u32>,
-    /// Tokens per minute per deployment.
+    /// Tokens per minute per deployment (rolling 60 s reservations of the
+    /// prompt estimate plus max_tokens × n).
     #[arg(long)]
     tpm: Option<u32>,
+    /// Also send x-ratelimit-limit-requests and x-ratelimit-limit-tokens.
+    #[arg(long)]
+    limit_headers: bool,
+    /// Completion tokens reserved when a request sets no max_tokens
+    /// (default: the reply the simulator will generate).
+    #[arg(long)]
+    default_max_tokens: Option<u32>,
+    /// Model name reported in bodies; picks the tokenizer and reasoning
+    /// (default: the deployment name).
+    #[arg(long)]
+    model: Option<String>,
+    /// Hidden reasoning tokens per choice (default: 32 for reasoning models, else 0).
+    #[arg(long)]
+    reasoning_tokens: Option<u32>,
+    /// Turn off prompt caching (cached_tokens stays 0).
+    #[arg(long)]
+    no_prompt_cache: bool,
     /// Region reported in x-ms-region.
     #[arg(long)]
     region: Option<String>,
@@ -106,11 +124,29 @@ fn flag_defaults(cli: &Cli) -> Map<String, Value> {
     if let Some(n) = cli.reply_tokens {
         m.insert("reply_tokens".into(), Value::from(n));
     }
-    if cli.rpm.is_some() || cli.tpm.is_some() {
+    if cli.rpm.is_some()
+        || cli.tpm.is_some()
+        || cli.limit_headers
+        || cli.default_max_tokens.is_some()
+    {
         m.insert(
             "rate_limit".into(),
-            serde_json::json!({"rpm": cli.rpm.unwrap_or(0), "tpm": cli.tpm.unwrap_or(0)}),
+            serde_json::json!({
+                "rpm": cli.rpm.unwrap_or(0),
+                "tpm": cli.tpm.unwrap_or(0),
+                "limit_headers": cli.limit_headers,
+                "default_max_tokens": cli.default_max_tokens,
+            }),
         );
+    }
+    if let Some(model) = &cli.model {
+        m.insert("model".into(), Value::from(model.as_str()));
+    }
+    if let Some(n) = cli.reasoning_tokens {
+        m.insert("reasoning_tokens".into(), Value::from(n));
+    }
+    if cli.no_prompt_cache {
+        m.insert("prompt_cache".into(), Value::from(false));
     }
     if let Some(r) = &cli.region {
         m.insert("region".into(), Value::from(r.as_str()));

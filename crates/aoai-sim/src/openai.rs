@@ -1,10 +1,14 @@
 //! The inference operations that bill tokens: chat completions, completions and
 //! embeddings, non-streamed and streamed, with Azure's framing and annotations.
 //!
-//! Token accounting is deliberately simple and documented: a prompt costs
-//! `ceil(chars / 4)` tokens (at least 1); a reply is one token per word; the quota
-//! charge is the prompt estimate plus `max_tokens` (or `max_completion_tokens`),
-//! or plus the reply length the simulator will generate when neither is sent.
+//! Token accounting follows the service (see `tokens`): prompt tokens from the
+//! real tokenizer of the deployment's model with OpenAI's chat framing; a reply
+//! of `reply_tokens` one-token words (fewer when `max_tokens` /
+//! `max_completion_tokens` cut it, then `finish_reason` is `length`); hidden
+//! reasoning tokens for reasoning models, spent first from the same budget and
+//! never sent as text; `cached_tokens` from the prompt cache; `n` choices
+//! multiply the completion. Admission reserves Azure's character-based estimate
+//! (see `ratelimit`).
 
 use std::collections::VecDeque;
 use std::fmt::Write as _;
@@ -20,26 +24,9 @@ use sha2::{Digest, Sha256};
 use crate::azure::{self, FILTER_RESULTS_SAFE};
 use crate::body::Timed;
 use crate::service::{Ctx, Op, Payload, Reply, SSE};
-
-/// Words a reply is made of; token `i` is `WORDS[i % len]`.
-const WORDS: [&str; 16] = [
-    "This",
-    "is",
-    "a",
-    "simulated",
-    "reply",
-    "from",
-    "the",
-    "Azure",
-    "OpenAI",
-    "simulator",
-    "with",
-    "deterministic",
-    "words",
-    "and",
-    "steady",
-    "pace.",
-];
+use crate::tokens::{Encoding, Prompt};
+pub(crate) use crate::tokens::{reply_text, token_text};
+use crate::usage::{Billing, Usage};
 
 /// The first SSE event of every chat stream: Azure's prompt annotation.
 static PROMPT_FILTER_EVENT: LazyLock<Bytes> = LazyLock::new(|| {
@@ -51,59 +38,13 @@ static PROMPT_FILTER_EVENT: LazyLock<Bytes> = LazyLock::new(|| {
 /// The final SSE event of every stream.
 pub(crate) const DONE_EVENT: &[u8] = b"data: [DONE]\n\n";
 
-/// Estimated tokens of a prompt: `ceil(chars / 4)`, at least 1.
+/// The first api-version that accepts `stream_options` (older ones answer 400).
+pub const STREAM_OPTIONS_SINCE: &str = "2024-09-01";
+
+/// Rough token count for operations that are not tokenized (image prompts,
+/// speech input): `ceil(chars / 4)`, at least 1.
 pub(crate) fn estimate_tokens(text: &str) -> u64 {
     (text.chars().count() as u64).div_ceil(4).max(1)
-}
-
-/// Text of reply token `i` (a leading space on all but the first).
-pub(crate) fn token_text(i: u32) -> String {
-    let w = WORDS[i as usize % WORDS.len()];
-    if i == 0 {
-        w.to_owned()
-    } else {
-        format!(" {w}")
-    }
-}
-
-/// A whole reply of `n` tokens.
-pub(crate) fn reply_text(n: u32) -> String {
-    let mut s = String::with_capacity(n as usize * 8);
-    for i in 0..n {
-        if i > 0 {
-            s.push(' ');
-        }
-        s.push_str(WORDS[i as usize % WORDS.len()]);
-    }
-    s
-}
-
-/// Append the text of a message `content` (string or array of parts) to `out`.
-pub(crate) fn push_text(v: &Value, out: &mut String) {
-    match v {
-        Value::String(s) => {
-            out.push_str(s);
-            out.push('\n');
-        }
-        Value::Array(parts) => {
-            for p in parts {
-                match p {
-                    Value::String(s) => {
-                        out.push_str(s);
-                        out.push('\n');
-                    }
-                    Value::Object(o) => {
-                        if let Some(Value::String(t)) = o.get("text") {
-                            out.push_str(t);
-                            out.push('\n');
-                        }
-                    }
-                    _ => {}
-                }
-            }
-        }
-        _ => {}
-    }
 }
 
 /// The deployment a request addresses: the path's, else the body's `model`.
@@ -121,30 +62,49 @@ pub(crate) fn deployment<'a>(
     }
 }
 
-/// How long the reply is and why it stops.
+/// What the model will generate for one choice, and what admission reserves.
 pub(crate) struct Plan {
+    /// Visible content tokens per choice.
     pub(crate) tokens: u32,
+    /// Hidden reasoning tokens per choice (spent before the first content token).
+    pub(crate) reasoning: u32,
     pub(crate) finish: &'static str,
-    pub(crate) cost_tokens: u64,
+    /// Completion tokens admission reserves per choice.
+    pub(crate) reserve: u64,
 }
 
+/// Reasoning first, then content, both within `max` when the request sets it.
 pub(crate) fn plan(ctx: &Ctx, dep: &str, max: Option<u32>) -> Plan {
-    let reply = ctx.inst.cfg.reply_tokens_for(Some(dep));
-    let (tokens, finish) = match max {
-        Some(m) if m < reply => (m, "length"),
-        _ => (reply, "stop"),
+    let cfg = &ctx.inst.cfg;
+    let reply = cfg.reply_tokens_for(Some(dep));
+    let reasoning = cfg.reasoning_tokens_for(dep);
+    let (reasoning, tokens) = match max {
+        Some(m) => {
+            let r = reasoning.min(m);
+            (r, reply.min(m - r))
+        }
+        None => (reasoning, reply),
     };
+    let default = cfg.rate_limit_for(dep).and_then(|rl| rl.default_max_tokens);
     Plan {
         tokens,
-        finish,
-        cost_tokens: u64::from(max.unwrap_or(reply)),
+        reasoning,
+        finish: if tokens < reply { "length" } else { "stop" },
+        reserve: u64::from(
+            max.or(default)
+                .unwrap_or(cfg.reasoning_tokens_for(dep) + reply),
+        ),
     }
 }
 
 /// The model name reported in bodies, JSON-quoted.
 pub(crate) fn model_json(ctx: &Ctx, dep: &str) -> String {
-    let m = ctx.inst.cfg.model.as_deref().unwrap_or(dep);
-    serde_json::to_string(m).unwrap_or_else(|_| "\"\"".to_owned())
+    serde_json::to_string(ctx.inst.cfg.model_for(dep)).unwrap_or_else(|_| "\"\"".to_owned())
+}
+
+/// The tokenizer of `dep`'s model.
+pub(crate) fn encoding(ctx: &Ctx, dep: &str) -> Encoding {
+    Encoding::for_model(ctx.inst.cfg.model_for(dep))
 }
 
 /// Time to first token and per-token delay for `dep`, unjittered.
@@ -154,6 +114,21 @@ pub(crate) fn latency(ctx: &Ctx, dep: &str) -> (Duration, Duration) {
         Duration::from_millis(l.ttft_ms),
         Duration::from_millis(l.per_token_ms),
     )
+}
+
+/// 400 for `stream_options` on an api-version older than 2024-09-01-preview,
+/// with the body Azure sends. The v1 surface and non-dated versions
+/// (`preview`, `latest`) accept it.
+pub(crate) fn check_stream_options(ctx: &Ctx, dep: &str, present: bool) -> Result<(), Reply> {
+    let v = ctx.api_version.as_str();
+    let dated = v.len() >= 10 && v.as_bytes()[..4].iter().all(u8::is_ascii_digit);
+    if present && dated && &v[..10] < STREAM_OPTIONS_SINCE {
+        return Err(
+            Reply::json(StatusCode::BAD_REQUEST, azure::UNRECOGNIZED_STREAM_OPTIONS)
+                .with_deployment(dep),
+        );
+    }
+    Ok(())
 }
 
 /// Run one deployment-scoped operation.
@@ -179,7 +154,19 @@ fn sse(json: &str) -> Bytes {
 }
 
 fn frame(delay: Duration, data: Bytes) -> Timed {
-    Timed { delay, data }
+    Timed {
+        delay,
+        data,
+        tokens: 0,
+    }
+}
+
+fn token_frame(delay: Duration, data: Bytes) -> Timed {
+    Timed {
+        delay,
+        data,
+        tokens: 1,
+    }
 }
 
 #[derive(Deserialize)]
@@ -188,15 +175,13 @@ struct StreamOptions {
     include_usage: Option<bool>,
 }
 
-#[derive(Deserialize)]
-struct Message {
-    #[serde(default)]
-    content: Value,
+fn include_usage(o: Option<&StreamOptions>) -> bool {
+    o.and_then(|o| o.include_usage).unwrap_or(false)
 }
 
 #[derive(Deserialize)]
 struct ChatRequest {
-    messages: Option<Vec<Message>>,
+    messages: Option<Vec<Value>>,
     #[serde(default)]
     stream: Option<bool>,
     #[serde(default)]
@@ -209,13 +194,59 @@ struct ChatRequest {
     n: Option<u32>,
     #[serde(default)]
     model: Option<String>,
+    /// Tool and legacy function definitions, counted as prompt tokens.
+    #[serde(default)]
+    tools: Option<Value>,
+    #[serde(default)]
+    functions: Option<Value>,
 }
 
-fn usage_json(prompt: u64, completion: u64) -> String {
+/// Chat's `usage` object, keys in Azure's (alphabetical) order.
+pub(crate) fn usage_json(u: &Usage) -> String {
     format!(
-        r#"{{"completion_tokens":{completion},"completion_tokens_details":{{"accepted_prediction_tokens":0,"audio_tokens":0,"reasoning_tokens":0,"rejected_prediction_tokens":0}},"prompt_tokens":{prompt},"prompt_tokens_details":{{"audio_tokens":0,"cached_tokens":0}},"total_tokens":{}}}"#,
-        prompt + completion
+        r#"{{"completion_tokens":{},"completion_tokens_details":{{"accepted_prediction_tokens":0,"audio_tokens":0,"reasoning_tokens":{},"rejected_prediction_tokens":0}},"prompt_tokens":{},"prompt_tokens_details":{{"audio_tokens":0,"cached_tokens":{}}},"total_tokens":{}}}"#,
+        u.completion_tokens,
+        u.reasoning_tokens,
+        u.prompt_tokens,
+        u.cached_tokens,
+        u.total_tokens()
     )
+}
+
+/// Cached tokens of `prompt` on `dep` (0 when caching is off for it).
+pub(crate) fn cached(ctx: &Ctx, dep: &str, prompt: &Prompt) -> u64 {
+    if !ctx.inst.cfg.prompt_cache_for(dep) {
+        return 0;
+    }
+    ctx.inst
+        .prompt_cache
+        .lookup(dep, &prompt.ids, ctx.inst.clock.now())
+}
+
+/// The usage of one request: `n` choices of `p`.
+pub(crate) fn usage(prompt: u64, cached: u64, p: &Plan, n: u32) -> Usage {
+    let n = u64::from(n);
+    Usage {
+        requests: 1,
+        prompt_tokens: prompt,
+        completion_tokens: n * u64::from(p.tokens + p.reasoning),
+        cached_tokens: cached,
+        reasoning_tokens: n * u64::from(p.reasoning),
+        throttled: 0,
+    }
+}
+
+/// Billing of a reply: the whole usage up front for a body sent in one piece;
+/// for a stream, everything but the content tokens, which its frames carry.
+pub(crate) fn billing(dep: &str, u: &Usage, stream: bool) -> Billing {
+    let mut upfront = *u;
+    if stream {
+        upfront.completion_tokens = u.reasoning_tokens;
+    }
+    Billing {
+        deployment: dep.to_owned(),
+        upfront,
+    }
 }
 
 fn chat(ctx: &Ctx, path_dep: Option<&str>) -> Result<Reply, Reply> {
@@ -229,38 +260,36 @@ fn chat(ctx: &Ctx, path_dep: Option<&str>) -> Result<Reply, Reply> {
         )
         .with_deployment(dep));
     };
-    let mut prompt = String::new();
-    for m in messages {
-        push_text(&m.content, &mut prompt);
-    }
-    let prompt_tokens = estimate_tokens(&prompt);
+    check_stream_options(ctx, dep, req.stream_options.is_some())?;
+    let prompt = Prompt::chat_request(
+        encoding(ctx, dep),
+        messages,
+        [req.tools.as_ref(), req.functions.as_ref()],
+    );
     let p = plan(ctx, dep, req.max_completion_tokens.or(req.max_tokens));
-    let n = req.n.unwrap_or(1).clamp(1, 10);
-    let remaining = ctx.admit(dep, Op::Chat, prompt_tokens + p.cost_tokens * u64::from(n))?;
-    ctx.filter(&prompt).map_err(|e| e.with_deployment(dep))?;
+    let n = req.n.unwrap_or(1).clamp(1, 128);
+    let remaining = ctx.admit(dep, Op::Chat, prompt.estimate() + p.reserve * u64::from(n))?;
+    ctx.filter(&prompt.text)
+        .map_err(|e| e.with_deployment(dep))?;
+    let u = usage(prompt.tokens(), cached(ctx, dep, &prompt), &p, n);
     let model = model_json(ctx, dep);
     let id = azure::object_id("chatcmpl-");
     let created = azure::unix_now();
     let (ttft, per_tok) = latency(ctx, dep);
-    let mut reply = if req.stream.unwrap_or(false) {
-        let include_usage = req
-            .stream_options
-            .as_ref()
-            .and_then(|o| o.include_usage)
-            .unwrap_or(false);
-        let frames = chat_stream_frames(
-            ctx,
-            dep,
-            &id,
+    let thinking = per_tok * p.reasoning;
+    let stream = req.stream.unwrap_or(false);
+    let mut reply = if stream {
+        let head = ChunkHead {
+            id: &id,
             created,
-            &model,
-            &p,
-            per_tok,
-            include_usage.then_some(prompt_tokens),
-        );
+            model: &model,
+            object: "chat.completion.chunk",
+        };
+        let usage_chunk = include_usage(req.stream_options.as_ref()).then_some(&u);
+        let frames = chat_stream_frames(ctx, dep, &head, &p, n, per_tok, usage_chunk);
         let mut r = Reply::new(StatusCode::OK, SSE, Bytes::new());
         r.payload = Payload::Frames(frames);
-        r.delay = ctx.delay(Some(dep), ttft);
+        r.delay = ctx.delay(Some(dep), ttft + thinking);
         r.header("cache-control", "no-cache")
             .header("x-accel-buffering", "no")
     } else {
@@ -280,62 +309,93 @@ fn chat(ctx: &Ctx, path_dep: Option<&str>) -> Result<Reply, Reply> {
         let _ = write!(
             s,
             r#"],"created":{created},"id":"{id}","model":{model},"object":"chat.completion","prompt_filter_results":[{{"prompt_index":0,"content_filter_results":{FILTER_RESULTS_SAFE}}}],"system_fingerprint":"fp_sim","usage":{}}}"#,
-            usage_json(prompt_tokens, u64::from(p.tokens) * u64::from(n))
+            usage_json(&u)
         );
         let mut r = Reply::ok_json(s);
-        r.delay = ctx.delay(Some(dep), ttft + per_tok * p.tokens);
+        r.delay = ctx.delay(Some(dep), ttft + thinking + per_tok * p.tokens);
         r
     };
+    reply.billing = Some(billing(dep, &u, stream));
     reply.remaining = Some(remaining);
     Ok(reply.with_deployment(dep))
 }
 
-#[allow(clippy::too_many_arguments)]
+/// The fields every chunk of one stream shares.
+struct ChunkHead<'a> {
+    id: &'a str,
+    created: u64,
+    /// JSON-quoted.
+    model: &'a str,
+    object: &'a str,
+}
+
+impl ChunkHead<'_> {
+    /// One chunk in Azure's key order: `choices`, `created`, `id`, `model`,
+    /// `object`, `system_fingerprint`, `usage`.
+    fn chunk(&self, choices: &str, usage: &str) -> Bytes {
+        sse(&format!(
+            r#"{{"choices":[{choices}],"created":{},"id":"{}","model":{},"object":"{}","system_fingerprint":"fp_sim","usage":{usage}}}"#,
+            self.created, self.id, self.model, self.object
+        ))
+    }
+}
+
 fn chat_stream_frames(
     ctx: &Ctx,
     dep: &str,
-    id: &str,
-    created: u64,
-    model: &str,
+    head: &ChunkHead<'_>,
     p: &Plan,
+    n: u32,
     per_tok: Duration,
-    usage_prompt: Option<u64>,
+    usage: Option<&Usage>,
 ) -> VecDeque<Timed> {
-    let mut frames = VecDeque::with_capacity(p.tokens as usize + 5);
-    let head = format!(
-        r#"{{"id":"{id}","object":"chat.completion.chunk","created":{created},"model":{model},"system_fingerprint":"fp_sim","choices":[{{"index":0,"delta":"#
-    );
+    let mut frames = VecDeque::with_capacity((p.tokens as usize + 2) * n as usize + 3);
     frames.push_back(frame(Duration::ZERO, PROMPT_FILTER_EVENT.clone()));
-    frames.push_back(frame(
-        Duration::ZERO,
-        sse(&format!(
-            r#"{head}{{"role":"assistant","content":"","refusal":null}},"logprobs":null,"finish_reason":null,"content_filter_results":{{}}}}],"usage":null}}"#
-        )),
-    ));
-    for i in 0..p.tokens {
-        let t = token_text(i);
-        frames.push_back(frame(
-            ctx.delay(Some(dep), per_tok),
-            sse(&format!(
-                r#"{head}{{"content":"{t}"}},"logprobs":null,"finish_reason":null,"content_filter_results":{FILTER_RESULTS_SAFE}}}],"usage":null}}"#
-            )),
-        ));
-    }
-    frames.push_back(frame(
-        Duration::ZERO,
-        sse(&format!(
-            r#"{head}{{}},"logprobs":null,"finish_reason":"{}","content_filter_results":{{}}}}],"usage":null}}"#,
-            p.finish
-        )),
-    ));
-    if let Some(prompt) = usage_prompt {
+    for i in 0..n {
         frames.push_back(frame(
             Duration::ZERO,
-            sse(&format!(
-                r#"{{"id":"{id}","object":"chat.completion.chunk","created":{created},"model":{model},"system_fingerprint":"fp_sim","choices":[],"usage":{}}}"#,
-                usage_json(prompt, u64::from(p.tokens))
-            )),
+            head.chunk(
+                &format!(
+                    r#"{{"content_filter_results":{{}},"delta":{{"content":"","refusal":null,"role":"assistant"}},"finish_reason":null,"index":{i},"logprobs":null}}"#
+                ),
+                "null",
+            ),
         ));
+    }
+    for t in 0..p.tokens {
+        let text = token_text(t);
+        for i in 0..n {
+            // Choices advance together: one delay per step, then one chunk each.
+            let delay = if i == 0 {
+                ctx.delay(Some(dep), per_tok)
+            } else {
+                Duration::ZERO
+            };
+            frames.push_back(token_frame(
+                delay,
+                head.chunk(
+                    &format!(
+                        r#"{{"content_filter_results":{FILTER_RESULTS_SAFE},"delta":{{"content":"{text}"}},"finish_reason":null,"index":{i},"logprobs":null}}"#
+                    ),
+                    "null",
+                ),
+            ));
+        }
+    }
+    for i in 0..n {
+        frames.push_back(frame(
+            Duration::ZERO,
+            head.chunk(
+                &format!(
+                    r#"{{"content_filter_results":{{}},"delta":{{}},"finish_reason":"{}","index":{i},"logprobs":null}}"#,
+                    p.finish
+                ),
+                "null",
+            ),
+        ));
+    }
+    if let Some(u) = usage {
+        frames.push_back(frame(Duration::ZERO, head.chunk("", &usage_json(u))));
     }
     frames.push_back(frame(Duration::ZERO, Bytes::from_static(DONE_EVENT)));
     frames
@@ -352,79 +412,124 @@ struct CompletionRequest {
     #[serde(default)]
     max_tokens: Option<u32>,
     #[serde(default)]
+    n: Option<u32>,
+    #[serde(default)]
+    best_of: Option<u32>,
+    #[serde(default)]
     model: Option<String>,
+}
+
+/// Completions' `usage` object (no details, as the service sends it).
+fn completion_usage_json(u: &Usage) -> String {
+    format!(
+        r#"{{"completion_tokens":{},"prompt_tokens":{},"total_tokens":{}}}"#,
+        u.completion_tokens,
+        u.prompt_tokens,
+        u.total_tokens()
+    )
 }
 
 fn completions(ctx: &Ctx, path_dep: Option<&str>) -> Result<Reply, Reply> {
     let req: CompletionRequest = ctx.json()?;
     let dep = deployment(path_dep, req.model.as_deref())?;
-    let mut prompt = String::new();
-    push_text(&req.prompt, &mut prompt);
-    let prompt_tokens = estimate_tokens(&prompt);
+    check_stream_options(ctx, dep, req.stream_options.is_some())?;
+    let prompt = Prompt::plain(encoding(ctx, dep), &req.prompt);
     // Completions default to 16 tokens when max_tokens is absent, as the API does.
     let p = plan(ctx, dep, Some(req.max_tokens.unwrap_or(16)));
-    let remaining = ctx.admit(dep, Op::Completions, prompt_tokens + p.cost_tokens)?;
-    ctx.filter(&prompt).map_err(|e| e.with_deployment(dep))?;
+    let n = req.n.unwrap_or(1).clamp(1, 128);
+    // `best_of` candidates are generated (and reserved) even though `n` are returned.
+    let generated = req.best_of.unwrap_or(n).clamp(n, 128);
+    let remaining = ctx.admit(
+        dep,
+        Op::Completions,
+        prompt.estimate() + p.reserve * u64::from(generated),
+    )?;
+    ctx.filter(&prompt.text)
+        .map_err(|e| e.with_deployment(dep))?;
+    let u = usage(prompt.tokens(), 0, &p, generated);
     let model = model_json(ctx, dep);
     let id = azure::object_id("cmpl-");
     let created = azure::unix_now();
     let (ttft, per_tok) = latency(ctx, dep);
-    let usage = format!(
-        r#"{{"completion_tokens":{},"prompt_tokens":{prompt_tokens},"total_tokens":{}}}"#,
-        p.tokens,
-        prompt_tokens + u64::from(p.tokens)
-    );
-    let mut reply = if req.stream.unwrap_or(false) {
-        let mut frames = VecDeque::with_capacity(p.tokens as usize + 4);
+    let stream = req.stream.unwrap_or(false);
+    let mut reply = if stream {
+        let mut frames = VecDeque::with_capacity((p.tokens as usize + 1) * n as usize + 3);
         frames.push_back(frame(Duration::ZERO, PROMPT_FILTER_EVENT.clone()));
-        let head = format!(
-            r#"{{"id":"{id}","object":"text_completion","created":{created},"model":{model},"choices":[{{"text":"#
-        );
-        for i in 0..p.tokens {
-            frames.push_back(frame(
-                ctx.delay(Some(dep), per_tok),
-                sse(&format!(
-                    r#"{head}"{}","index":0,"logprobs":null,"finish_reason":null,"content_filter_results":{FILTER_RESULTS_SAFE}}}],"usage":null}}"#,
-                    token_text(i)
-                )),
-            ));
-        }
-        frames.push_back(frame(
-            Duration::ZERO,
+        let chunk = |choice: &str, usage: &str| {
             sse(&format!(
-                r#"{head}"","index":0,"logprobs":null,"finish_reason":"{}","content_filter_results":{{}}}}],"usage":null}}"#,
-                p.finish
-            )),
-        ));
-        if req
-            .stream_options
-            .as_ref()
-            .and_then(|o| o.include_usage)
-            .unwrap_or(false)
-        {
+                r#"{{"choices":[{choice}],"created":{created},"id":"{id}","model":{model},"object":"text_completion","system_fingerprint":null,"usage":{usage}}}"#
+            ))
+        };
+        for t in 0..p.tokens {
+            let text = token_text(t);
+            for i in 0..n {
+                let delay = if i == 0 {
+                    ctx.delay(Some(dep), per_tok)
+                } else {
+                    Duration::ZERO
+                };
+                frames.push_back(token_frame(
+                    delay,
+                    chunk(
+                        &format!(
+                            r#"{{"content_filter_results":{FILTER_RESULTS_SAFE},"finish_reason":null,"index":{i},"logprobs":null,"text":"{text}"}}"#
+                        ),
+                        "null",
+                    ),
+                ));
+            }
+        }
+        for i in 0..n {
             frames.push_back(frame(
                 Duration::ZERO,
-                sse(&format!(
-                    r#"{{"id":"{id}","object":"text_completion","created":{created},"model":{model},"choices":[],"usage":{usage}}}"#
-                )),
+                chunk(
+                    &format!(
+                        r#"{{"content_filter_results":{{}},"finish_reason":"{}","index":{i},"logprobs":null,"text":""}}"#,
+                        p.finish
+                    ),
+                    "null",
+                ),
             ));
+        }
+        if include_usage(req.stream_options.as_ref()) {
+            frames.push_back(frame(Duration::ZERO, chunk("", &completion_usage_json(&u))));
         }
         frames.push_back(frame(Duration::ZERO, Bytes::from_static(DONE_EVENT)));
         let mut r = Reply::new(StatusCode::OK, SSE, Bytes::new());
         r.payload = Payload::Frames(frames);
-        r.delay = ctx.delay(Some(dep), ttft);
+        r.delay = ctx.delay(Some(dep), ttft + per_tok * p.reasoning);
         r.header("cache-control", "no-cache")
             .header("x-accel-buffering", "no")
     } else {
-        let body = format!(
-            r#"{{"choices":[{{"content_filter_results":{FILTER_RESULTS_SAFE},"finish_reason":"{}","index":0,"logprobs":null,"text":"{}"}}],"created":{created},"id":"{id}","model":{model},"object":"text_completion","prompt_filter_results":[{{"prompt_index":0,"content_filter_results":{FILTER_RESULTS_SAFE}}}],"system_fingerprint":null,"usage":{usage}}}"#,
-            p.finish,
-            reply_text(p.tokens)
+        let text = reply_text(p.tokens);
+        let mut s = String::with_capacity(700 + text.len() * n as usize);
+        s.push_str(r#"{"choices":["#);
+        for i in 0..n {
+            if i > 0 {
+                s.push(',');
+            }
+            let _ = write!(
+                s,
+                r#"{{"content_filter_results":{FILTER_RESULTS_SAFE},"finish_reason":"{}","index":{i},"logprobs":null,"text":"{text}"}}"#,
+                p.finish
+            );
+        }
+        let _ = write!(
+            s,
+            r#"],"created":{created},"id":"{id}","model":{model},"object":"text_completion","prompt_filter_results":[{{"prompt_index":0,"content_filter_results":{FILTER_RESULTS_SAFE}}}],"system_fingerprint":null,"usage":{}}}"#,
+            completion_usage_json(&u)
         );
-        let mut r = Reply::ok_json(body);
-        r.delay = ctx.delay(Some(dep), ttft + per_tok * p.tokens);
+        let mut r = Reply::ok_json(s);
+        r.delay = ctx.delay(Some(dep), ttft + per_tok * (p.reasoning + p.tokens));
         r
     };
+    // Only `n` of the `best_of` candidates are streamed; the others are spent
+    // up front like reasoning.
+    let mut b = billing(dep, &u, stream);
+    if stream {
+        b.upfront.completion_tokens += u64::from(generated - n) * u64::from(p.tokens);
+    }
+    reply.billing = Some(b);
     reply.remaining = Some(remaining);
     Ok(reply.with_deployment(dep))
 }
@@ -465,18 +570,18 @@ fn embeddings(ctx: &Ctx, path_dep: Option<&str>) -> Result<Reply, Reply> {
     let req: EmbeddingRequest = ctx.json()?;
     let dep = deployment(path_dep, req.model.as_deref())?;
     // Each input is identified by its exact text (or its token array's JSON).
-    let inputs: Vec<(Vec<u8>, u64)> = match &req.input {
-        Value::String(s) => vec![(s.as_bytes().to_vec(), estimate_tokens(s))],
+    let inputs: Vec<Vec<u8>> = match &req.input {
+        Value::String(s) => vec![s.as_bytes().to_vec()],
         Value::Array(items) if !items.is_empty() => {
             if items.iter().all(Value::is_number) {
-                vec![(req.input.to_string().into_bytes(), items.len() as u64)]
+                vec![req.input.to_string().into_bytes()]
             } else {
                 let mut out = Vec::with_capacity(items.len());
                 for it in items {
                     match it {
-                        Value::String(s) => out.push((s.as_bytes().to_vec(), estimate_tokens(s))),
+                        Value::String(s) => out.push(s.as_bytes().to_vec()),
                         Value::Array(toks) if toks.iter().all(Value::is_number) => {
-                            out.push((it.to_string().into_bytes(), toks.len() as u64));
+                            out.push(it.to_string().into_bytes());
                         }
                         _ => return Err(invalid_input(dep)),
                     }
@@ -495,12 +600,13 @@ fn embeddings(ctx: &Ctx, path_dep: Option<&str>) -> Result<Reply, Reply> {
         )
         .with_deployment(dep));
     }
-    let prompt_tokens: u64 = inputs.iter().map(|(_, t)| t).sum();
-    let remaining = ctx.admit(dep, Op::Embeddings, prompt_tokens)?;
+    let prompt = Prompt::plain(encoding(ctx, dep), &req.input);
+    let remaining = ctx.admit(dep, Op::Embeddings, prompt.estimate())?;
+    let prompt_tokens = prompt.tokens();
     let base64 = req.encoding_format.as_deref() == Some("base64");
     let mut s = String::with_capacity(64 + inputs.len() * dims * 12);
     s.push_str(r#"{"data":["#);
-    for (i, (text, _)) in inputs.iter().enumerate() {
+    for (i, text) in inputs.iter().enumerate() {
         if i > 0 {
             s.push(',');
         }
@@ -529,6 +635,14 @@ fn embeddings(ctx: &Ctx, path_dep: Option<&str>) -> Result<Reply, Reply> {
     let (ttft, _) = latency(ctx, dep);
     r.delay = ctx.delay(Some(dep), ttft);
     r.remaining = Some(remaining);
+    r.billing = Some(Billing {
+        deployment: dep.to_owned(),
+        upfront: Usage {
+            requests: 1,
+            prompt_tokens,
+            ..Usage::default()
+        },
+    });
     Ok(r.with_deployment(dep))
 }
 
@@ -542,16 +656,34 @@ mod tests {
     use super::*;
 
     #[test]
-    fn token_estimate_rounds_up_and_is_never_zero() {
+    fn rough_estimate_rounds_up_and_is_never_zero() {
         assert_eq!(estimate_tokens(""), 1);
         assert_eq!(estimate_tokens("abcd"), 1);
         assert_eq!(estimate_tokens("abcde"), 2);
     }
 
     #[test]
-    fn reply_has_one_word_per_token() {
-        assert_eq!(reply_text(3), "This is a");
-        assert_eq!(reply_text(0), "");
+    fn usage_object_is_valid_json_in_azure_key_order() {
+        let u = Usage {
+            requests: 1,
+            prompt_tokens: 7,
+            completion_tokens: 5,
+            cached_tokens: 2,
+            reasoning_tokens: 3,
+            throttled: 0,
+        };
+        let s = usage_json(&u);
+        let v: Value = serde_json::from_str(&s).unwrap();
+        assert_eq!(v["total_tokens"], 12);
+        assert_eq!(v["completion_tokens_details"]["reasoning_tokens"], 3);
+        assert_eq!(v["prompt_tokens_details"]["cached_tokens"], 2);
+        let keys: Vec<&String> = v.as_object().unwrap().keys().collect();
+        let mut sorted = keys.clone();
+        sorted.sort();
+        assert_eq!(keys, sorted);
+        assert!(s.starts_with(
+            r#"{"completion_tokens":5,"completion_tokens_details":{"accepted_prediction_tokens":0,"#
+        ));
     }
 
     #[test]

@@ -1,90 +1,157 @@
-//! Azure standard-deployment quota: tokens per 60 s window and requests per 10 s
-//! window (`ceil(rpm / 6)` each), per deployment, charged up front from an estimate
-//! as Azure does (prompt estimate + `max_tokens`).
+//! Azure's admission model for standard deployments, per deployment:
 //!
-//! Windows are fixed, aligned to when the deployment was first used. A request
-//! that does not fit is refused without being charged; the refusal says how long
-//! until the window that blocks it ends.
+//! - **tokens**: each admitted request reserves its estimate (prompt estimate +
+//!   `max_tokens` × `n`) for exactly 60 s from its admission; a request is
+//!   admitted when the reservations still in the window plus its own estimate
+//!   fit in the TPM. The reservation is never corrected to the real usage, and
+//!   tokens come back request by request, 60 s after each admission (a rolling
+//!   window, not a minute that resets), as measured on Azure.
+//! - **requests**: `ceil(rpm / 6)` requests per rolling 10 s.
+//!
+//! A refused request reserves nothing. Its refusal says exactly when enough room
+//! frees up: the instant the reservation (or request) that makes room leaves
+//! its window. Time comes from the instance's [`crate::SimClock`].
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use crate::config::RateLimit;
 
-const REQ_WINDOW: Duration = Duration::from_secs(10);
-const TOK_WINDOW: Duration = Duration::from_secs(60);
+/// Window of the request budget.
+pub(crate) const REQ_WINDOW: Duration = Duration::from_secs(10);
+/// Window of the token budget.
+pub(crate) const TOK_WINDOW: Duration = Duration::from_secs(60);
 
 /// Remaining-requests figure reported when a deployment has no request quota.
 pub const UNLIMITED_REMAINING_REQUESTS: u64 = 100_000;
 /// Remaining-tokens figure reported when a deployment has no token quota.
 pub const UNLIMITED_REMAINING_TOKENS: u64 = 10_000_000;
 
-/// Quota left after a request, for `x-ratelimit-remaining-*`.
+/// Quota left after a request, for `x-ratelimit-remaining-*`, and the limits
+/// when the deployment sends `x-ratelimit-limit-*`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Remaining {
     pub requests: u64,
     pub tokens: u64,
+    /// `(requests per 10 s, tokens per minute)`, sent only when configured.
+    pub limits: Option<(u64, u64)>,
 }
 
 impl Remaining {
     pub(crate) const UNLIMITED: Remaining = Remaining {
         requests: UNLIMITED_REMAINING_REQUESTS,
         tokens: UNLIMITED_REMAINING_TOKENS,
+        limits: None,
     };
 }
 
 /// Why and for how long a request is refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Refusal {
-    /// True when the token quota refused it, false for the request quota.
+    /// True when the token budget refused it (also when both did), false when
+    /// only the request budget did.
     pub tokens: bool,
+    /// True when the request's estimate exceeds the whole TPM: it can never be
+    /// admitted.
+    pub too_large: bool,
+    /// When the request would fit: the later of the two budgets' waits.
     pub retry_after: Duration,
+    /// When the next request leaves the 10 s window.
     pub reset_requests: Duration,
+    /// When the next reservation leaves the 60 s window.
     pub reset_tokens: Duration,
     pub remaining: Remaining,
 }
 
-struct Window {
-    start: Instant,
-    used: u64,
+#[derive(Default)]
+struct Lane {
+    /// Admission instant and reserved tokens, oldest first.
+    tokens: VecDeque<(Instant, u64)>,
+    reserved: u64,
+    /// Admission instants, oldest first.
+    requests: VecDeque<Instant>,
 }
 
-impl Window {
-    fn roll(&mut self, now: Instant, len: Duration) {
-        let elapsed = now.saturating_duration_since(self.start);
-        if elapsed >= len {
-            // Keep windows aligned to the first use, as a fixed-window counter does.
-            match u32::try_from(elapsed.as_nanos() / len.as_nanos()) {
-                Ok(periods) => self.start += len.saturating_mul(periods),
-                Err(_) => self.start = now,
+impl Lane {
+    fn expire(&mut self, now: Instant) {
+        while let Some(&(t, c)) = self.tokens.front() {
+            if t + TOK_WINDOW > now {
+                break;
             }
-            self.used = 0;
+            self.reserved -= c;
+            self.tokens.pop_front();
+        }
+        while let Some(&t) = self.requests.front() {
+            if t + REQ_WINDOW > now {
+                break;
+            }
+            self.requests.pop_front();
         }
     }
 
-    fn reset_in(&self, now: Instant, len: Duration) -> Duration {
-        (self.start + len).saturating_duration_since(now)
+    fn remaining(&self, rl: &RateLimit) -> Remaining {
+        let rlim = req_limit(rl);
+        Remaining {
+            requests: if rl.rpm == 0 {
+                UNLIMITED_REMAINING_REQUESTS
+            } else {
+                rlim.saturating_sub(self.requests.len() as u64)
+            },
+            tokens: if rl.tpm == 0 {
+                UNLIMITED_REMAINING_TOKENS
+            } else {
+                u64::from(rl.tpm).saturating_sub(self.reserved)
+            },
+            limits: rl.limit_headers.then_some((rlim, u64::from(rl.tpm))),
+        }
+    }
+
+    /// Wait until `cost` more tokens fit, and whether they ever can.
+    fn token_wait(&self, tpm: u64, cost: u64, now: Instant) -> (Duration, bool) {
+        if cost > tpm {
+            let last = self.tokens.back().map_or(now, |&(t, _)| t + TOK_WINDOW);
+            let wait = last.saturating_duration_since(now);
+            return (if wait.is_zero() { TOK_WINDOW } else { wait }, true);
+        }
+        let mut left = self.reserved;
+        for &(t, c) in &self.tokens {
+            if left + cost <= tpm {
+                break;
+            }
+            left -= c;
+            if left + cost <= tpm {
+                return ((t + TOK_WINDOW).saturating_duration_since(now), false);
+            }
+        }
+        (Duration::ZERO, false)
     }
 }
 
-struct DepState {
-    req: Window,
-    tok: Window,
-}
-
-/// Per-deployment quota state of one instance.
-#[derive(Default)]
-pub(crate) struct RateLimiter {
-    deps: Mutex<HashMap<String, DepState>>,
-}
-
-fn req_limit(rl: &RateLimit) -> u64 {
+/// Requests allowed per 10 s window: `ceil(rpm / 6)`.
+pub(crate) fn req_limit(rl: &RateLimit) -> u64 {
     u64::from(rl.rpm).div_ceil(6)
 }
 
+/// Per-deployment admission state of one instance.
+#[derive(Default)]
+pub(crate) struct RateLimiter {
+    deps: Mutex<HashMap<String, Lane>>,
+}
+
 impl RateLimiter {
-    /// Charge `cost` tokens and one request to `deployment`, or refuse.
+    fn lane<R>(&self, deployment: &str, f: impl FnOnce(&mut Lane) -> R) -> R {
+        let mut deps = self
+            .deps
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match deps.get_mut(deployment) {
+            Some(l) => f(l),
+            None => f(deps.entry(deployment.to_owned()).or_default()),
+        }
+    }
+
+    /// Reserve `cost` tokens and one request on `deployment`, or refuse.
     pub(crate) fn charge(
         &self,
         deployment: &str,
@@ -92,87 +159,79 @@ impl RateLimiter {
         cost: u64,
         now: Instant,
     ) -> Result<Remaining, Refusal> {
-        let mut deps = self
-            .deps
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let st = match deps.get_mut(deployment) {
-            Some(s) => s,
-            None => deps.entry(deployment.to_owned()).or_insert(DepState {
-                req: Window {
-                    start: now,
-                    used: 0,
-                },
-                tok: Window {
-                    start: now,
-                    used: 0,
-                },
-            }),
-        };
-        st.req.roll(now, REQ_WINDOW);
-        st.tok.roll(now, TOK_WINDOW);
-        let rlim = req_limit(&rl);
-        let tlim = u64::from(rl.tpm);
-        let remaining = |st: &DepState| Remaining {
-            requests: if rl.rpm == 0 {
-                UNLIMITED_REMAINING_REQUESTS
-            } else {
-                rlim.saturating_sub(st.req.used)
-            },
-            tokens: if rl.tpm == 0 {
-                UNLIMITED_REMAINING_TOKENS
-            } else {
-                tlim.saturating_sub(st.tok.used)
-            },
-        };
-        let req_blocked = rl.rpm > 0 && st.req.used >= rlim;
-        let tok_blocked = rl.tpm > 0 && st.tok.used.saturating_add(cost) > tlim;
-        if req_blocked || tok_blocked {
-            let reset_requests = st.req.reset_in(now, REQ_WINDOW);
-            let reset_tokens = st.tok.reset_in(now, TOK_WINDOW);
-            let retry_after = match (req_blocked, tok_blocked) {
-                (true, true) => reset_requests.max(reset_tokens),
-                (false, true) => reset_tokens,
-                _ => reset_requests,
-            };
-            return Err(Refusal {
-                tokens: tok_blocked,
-                retry_after: retry_after.max(Duration::from_millis(1)),
-                reset_requests,
-                reset_tokens,
-                remaining: remaining(st),
-            });
-        }
-        st.req.used += 1;
-        st.tok.used = st.tok.used.saturating_add(cost);
-        Ok(remaining(st))
+        self.lane(deployment, |lane| {
+            lane.expire(now);
+            let rlim = req_limit(&rl);
+            let tpm = u64::from(rl.tpm);
+            let req_blocked = rl.rpm > 0 && lane.requests.len() as u64 >= rlim;
+            let tok_blocked = rl.tpm > 0 && lane.reserved + cost > tpm;
+            if req_blocked || tok_blocked {
+                let req_wait = if req_blocked {
+                    // The request whose departure brings the count below the limit.
+                    let idx = lane.requests.len() - rlim as usize;
+                    lane.requests.get(idx).map_or(Duration::ZERO, |&t| {
+                        (t + REQ_WINDOW).saturating_duration_since(now)
+                    })
+                } else {
+                    Duration::ZERO
+                };
+                let (tok_wait, too_large) = if tok_blocked {
+                    lane.token_wait(tpm, cost, now)
+                } else {
+                    (Duration::ZERO, false)
+                };
+                let next = |t: Option<Instant>, w: Duration| {
+                    t.map_or(Duration::ZERO, |t| (t + w).saturating_duration_since(now))
+                };
+                return Err(Refusal {
+                    tokens: tok_blocked,
+                    too_large,
+                    retry_after: req_wait.max(tok_wait).max(Duration::from_millis(1)),
+                    reset_requests: next(lane.requests.front().copied(), REQ_WINDOW),
+                    reset_tokens: next(lane.tokens.front().map(|&(t, _)| t), TOK_WINDOW),
+                    remaining: lane.remaining(&rl),
+                });
+            }
+            if rl.rpm > 0 {
+                lane.requests.push_back(now);
+            }
+            if rl.tpm > 0 && cost > 0 {
+                lane.tokens.push_back((now, cost));
+                lane.reserved += cost;
+            }
+            Ok(lane.remaining(&rl))
+        })
     }
 
-    /// Quota left without charging anything (for responses that cost nothing).
+    /// Quota left without reserving anything (for answers that cost nothing).
     pub(crate) fn peek(&self, deployment: &str, rl: RateLimit, now: Instant) -> Remaining {
-        let mut deps = self
+        let deps = self
             .deps
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let (ru, tu) = match deps.get_mut(deployment) {
-            Some(st) => {
-                st.req.roll(now, REQ_WINDOW);
-                st.tok.roll(now, TOK_WINDOW);
-                (st.req.used, st.tok.used)
+        match deps.get(deployment) {
+            None => Lane::default().remaining(&rl),
+            Some(lane) => {
+                // Count without mutating: what `expire` would leave.
+                let reserved: u64 = lane
+                    .tokens
+                    .iter()
+                    .filter(|(t, _)| *t + TOK_WINDOW > now)
+                    .map(|(_, c)| c)
+                    .sum();
+                let requests = lane
+                    .requests
+                    .iter()
+                    .filter(|t| **t + REQ_WINDOW > now)
+                    .count();
+                let mut view = Lane {
+                    tokens: VecDeque::new(),
+                    reserved,
+                    requests: VecDeque::new(),
+                };
+                view.requests.resize(requests, now);
+                view.remaining(&rl)
             }
-            None => (0, 0),
-        };
-        Remaining {
-            requests: if rl.rpm == 0 {
-                UNLIMITED_REMAINING_REQUESTS
-            } else {
-                req_limit(&rl).saturating_sub(ru)
-            },
-            tokens: if rl.tpm == 0 {
-                UNLIMITED_REMAINING_TOKENS
-            } else {
-                u64::from(rl.tpm).saturating_sub(tu)
-            },
         }
     }
 }
@@ -181,76 +240,144 @@ impl RateLimiter {
 mod tests {
     use super::*;
 
+    fn rl(rpm: u32, tpm: u32) -> RateLimit {
+        RateLimit {
+            rpm,
+            tpm,
+            ..RateLimit::default()
+        }
+    }
+
     #[test]
-    fn rpm_is_enforced_per_ten_second_window() {
-        let rl = RateLimit { rpm: 60, tpm: 0 };
+    fn rpm_is_a_rolling_ten_second_budget_of_a_sixth() {
+        let rl = rl(60, 0);
         let lim = RateLimiter::default();
         let t0 = Instant::now();
-        for i in 0..10 {
-            let r = lim.charge("d", rl, 1, t0).unwrap();
+        for i in 0..10u64 {
+            let r = lim
+                .charge("d", rl, 1, t0 + Duration::from_secs(i / 2))
+                .unwrap();
             assert_eq!(r.requests, 9 - i);
         }
+        // The 11th waits for the first to leave, 10 s after its admission.
         let refused = lim
-            .charge("d", rl, 1, t0 + Duration::from_secs(3))
+            .charge("d", rl, 1, t0 + Duration::from_secs(6))
             .unwrap_err();
         assert!(!refused.tokens);
-        assert_eq!(refused.retry_after, Duration::from_secs(7));
-        assert!(lim.charge("d", rl, 1, t0 + Duration::from_secs(10)).is_ok());
-        // Another deployment has its own quota.
+        assert_eq!(refused.retry_after, Duration::from_secs(4));
+        // Rolling: at t0+10 s only the two requests of t0 have left.
+        let r = lim
+            .charge("d", rl, 1, t0 + Duration::from_secs(10))
+            .unwrap();
+        assert_eq!(r.requests, 1);
+        // Another deployment has its own budget.
         assert!(lim.charge("e", rl, 1, t0).is_ok());
     }
 
     #[test]
-    fn tpm_refuses_a_request_that_does_not_fit_and_does_not_charge_it() {
-        let rl = RateLimit { rpm: 0, tpm: 100 };
+    fn tokens_return_sixty_seconds_after_each_admission() {
+        let rl = rl(0, 100);
         let lim = RateLimiter::default();
         let t0 = Instant::now();
-        assert_eq!(lim.charge("d", rl, 60, t0).unwrap().tokens, 40);
+        assert_eq!(lim.charge("d", rl, 30, t0).unwrap().tokens, 70);
+        let t20 = t0 + Duration::from_secs(20);
+        assert_eq!(lim.charge("d", rl, 50, t20).unwrap().tokens, 20);
+        // 40 fits once the 30 reserved at t0 leave (50 free): at t0 + 60 s.
         let refused = lim
-            .charge("d", rl, 60, t0 + Duration::from_secs(20))
+            .charge("d", rl, 40, t0 + Duration::from_secs(30))
             .unwrap_err();
-        assert!(refused.tokens);
-        assert_eq!(refused.retry_after, Duration::from_secs(40));
-        assert_eq!(refused.remaining.tokens, 40);
-        assert_eq!(lim.charge("d", rl, 40, t0).unwrap().tokens, 0);
+        assert!(refused.tokens && !refused.too_large);
+        assert_eq!(refused.retry_after, Duration::from_secs(30));
+        assert_eq!(refused.remaining.tokens, 20);
+        // 80 needs both reservations gone: until t20 + 60 s.
+        let refused = lim
+            .charge("d", rl, 80, t0 + Duration::from_secs(30))
+            .unwrap_err();
+        assert_eq!(refused.retry_after, Duration::from_secs(50));
+        // Exactly at t0 + 60 s the first reservation has left.
         assert_eq!(
-            lim.charge("d", rl, 60, t0 + Duration::from_secs(61))
+            lim.charge("d", rl, 40, t0 + Duration::from_secs(60))
                 .unwrap()
                 .tokens,
-            40
+            10
+        );
+        // The peek agrees with what a charge would see.
+        assert_eq!(lim.peek("d", rl, t0 + Duration::from_secs(80)).tokens, 60);
+    }
+
+    #[test]
+    fn a_request_larger_than_the_whole_tpm_is_never_admitted() {
+        let rl = rl(0, 100);
+        let lim = RateLimiter::default();
+        let t0 = Instant::now();
+        let refused = lim.charge("d", rl, 101, t0).unwrap_err();
+        assert!(refused.too_large);
+        assert_eq!(refused.retry_after, TOK_WINDOW);
+        let refused = lim
+            .charge("d", rl, 101, t0 + Duration::from_secs(600))
+            .unwrap_err();
+        assert!(refused.too_large);
+        assert_eq!(lim.charge("d", rl, 100, t0).unwrap().tokens, 0);
+    }
+
+    #[test]
+    fn limits_are_reported_only_when_configured() {
+        let lim = RateLimiter::default();
+        let t0 = Instant::now();
+        assert_eq!(lim.charge("d", rl(120, 1000), 1, t0).unwrap().limits, None);
+        let with = RateLimit {
+            limit_headers: true,
+            ..rl(120, 1000)
+        };
+        assert_eq!(
+            lim.charge("e", with, 1, t0).unwrap().limits,
+            Some((20, 1000))
         );
     }
 
     proptest::proptest! {
-        /// Whatever the arrival pattern, a fixed window never admits more than
-        /// its quota: requests per 10 s window and tokens per 60 s window.
+        /// Whatever the arrival pattern: no rolling 10 s window holds more than
+        /// the request budget, no rolling 60 s window more than the TPM, a
+        /// refused request admitted at its `retry_after` (if nothing else came)
+        /// fits, and after 60 s of quiet the whole quota is back.
         #[test]
-        fn never_admits_more_than_the_quota_per_window(
+        fn rolling_windows_never_overbook_and_always_drain(
             rpm in 1u32..120,
             tpm in 1u32..5_000,
             steps in proptest::collection::vec((0u64..3_000, 0u64..400), 1..200),
         ) {
-            let rl = RateLimit { rpm, tpm };
+            let rl = rl(rpm, tpm);
             let lim = RateLimiter::default();
             let t0 = Instant::now();
             let mut now_ms = 0u64;
             let mut admitted: Vec<(u64, u64)> = Vec::new();
-            // Windows are aligned to the deployment's first request.
-            let first = steps[0].0;
             for (gap, cost) in steps {
                 now_ms += gap;
-                if lim.charge("d", rl, cost, t0 + Duration::from_millis(now_ms)).is_ok() {
-                    admitted.push((now_ms - first, cost));
+                let now = t0 + Duration::from_millis(now_ms);
+                match lim.charge("d", rl, cost, now) {
+                    Ok(_) => admitted.push((now_ms, cost)),
+                    Err(r) => {
+                        if !r.too_large {
+                            // A probe on a copy of the state: admitted at retry_after.
+                            let probe = RateLimiter::default();
+                            for &(t, c) in &admitted {
+                                let _ = probe.charge("d", rl, c, t0 + Duration::from_millis(t));
+                            }
+                            proptest::prop_assert!(probe.charge("d", rl, cost, now + r.retry_after).is_ok());
+                        }
+                    }
                 }
             }
-            for w in 0..=(now_ms / 10_000) {
-                let n = admitted.iter().filter(|(t, _)| t / 10_000 == w).count() as u64;
+            for &(start, _) in &admitted {
+                let n = admitted.iter().filter(|(t, _)| *t >= start && *t < start + 10_000).count() as u64;
                 proptest::prop_assert!(n <= u64::from(rpm).div_ceil(6));
-            }
-            for w in 0..=(now_ms / 60_000) {
-                let used: u64 = admitted.iter().filter(|(t, _)| t / 60_000 == w).map(|(_, c)| c).sum();
+                let used: u64 = admitted.iter().filter(|(t, _)| *t >= start && *t < start + 60_000).map(|(_, c)| c).sum();
                 proptest::prop_assert!(used <= u64::from(tpm));
             }
+            let later = t0 + Duration::from_millis(now_ms + 60_000);
+            let left = lim.peek("d", rl, later);
+            proptest::prop_assert_eq!(left.tokens, u64::from(tpm));
+            proptest::prop_assert_eq!(left.requests, u64::from(rpm).div_ceil(6));
         }
     }
 }

@@ -2,8 +2,11 @@
 //! instance so that retrieve and `previous_response_id` work, with the typed SSE
 //! events of a streamed response.
 //!
-//! A follow-up response counts the previous response's total tokens as part of
-//! its input, as the service does when it replays the conversation.
+//! Input tokens use the chat framing (see `tokens`): `instructions` as a
+//! system message, a string `input` as one user message, each input item as a
+//! message. A follow-up response counts the previous response's total tokens as
+//! part of its input, as the service does when it replays the conversation.
+//! Usage arrives in the body and, streamed, in `response.completed`.
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -16,9 +19,10 @@ use serde_json::{Value, json};
 use crate::azure;
 use crate::body::Timed;
 use crate::openai::{
-    deployment, estimate_tokens, latency, plan, push_text, reply_text, token_text,
+    billing, cached, deployment, encoding, latency, model_json, plan, reply_text, token_text, usage,
 };
 use crate::service::{Ctx, Op, Payload, Reply, SSE};
+use crate::tokens::Prompt;
 
 #[derive(Deserialize)]
 struct ResponseRequest {
@@ -36,32 +40,36 @@ struct ResponseRequest {
     max_output_tokens: Option<u32>,
     #[serde(default)]
     store: Option<bool>,
+    #[serde(default)]
+    tools: Option<Value>,
 }
 
-fn input_text(v: &Value, out: &mut String) {
-    match v {
+/// The framed prompt of a request: instructions, then the input.
+fn prompt(ctx: &Ctx, dep: &str, req: &ResponseRequest) -> Prompt {
+    let enc = encoding(ctx, dep);
+    let mut p = Prompt::default();
+    if let Some(i) = &req.instructions {
+        p.message(enc, &json!({"role": "system", "content": i}));
+    }
+    match &req.input {
         Value::Array(items) => {
             for it in items {
-                match it.get("content") {
-                    Some(c) => push_text(c, out),
-                    None => push_text(it, out),
-                }
+                p.message(enc, it);
             }
         }
-        other => push_text(other, out),
+        Value::Null => {}
+        other => p.message(enc, &json!({"role": "user", "content": other})),
     }
+    p.finish();
+    p.tools(enc, req.tools.as_ref());
+    p
 }
 
 pub(crate) fn create(ctx: &Ctx) -> Result<Reply, Reply> {
     let req: ResponseRequest = ctx.json()?;
     let dep = deployment(None, req.model.as_deref())?;
-    let mut prompt = String::new();
-    if let Some(i) = &req.instructions {
-        prompt.push_str(i);
-        prompt.push('\n');
-    }
-    input_text(&req.input, &mut prompt);
-    let mut input_tokens = estimate_tokens(&prompt);
+    let prompt = prompt(ctx, dep, &req);
+    let mut input_tokens = prompt.tokens();
     if let Some(prev) = &req.previous_response_id {
         let Some(p) = ctx.inst.store.response(prev) else {
             return Err(Reply::bad_request(
@@ -74,18 +82,19 @@ pub(crate) fn create(ctx: &Ctx) -> Result<Reply, Reply> {
         input_tokens += p["usage"]["total_tokens"].as_u64().unwrap_or(0);
     }
     let p = plan(ctx, dep, req.max_output_tokens);
-    let remaining = ctx.admit(dep, Op::Responses, input_tokens + p.cost_tokens)?;
-    ctx.filter(&prompt).map_err(|e| e.with_deployment(dep))?;
+    let remaining = ctx.admit(dep, Op::Responses, prompt.estimate() + p.reserve)?;
+    ctx.filter(&prompt.text)
+        .map_err(|e| e.with_deployment(dep))?;
+    let u = usage(input_tokens, cached(ctx, dep, &prompt), &p, 1);
     let id = format!("resp_{}", azure::uuid().replace('-', ""));
     let msg_id = format!("msg_{}", azure::uuid().replace('-', ""));
-    let model = ctx.inst.cfg.model.clone().unwrap_or_else(|| dep.to_owned());
+    let model: Value = serde_json::from_str(&model_json(ctx, dep)).unwrap_or(Value::Null);
     let text = reply_text(p.tokens);
     let status = if p.finish == "length" {
         "incomplete"
     } else {
         "completed"
     };
-    let output_tokens = u64::from(p.tokens);
     let message = json!({
         "type": "message",
         "id": msg_id,
@@ -114,11 +123,11 @@ pub(crate) fn create(ctx: &Ctx) -> Result<Reply, Reply> {
         "top_p": 1.0,
         "truncation": "disabled",
         "usage": {
-            "input_tokens": input_tokens,
-            "input_tokens_details": {"cached_tokens": 0},
-            "output_tokens": output_tokens,
-            "output_tokens_details": {"reasoning_tokens": 0},
-            "total_tokens": input_tokens + output_tokens,
+            "input_tokens": u.prompt_tokens,
+            "input_tokens_details": {"cached_tokens": u.cached_tokens},
+            "output_tokens": u.completion_tokens,
+            "output_tokens_details": {"reasoning_tokens": u.reasoning_tokens},
+            "total_tokens": u.total_tokens(),
         },
         "user": null,
         "metadata": {},
@@ -127,17 +136,20 @@ pub(crate) fn create(ctx: &Ctx) -> Result<Reply, Reply> {
         ctx.inst.store.put_response(id.clone(), full.clone());
     }
     let (ttft, per_tok) = latency(ctx, dep);
-    let mut reply = if req.stream.unwrap_or(false) {
+    let thinking = per_tok * p.reasoning;
+    let stream = req.stream.unwrap_or(false);
+    let mut reply = if stream {
         let mut r = Reply::new(StatusCode::OK, SSE, Bytes::new());
         r.payload = Payload::Frames(stream_events(ctx, dep, &full, &msg_id, p.tokens, per_tok));
-        r.delay = ctx.delay(Some(dep), ttft);
+        r.delay = ctx.delay(Some(dep), ttft + thinking);
         r.header("cache-control", "no-cache")
             .header("x-accel-buffering", "no")
     } else {
         let mut r = Reply::ok_json(full.to_string());
-        r.delay = ctx.delay(Some(dep), ttft + per_tok * p.tokens);
+        r.delay = ctx.delay(Some(dep), ttft + thinking + per_tok * p.tokens);
         r
     };
+    reply.billing = Some(billing(dep, &u, stream));
     reply.remaining = Some(remaining);
     Ok(reply.with_deployment(dep))
 }
@@ -157,9 +169,12 @@ fn stream_events(
         v["sequence_number"] = json!(seq);
         seq += 1;
         let ty = v["type"].as_str().unwrap_or("").to_owned();
+        // Each text delta carries one output token.
+        let tokens = u32::from(ty == "response.output_text.delta");
         frames.push_back(Timed {
             delay,
             data: Bytes::from(format!("event: {ty}\ndata: {v}\n\n")),
+            tokens,
         });
     };
     let mut pending = full.clone();

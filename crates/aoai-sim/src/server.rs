@@ -17,11 +17,14 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::clock::SimClock;
 use crate::config::InstanceConfig;
 use crate::fault::{Fault, FaultSet};
 use crate::journal::{Journal, JournalEntry};
+use crate::prompt_cache::PromptCache;
 use crate::ratelimit::RateLimiter;
 use crate::store::Store;
+use crate::usage::{Ledger, UsageReport};
 
 /// Why an instance could not start.
 #[derive(Debug, thiserror::Error)]
@@ -86,6 +89,9 @@ pub(crate) struct Instance {
     pub(crate) journal: Journal,
     pub(crate) faults: FaultSet,
     pub(crate) limiter: RateLimiter,
+    pub(crate) ledger: Ledger,
+    pub(crate) prompt_cache: PromptCache,
+    pub(crate) clock: SimClock,
     pub(crate) store: Store,
     pub(crate) shutdown: CancellationToken,
     pub(crate) region_hv: http::HeaderValue,
@@ -165,6 +171,31 @@ impl SimHandle {
     /// Requests recorded since start or the last clear (not capped by the ring).
     pub fn request_count(&self) -> usize {
         self.inst.journal.recorded()
+    }
+
+    /// The usage ledger: per deployment, the requests and tokens this instance
+    /// reported (streams: produced and sent), and its 429s. See
+    /// [`crate::Usage`] for exactly what counts.
+    pub fn usage(&self) -> UsageReport {
+        self.inst.ledger.report(&self.inst.cfg.name)
+    }
+
+    /// Zero the usage ledger (the admission windows and the prompt cache are
+    /// left as they are).
+    pub fn clear_usage(&self) {
+        self.inst.ledger.clear();
+    }
+
+    /// Forget every cached prompt prefix.
+    pub fn clear_prompt_cache(&self) {
+        self.inst.prompt_cache.clear();
+    }
+
+    /// The clock of the admission windows (the one given to
+    /// [`InstanceConfig::clock`], or the instance's own system clock); advance it
+    /// to move reservations out of their windows without waiting.
+    pub fn clock(&self) -> SimClock {
+        self.inst.clock.clone()
     }
 
     /// Add a fault at run time; it applies from the next request.
@@ -254,6 +285,9 @@ pub async fn start_on(addr: SocketAddr, cfg: InstanceConfig) -> Result<SimHandle
         journal: Journal::new(cfg.journal_capacity),
         faults: FaultSet::new(&cfg.faults),
         limiter: RateLimiter::default(),
+        ledger: Ledger::default(),
+        prompt_cache: PromptCache::default(),
+        clock: cfg.clock.clone().unwrap_or_default(),
         store: Store::default(),
         shutdown: CancellationToken::new(),
         region_hv,

@@ -8,7 +8,7 @@
 use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};
@@ -18,11 +18,12 @@ use hyper::body::Incoming;
 use sha2::{Digest, Sha256};
 
 use crate::azure;
-use crate::body::{SimBody, Timed, Tracker};
+use crate::body::{Meter, SimBody, Timed, Tracker};
 use crate::fault::Applied;
 use crate::journal::{Outcome, Record, mask_credential};
 use crate::ratelimit::{Refusal, Remaining};
 use crate::server::{ConnShared, Instance};
+use crate::usage::Billing;
 
 pub(crate) const JSON: HeaderValue = HeaderValue::from_static("application/json");
 pub(crate) const SSE: HeaderValue = HeaderValue::from_static("text/event-stream; charset=utf-8");
@@ -34,6 +35,8 @@ const H_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 const H_REGION: HeaderName = HeaderName::from_static("x-ms-region");
 const H_REMAINING_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-remaining-requests");
 const H_REMAINING_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-remaining-tokens");
+const H_LIMIT_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-limit-requests");
+const H_LIMIT_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-limit-tokens");
 const H_CLIENT_REQUEST_ID: HeaderName = HeaderName::from_static("x-ms-client-request-id");
 const H_DEPLOYMENT_NAME: HeaderName = HeaderName::from_static("x-ms-deployment-name");
 const H_INSTANCE: HeaderName = HeaderName::from_static("x-aoai-sim-instance");
@@ -165,6 +168,8 @@ pub(crate) struct Reply {
     pub(crate) payload: Payload,
     pub(crate) deployment: Option<String>,
     pub(crate) remaining: Option<Remaining>,
+    /// Usage to record in the ledger once the reply is sent.
+    pub(crate) billing: Option<Billing>,
     /// Wait before sending headers (time to first token, or the whole reply time).
     pub(crate) delay: Duration,
     pub(crate) outcome: Outcome,
@@ -190,6 +195,7 @@ impl Reply {
             payload: Payload::Full(body.into()),
             deployment: None,
             remaining: None,
+            billing: None,
             delay: Duration::ZERO,
             outcome: Outcome::Completed,
         }
@@ -236,7 +242,8 @@ pub(crate) struct Ctx {
 }
 
 impl Ctx {
-    /// Deployment check, then quota: `cost` tokens and one request.
+    /// Deployment check, then the admission model: reserve `cost` tokens and
+    /// one request, or 429 (counted as `throttled` in the ledger).
     pub(crate) fn admit(&self, dep: &str, op: Op, cost: u64) -> Result<Remaining, Reply> {
         if !self.inst.cfg.serves(dep) {
             return Err(
@@ -249,8 +256,20 @@ impl Ctx {
         };
         self.inst
             .limiter
-            .charge(dep, rl, cost, Instant::now())
-            .map_err(|r| rate_limited(op, &self.api_version, &r).with_deployment(dep))
+            .charge(dep, rl, cost, self.inst.clock.now())
+            .map_err(|r| {
+                self.inst.ledger.throttled(dep);
+                let body = azure::rate_limit_reached(&azure::RateLimitMessage {
+                    model: self.inst.cfg.model_for(dep),
+                    deployment: dep,
+                    region: &self.inst.cfg.region,
+                    op: op.key(),
+                    api_version: &self.api_version,
+                    retry_after: r.retry_after,
+                    tokens: r.tokens,
+                });
+                rate_limited(body, &r).with_deployment(dep)
+            })
     }
 
     /// Content-filter check of a prompt (after charging: Azure bills filtered prompts).
@@ -280,22 +299,30 @@ impl Ctx {
     }
 }
 
-/// Azure's 429 with `retry-after`, `retry-after-ms` and the reset headers.
-pub(crate) fn rate_limited(op: Op, api_version: &str, r: &Refusal) -> Reply {
+/// Azure's 429 from the admission model: `retry-after-ms` (exact),
+/// `retry-after` (seconds, rounded up), `policy-id` naming the budget that
+/// refused (`DeploymentRatelimit-Token` or `DeploymentRatelimit-Call`) and the
+/// reset headers.
+pub(crate) fn rate_limited(body: String, r: &Refusal) -> Reply {
     let ms = u64::try_from(r.retry_after.as_millis())
         .unwrap_or(u64::MAX)
         .max(1);
-    let mut reply = Reply::json(
-        StatusCode::TOO_MANY_REQUESTS,
-        azure::too_many_requests(op.key(), api_version, r.retry_after, r.tokens),
-    )
-    .header("retry-after", azure::ceil_secs(r.retry_after))
-    .header("retry-after-ms", ms)
-    .header(
-        "x-ratelimit-reset-requests",
-        azure::ceil_secs(r.reset_requests),
-    )
-    .header("x-ratelimit-reset-tokens", azure::ceil_secs(r.reset_tokens));
+    let mut reply = Reply::json(StatusCode::TOO_MANY_REQUESTS, body)
+        .header("retry-after", azure::ceil_secs(r.retry_after))
+        .header("retry-after-ms", ms)
+        .header(
+            "policy-id",
+            if r.tokens {
+                azure::POLICY_TOKENS
+            } else {
+                azure::POLICY_CALLS
+            },
+        )
+        .header(
+            "x-ratelimit-reset-requests",
+            azure::ceil_secs(r.reset_requests),
+        )
+        .header("x-ratelimit-reset-tokens", azure::ceil_secs(r.reset_tokens));
     reply.remaining = Some(r.remaining);
     reply
 }
@@ -337,6 +364,7 @@ fn fault_reply(
             reply.remaining = Some(Remaining {
                 requests: 0,
                 tokens: 0,
+                limits: None,
             });
         }
     }
@@ -543,12 +571,13 @@ fn finish(
         tracker.deployment = reply.deployment.clone();
     }
     let remaining = reply.remaining.unwrap_or_else(|| {
-        reply
+        // The route's deployment when the reply names none (401, 404, faults).
+        tracker
             .deployment
             .as_deref()
             .and_then(|d| inst.cfg.rate_limit_for(d).map(|rl| (d, rl)))
             .map_or(Remaining::UNLIMITED, |(d, rl)| {
-                inst.limiter.peek(d, rl, Instant::now())
+                inst.limiter.peek(d, rl, inst.clock.now())
             })
     });
     let mut resp = Response::new(SimBody::empty());
@@ -566,6 +595,10 @@ fn finish(
     h.insert(H_REGION, inst.region_hv.clone());
     h.insert(H_REMAINING_REQUESTS, HeaderValue::from(remaining.requests));
     h.insert(H_REMAINING_TOKENS, HeaderValue::from(remaining.tokens));
+    if let Some((req, tok)) = remaining.limits {
+        h.insert(H_LIMIT_REQUESTS, HeaderValue::from(req));
+        h.insert(H_LIMIT_TOKENS, HeaderValue::from(tok));
+    }
     if let Some(v) = client_request_id {
         h.insert(H_CLIENT_REQUEST_ID, v);
     }
@@ -582,45 +615,76 @@ fn finish(
     }
 
     let outcome = reply.outcome;
+    // The reply goes out now: what it bills up front is recorded now; a
+    // stream's content tokens are recorded by its body as they are sent.
+    let billing = reply.billing;
+    let bill = |extra: u64| {
+        if let Some(b) = &billing {
+            let mut u = b.upfront;
+            u.completion_tokens += extra;
+            inst.ledger.record(&b.deployment, &u);
+        }
+    };
+    let meter = || {
+        billing.as_ref().map(|b| Meter {
+            inst: tracker.instance(),
+            deployment: b.deployment.clone(),
+        })
+    };
     let body = match (reply.payload, body_fault) {
         (Payload::Upgrade, _) => {
             tracker.finish(Outcome::Upgraded);
             SimBody::empty()
         }
         (Payload::Full(b), None) => {
+            bill(0);
             tracker.finish(outcome);
             SimBody::full(b)
         }
         (Payload::Full(b), Some(Applied::CloseMidStream(_))) => {
+            // Half a JSON body reports no usage: nothing is billed.
             resp.headers_mut()
                 .insert(header::CONTENT_LENGTH, HeaderValue::from(b.len()));
             let half = b.slice(..b.len() / 2);
             let frames = VecDeque::from([Timed {
                 delay: Duration::ZERO,
                 data: half,
+                tokens: 0,
             }]);
-            SimBody::timed(frames, Some(1), Some(tracker))
+            SimBody::timed(frames, Some(1), Some(tracker), None)
         }
         (Payload::Full(b), Some(Applied::Drip { bytes, interval_ms })) => {
+            bill(0);
             resp.headers_mut()
                 .insert(header::CONTENT_LENGTH, HeaderValue::from(b.len()));
-            SimBody::timed(drip(&b, bytes, interval_ms), None, Some(tracker))
+            SimBody::timed(drip(&b, bytes, interval_ms), None, Some(tracker), None)
         }
         (Payload::Frames(frames), Some(Applied::CloseMidStream(k))) => {
             // A stream shorter than K chunks is still cut before its last chunk,
             // so the fault always bites.
             let k = (k as usize).min(frames.len().saturating_sub(1));
-            SimBody::timed(frames, Some(k), Some(tracker))
+            bill(0);
+            let meter = meter();
+            SimBody::timed(frames, Some(k), Some(tracker), meter)
         }
         (Payload::Frames(frames), Some(Applied::Drip { bytes, interval_ms })) => {
+            // Re-chunked bytes lose their token marks: bill the content up front.
             let mut all = Vec::new();
+            let mut tokens = 0u64;
             for f in &frames {
                 all.extend_from_slice(&f.data);
+                tokens += u64::from(f.tokens);
             }
-            SimBody::timed(drip(&all, bytes, interval_ms), None, Some(tracker))
+            bill(tokens);
+            SimBody::timed(drip(&all, bytes, interval_ms), None, Some(tracker), None)
         }
-        (Payload::Frames(frames), _) => SimBody::timed(frames, None, Some(tracker)),
+        (Payload::Frames(frames), _) => {
+            bill(0);
+            let meter = meter();
+            SimBody::timed(frames, None, Some(tracker), meter)
+        }
         (Payload::Full(b), Some(_)) => {
+            bill(0);
             tracker.finish(outcome);
             SimBody::full(b)
         }
@@ -636,6 +700,7 @@ fn drip(all: &[u8], bytes: usize, interval_ms: u64) -> VecDeque<Timed> {
         .map(|(i, c)| Timed {
             delay: if i == 0 { Duration::ZERO } else { interval },
             data: Bytes::copy_from_slice(c),
+            tokens: 0,
         })
         .collect()
 }

@@ -33,9 +33,9 @@ async fn non_streaming_chat_returns_a_chat_completion_with_usage() {
     );
     assert_eq!(v["choices"][0]["finish_reason"], "stop");
     assert_eq!(v["usage"]["completion_tokens"], 5);
-    // "hello there, sim\n" is 17 chars -> 5 tokens.
-    assert_eq!(v["usage"]["prompt_tokens"], 5);
-    assert_eq!(v["usage"]["total_tokens"], 10);
+    // o200k_base: 3 per message + "user" (1) + "hello there, sim" (4) + 3 priming.
+    assert_eq!(v["usage"]["prompt_tokens"], 11);
+    assert_eq!(v["usage"]["total_tokens"], 16);
     assert_eq!(
         v["prompt_filter_results"][0]["content_filter_results"],
         serde_json::from_str::<serde_json::Value>(SAFE).unwrap()
@@ -103,26 +103,37 @@ async fn streaming_chat_is_framed_exactly_as_azure_sends_it() {
         serde_json::from_str(second.strip_prefix("data: ").unwrap()).unwrap();
     let id = v["id"].as_str().unwrap();
     let created = v["created"].as_u64().unwrap();
-    let head = format!(
-        r#"{{"id":"{id}","object":"chat.completion.chunk","created":{created},"model":"gpt-4o","system_fingerprint":"fp_sim","choices":[{{"index":0,"delta":"#
-    );
+    // Azure's key order: choices, created, id, model, object, system_fingerprint, usage.
+    let chunk = |choices: &str, usage: &str| {
+        format!(
+            "data: {{\"choices\":[{choices}],\"created\":{created},\"id\":\"{id}\",\"model\":\"gpt-4o\",\"object\":\"chat.completion.chunk\",\"system_fingerprint\":\"fp_sim\",\"usage\":{usage}}}\n\n"
+        )
+    };
     let mut expected = String::new();
     expected.push_str(&format!(
         "data: {{\"id\":\"\",\"object\":\"\",\"created\":0,\"model\":\"\",\"prompt_filter_results\":[{{\"prompt_index\":0,\"content_filter_results\":{SAFE}}}],\"choices\":[],\"usage\":null}}\n\n"
     ));
-    expected.push_str(&format!(
-        "data: {head}{{\"role\":\"assistant\",\"content\":\"\",\"refusal\":null}},\"logprobs\":null,\"finish_reason\":null,\"content_filter_results\":{{}}}}],\"usage\":null}}\n\n"
+    expected.push_str(&chunk(
+        r#"{"content_filter_results":{},"delta":{"content":"","refusal":null,"role":"assistant"},"finish_reason":null,"index":0,"logprobs":null}"#,
+        "null",
     ));
     for word in ["This", " is", " a"] {
-        expected.push_str(&format!(
-            "data: {head}{{\"content\":\"{word}\"}},\"logprobs\":null,\"finish_reason\":null,\"content_filter_results\":{SAFE}}}],\"usage\":null}}\n\n"
+        expected.push_str(&chunk(
+            &format!(
+                r#"{{"content_filter_results":{SAFE},"delta":{{"content":"{word}"}},"finish_reason":null,"index":0,"logprobs":null}}"#
+            ),
+            "null",
         ));
     }
-    expected.push_str(&format!(
-        "data: {head}{{}},\"logprobs\":null,\"finish_reason\":\"stop\",\"content_filter_results\":{{}}}}],\"usage\":null}}\n\n"
+    expected.push_str(&chunk(
+        r#"{"content_filter_results":{},"delta":{},"finish_reason":"stop","index":0,"logprobs":null}"#,
+        "null",
     ));
-    expected.push_str(&format!(
-        "data: {{\"id\":\"{id}\",\"object\":\"chat.completion.chunk\",\"created\":{created},\"model\":\"gpt-4o\",\"system_fingerprint\":\"fp_sim\",\"choices\":[],\"usage\":{{\"completion_tokens\":3,\"completion_tokens_details\":{{\"accepted_prediction_tokens\":0,\"audio_tokens\":0,\"reasoning_tokens\":0,\"rejected_prediction_tokens\":0}},\"prompt_tokens\":2,\"prompt_tokens_details\":{{\"audio_tokens\":0,\"cached_tokens\":0}},\"total_tokens\":5}}}}\n\n"
+    // The usage chunk: "choices":[] and the usage of the whole request;
+    // prompt: 3 + "user" (1) + "hello" (1) + 3 = 8 tokens in o200k_base.
+    expected.push_str(&chunk(
+        "",
+        r#"{"completion_tokens":3,"completion_tokens_details":{"accepted_prediction_tokens":0,"audio_tokens":0,"reasoning_tokens":0,"rejected_prediction_tokens":0},"prompt_tokens":8,"prompt_tokens_details":{"audio_tokens":0,"cached_tokens":0},"total_tokens":11}"#,
     ));
     expected.push_str("data: [DONE]\n\n");
     assert_eq!(text, expected);
@@ -290,7 +301,8 @@ async fn embeddings_are_deterministic_and_honour_dimensions() {
     assert_eq!(a["object"], "list");
     assert_eq!(a["data"][0]["object"], "embedding");
     assert_eq!(a["data"][0]["embedding"].as_array().unwrap().len(), 1536);
-    assert_eq!(a["usage"]["prompt_tokens"], 2);
+    // "hello" is one token; embeddings have no framing.
+    assert_eq!(a["usage"]["prompt_tokens"], 1);
     let c = post_json(&url, json!({"input":["hello","world"], "dimensions": 256}))
         .await
         .json();
@@ -368,9 +380,9 @@ async fn per_deployment_overrides_apply_to_that_deployment_only() {
 #[tokio::test]
 async fn remaining_quota_headers_reflect_the_quota_on_every_response() {
     let sim = one(InstanceConfig::new("a").rate_limit(600, 1000)).await;
-    let r = post_json(&chat_url(&sim.url(), "d"), chat_body("abcd")).await; // 2 + 8 tokens
+    let r = post_json(&chat_url(&sim.url(), "d"), chat_body("abcd")).await; // 1 + 8 tokens
     assert_eq!(r.header("x-ratelimit-remaining-requests"), Some("99"));
-    assert_eq!(r.header("x-ratelimit-remaining-tokens"), Some("990"));
+    assert_eq!(r.header("x-ratelimit-remaining-tokens"), Some("991"));
     // A response that costs nothing still reports what is left.
     let r = send(
         Method::GET,

@@ -34,6 +34,7 @@ pub async fn forward(gw: &GatewayState, ctx: &mut RequestCtx) -> Result<Sent, Pr
         body: &ctx.body,
         websocket: ctx.client_upgrade.is_some(),
         excluded: ctx.client.as_ref().map(|c| c.excluded).unwrap_or_default(),
+        trace: ctx.record.trace.as_ref(),
     };
     // If the client goes away while instances are tried, hyper drops
     // this future; the context then still writes the access record.

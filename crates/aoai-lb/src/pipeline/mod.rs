@@ -112,6 +112,7 @@ impl RequestCtx {
             streamed: false,
             error: None,
             usage: None,
+            trace: None,
         };
         Self {
             start,
@@ -161,6 +162,9 @@ pub async fn run(
     ctx: &mut RequestCtx,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     identify::identify(gw, ctx).await?;
+    if let Some(t) = ctx.record.trace.as_mut() {
+        t.client.clone_from(&ctx.client);
+    }
     classify::classify(gw, ctx).await?;
     admit::permit(gw, ctx)?;
     classify::deployment_exists(gw, ctx)?;

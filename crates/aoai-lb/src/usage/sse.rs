@@ -36,6 +36,11 @@ use super::{Endpoint, Usage, parse_event};
 /// text event counts one token.
 const MAX_TEXT: usize = 1 << 20;
 
+/// Longest event kept to be read (a Responses `response.completed` event
+/// repeats the whole output). A longer one is passed on unread, so a
+/// stream that never ends an event cannot grow the gateway's memory.
+pub const MAX_EVENT: usize = 8 << 20;
+
 static USAGE_KEY: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"usage\""));
 
 /// Finds usage in an event stream and, in strip mode, removes the usage
@@ -54,6 +59,8 @@ pub struct SseScanner {
     /// The unfinished event's bytes were sent as they came: it cannot be
     /// removed any more.
     committed: bool,
+    /// The unfinished event outgrew [`MAX_EVENT`]: passed on unread.
+    oversized: bool,
     usage: Option<Usage>,
     removed: bool,
     text: String,
@@ -78,6 +85,7 @@ impl SseScanner {
             after_cr: false,
             carry: BytesMut::new(),
             committed: false,
+            oversized: false,
             usage: None,
             removed: false,
             text: String::new(),
@@ -132,7 +140,11 @@ impl SseScanner {
         let mut scan = 0usize;
         let mut seg_start = 0usize;
         while let Some(end) = self.next_boundary(&chunk, &mut scan) {
-            if !self.carry.is_empty() && seg_start == 0 {
+            if self.oversized && seg_start == 0 {
+                // The end of an event too long to look at: sent as it came.
+                self.oversized = false;
+                out.range(0, end);
+            } else if !self.carry.is_empty() && seg_start == 0 {
                 // The event the carry began ends here.
                 self.carry.extend_from_slice(&chunk[..end]);
                 let committed = std::mem::take(&mut self.committed);
@@ -154,7 +166,18 @@ impl SseScanner {
                 return out.build();
             }
         }
-        if seg_start < len {
+        if seg_start < len && self.oversized {
+            out.range(seg_start, len);
+        } else if seg_start < len && self.carry.len() + (len - seg_start) > MAX_EVENT {
+            // Too long to be a usage chunk or to keep: sent on, not read.
+            if !self.committed {
+                out.owned(self.carry.split().freeze());
+            }
+            self.carry = BytesMut::new();
+            self.committed = false;
+            self.oversized = true;
+            out.range(seg_start, len);
+        } else if seg_start < len {
             // The start or the middle of an event that ends later.
             let before = self.carry.len();
             self.carry.extend_from_slice(&chunk[seg_start..]);
@@ -176,6 +199,7 @@ impl SseScanner {
     /// the bytes still held (an event without its final empty line is
     /// passed on as it came).
     pub fn finish(&mut self) -> Option<Bytes> {
+        self.oversized = false;
         let complete = std::mem::take(&mut self.after_cr) && self.terminate();
         let committed = std::mem::take(&mut self.committed);
         let mut held = None;
@@ -728,6 +752,27 @@ mod tests {
         assert!(s.removed());
         let done = s.push(Bytes::from_static(b"data: [DO")).unwrap();
         assert_eq!(&done[..], b"data: [DO");
+    }
+
+    #[test]
+    fn an_oversized_event_is_passed_on_unread() {
+        let mut s = SseScanner::new(Endpoint::Chat, true);
+        let big = vec![b'x'; MAX_EVENT];
+        let mut out = Vec::new();
+        out.extend_from_slice(
+            &s.push(Bytes::from_static(b"data: {\"id\":\"c\","))
+                .unwrap_or_default(),
+        );
+        out.extend_from_slice(&s.push(Bytes::from(big.clone())).unwrap());
+        out.extend_from_slice(&s.push(Bytes::from_static(b"}\n\n")).unwrap());
+        out.extend_from_slice(&s.push(Bytes::from(USAGE)).unwrap_or_default());
+        out.extend_from_slice(&s.push(Bytes::from_static(b"data: [DONE]\n\n")).unwrap());
+        let mut want = b"data: {\"id\":\"c\",".to_vec();
+        want.extend_from_slice(&big);
+        want.extend_from_slice(b"}\n\ndata: [DONE]\n\n");
+        assert_eq!(out.len(), want.len());
+        assert!(out == want, "only the usage chunk is removed");
+        assert!(s.carry.capacity() < MAX_EVENT, "nothing that size was kept");
     }
 
     #[test]
