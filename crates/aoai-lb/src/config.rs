@@ -100,6 +100,9 @@ pub struct Config {
     /// Named clients with their keys (as SHA-256) and limits; empty when
     /// the document has none. See [`crate::clients`].
     pub clients: Vec<ClientConfig>,
+    /// State shared with other replicas through Redis; `None` (no `redis`
+    /// block) keeps every replica on its own. See [`crate::shared`].
+    pub redis: Option<crate::shared::RedisConfig>,
 }
 
 /// One `clients[]` entry, validated. Holds key hashes, never a key.
@@ -333,6 +336,7 @@ struct RawDocument {
     entra: Option<RawEntra>,
     #[serde(default)]
     clients: Vec<crate::clients::RawClient>,
+    redis: Option<crate::shared::config::RawRedis>,
 }
 
 #[derive(Deserialize)]
@@ -463,6 +467,7 @@ impl Config {
             let reason = if field.contains("api_key")
                 || field.contains("key")
                 || field.contains("client_secret")
+                || field.contains("password")
             {
                 format!("must be a string ({})", position(&inner))
             } else {
@@ -657,9 +662,11 @@ impl RawDocument {
             Some(e) => Some(entra_config(e)?),
         };
         let clients = crate::clients::validate(self.clients, &instances, env)?;
+        let redis = self.redis.map(|r| r.validate(env)).transpose()?;
 
         Ok(Config {
             clients,
+            redis,
             instances,
             timeouts,
             max_request_body_bytes,

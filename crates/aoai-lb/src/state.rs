@@ -52,6 +52,9 @@ pub struct GatewayState {
     /// The trace exporter while tracing is on ([`crate::otel`]); `None`
     /// (the default) means no spans and no `traceparent` rewriting.
     pub tracing: Option<Arc<crate::otel::Tracing>>,
+    /// State shared with other replicas through Redis (`redis` block);
+    /// `None` without one. Kept by a reload.
+    pub shared: Option<Arc<crate::shared::Shared>>,
 }
 
 impl GatewayState {
@@ -106,6 +109,13 @@ impl GatewayState {
         let clients = Clients::new(&config.clients, client_key.as_ref(), open, &backends, None)
             .map_err(|e| GatewayError::Clients(e.to_string()))?;
         let selector = Selector::new(&backends);
+        let shared = match &config.redis {
+            Some(r) => Some(
+                crate::shared::Shared::new(r.clone())
+                    .map_err(|e| GatewayError::Redis(e.to_string()))?,
+            ),
+            None => None,
+        };
         Ok(GatewayState {
             config,
             client_key,
@@ -121,6 +131,7 @@ impl GatewayState {
             entra,
             rates: Arc::default(),
             tracing: None,
+            shared,
         })
     }
 }
