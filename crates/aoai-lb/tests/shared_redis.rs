@@ -591,12 +591,25 @@ async fn admitted_across_two_replicas(
     mode: &str,
     for_ms: u64,
 ) -> (usize, serde_json::Value, String) {
+    admitted_with_limits(mode, for_ms, serde_json::json!({"rpm": 30})).await
+}
+
+/// As [`admitted_across_two_replicas`] with the client's limits given.
+async fn admitted_with_limits(
+    mode: &str,
+    for_ms: u64,
+    limits: serde_json::Value,
+) -> (usize, serde_json::Value, String) {
     let redis = Redis::start();
     let sims = sims(1).await;
+    let mut client = serde_json::json!({"name": "team", "key": "team-key-1"});
+    if let (Some(c), serde_json::Value::Object(l)) = (client.as_object_mut(), limits) {
+        c.extend(l);
+    }
     let doc = config_with(
         &sims,
         serde_json::json!({
-            "clients": [{"name": "team", "key": "team-key-1", "rpm": 30}],
+            "clients": [client],
             "redis": {
                 "url": redis.url(),
                 "key_prefix": format!("t{}:", fastrand::u32(..)),
@@ -657,4 +670,24 @@ async fn two_replicas_together_admit_no_more_than_a_clients_rpm_with_leases() {
 async fn two_replicas_together_admit_exactly_a_clients_rpm_in_strict_mode() {
     let (ok, _, _) = admitted_across_two_replicas("strict", 1_500).await;
     assert_eq!(ok, 30);
+}
+
+#[tokio::test]
+async fn two_replicas_together_stay_within_a_clients_tpm_with_leases() {
+    // Every request reserves the same Azure-style estimate; the limit fits
+    // ten of them and a half.
+    let path = chat_path("gpt-4o");
+    let est = aoai_lb::limits::estimate_tokens(
+        path.split('?').next().unwrap(),
+        "gpt-4o",
+        chat_body(false).as_bytes(),
+        4096,
+    );
+    assert!(est > 0);
+    let tpm = est * 10 + est / 2;
+    let (ok, _, _) = admitted_with_limits("lease", 3_000, serde_json::json!({"tpm": tpm})).await;
+    assert!(ok <= 10, "over the limit: {ok} x {est} > {tpm}");
+    // A lease here (tpm / 16) is smaller than one request: each replica
+    // may hold up to one request's worth unused.
+    assert!(ok >= 10 - 2, "under-use beyond the stated bound: {ok}");
 }

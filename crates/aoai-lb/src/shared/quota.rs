@@ -476,7 +476,7 @@ pub(crate) async fn top_up(shared: &Shared, gw: &GatewayState, elapsed_ms: u64, 
         return;
     };
     if beat {
-        let key = format!("{{{}cd}}:replicas", shared.config().key_prefix);
+        let key = format!("{{{}cd}}replicas", shared.config().key_prefix);
         let ttl = u64::try_from(shared.config().sync_interval.as_millis())
             .unwrap_or(1_000)
             .saturating_mul(3);
