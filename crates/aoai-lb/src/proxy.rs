@@ -56,6 +56,9 @@ pub struct BackendStatus {
     pub requests: u64,
     /// 5xx, timeouts, connection and auth failures.
     pub failures: u64,
+    /// One entry per upstream deployment used so far, with its predicted
+    /// rate-limit room ([`crate::steer`]).
+    pub lanes: Vec<crate::steer::LaneStatus>,
 }
 
 /// One client in the `/admin/clients` document. Never holds a key or a
@@ -172,6 +175,7 @@ impl Gateway {
                 latency_ewma_ms: b.latency_ewma_ms(),
                 requests: b.requests(),
                 failures: b.failures(),
+                lanes: crate::steer::lane_status(b, now),
             })
             .collect()
     }
@@ -221,6 +225,12 @@ impl Gateway {
     pub fn status(&self) -> crate::status::GatewayStatus {
         let gw = self.state();
         crate::status::gateway_status(&gw.backends, &gw.draining, &gw.rates, gw.clock.now_ms())
+    }
+
+    /// Sets the per-lane gauges to the prediction now (at each scrape).
+    pub fn refresh_lane_gauges(&self) {
+        let gw = self.state();
+        crate::steer::refresh_gauges(&gw.backends, gw.clock.now_ms());
     }
 
     /// True while at least one instance could take a request.

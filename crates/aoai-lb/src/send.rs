@@ -32,8 +32,9 @@ use crate::error::ProxyError;
 use crate::log::{Attempt, InstanceName, ms};
 use crate::rewrite;
 use crate::route::Route;
-use crate::select::IndexSet;
+use crate::select::{IndexSet, Steering};
 use crate::state::GatewayState;
+use crate::steer;
 
 /// Largest error body (429, 5xx, 401/403, 404) kept in memory so it can be
 /// returned unchanged if no other instance does better. Azure's error
@@ -209,15 +210,22 @@ pub struct Outgoing<'a> {
 }
 
 /// Tries candidates in selector order until one gives an answer to return.
-/// Every attempt is appended to `attempts`; `upstream_wait` accumulates
+/// Every attempt is appended to `attempts`, every instance passed over for
+/// lack of rate-limit room to `skipped`; `upstream_wait` accumulates
 /// time spent waiting on instances (for the overhead metric).
 pub async fn failover(
     gw: &GatewayState,
     out: &Outgoing<'_>,
     attempts: &mut Vec<Attempt>,
+    skipped: &mut Vec<steer::Skip>,
     upstream_wait: &mut Duration,
 ) -> Sent {
     let dep = out.route.deployment.as_deref();
+    // Rate-limit steering: the request's Azure-style estimate, and which
+    // instances were already reported as skipped.
+    let steering = dep.filter(|_| gw.config.routing.rate_limit_aware);
+    let estimate = steering.map_or(0, |_| steer::estimate(out.path, out.body));
+    let mut skipped_set = IndexSet::default();
     let serves = |b: &Backend| {
         !out.excluded.contains(b.index)
             && dep.is_none_or(|d| b.config.backend_deployment(d).is_some())
@@ -254,9 +262,38 @@ pub async fn failover(
                 }
                 Some(p)
             }
-            _ => gw
-                .selector
-                .pick(&gw.backends, serves, exclude, now, &mut rng),
+            _ => match steering {
+                Some(d) => {
+                    let room = |b: &Backend| steer::headroom(b, d, estimate, now);
+                    let mut note = |b: &Backend, reason| {
+                        if !skipped_set.contains(b.index) {
+                            skipped_set.insert(b.index);
+                            steer::count_skip(b, reason);
+                            skipped.push(steer::Skip {
+                                instance: crate::log::InstanceName(Arc::clone(
+                                    &gw.backends[b.index],
+                                )),
+                                reason: crate::lane::SkipReason::as_str(reason),
+                            });
+                        }
+                    };
+                    let mut steer = Steering {
+                        room: &room,
+                        skipped: &mut note,
+                    };
+                    gw.selector.pick_steered(
+                        &gw.backends,
+                        serves,
+                        exclude,
+                        now,
+                        &mut rng,
+                        &mut steer,
+                    )
+                }
+                None => gw
+                    .selector
+                    .pick(&gw.backends, serves, exclude, now, &mut rng),
+            },
         };
         let Some(i) = next else {
             break;
@@ -270,6 +307,20 @@ pub async fn failover(
         let req = match build_request(out, backend, dep) {
             Ok(r) => r,
             Err(e) => return Sent::Failed(e),
+        };
+        // Azure reserves the estimate when it admits the request: count it
+        // in the lane's ledger now.
+        let lane = steering
+            .and_then(|d| steer::lane(backend, d))
+            .map(|(lane, limits)| {
+                let sent = lane.with(|s| s.send(now, estimate));
+                (lane, limits, sent)
+            });
+        let observe = |headers: &HeaderMap, status: StatusCode, retry_after_ms: u64| {
+            if let Some((lane, limits, sent)) = &lane {
+                let r = steer::reading(headers, status, retry_after_ms);
+                lane.with(|s| s.observe(gw.clock.now_ms(), sent, &r, limits));
+            }
         };
 
         let started = Instant::now();
@@ -287,6 +338,10 @@ pub async fn failover(
                 (Outcome::Timeout, None)
             }
             Ok(Err(_)) => {
+                // Never reached the instance: nothing was reserved.
+                if let Some((lane, _, sent)) = &lane {
+                    lane.with(|s| s.refund(gw.clock.now_ms(), sent));
+                }
                 // The error text is not kept: it can name the instance.
                 backend.record_failure(
                     gw.clock.now_ms(),
@@ -300,6 +355,7 @@ pub async fn failover(
                 let status = response.status();
                 if status != StatusCode::TOO_MANY_REQUESTS {
                     slot.end_cooldown_probe();
+                    observe(response.headers(), status, 0);
                 }
                 let v = match verdict(status) {
                     // An object named in the body and missing on this
@@ -344,6 +400,7 @@ pub async fn failover(
                         let ms =
                             cooldown_ms(&parts.headers, &gw.config.cooldown, SystemTime::now());
                         backend.cool_down(now, ms);
+                        observe(&parts.headers, status, ms);
                         backend
                             .activity()
                             .throttled(now, status.as_u16(), ms, &parts.headers);

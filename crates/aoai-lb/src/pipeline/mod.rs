@@ -104,6 +104,7 @@ impl RequestCtx {
             deployment: None,
             client: None,
             attempts: Vec::new(),
+            skipped: Vec::new(),
             instance: None,
             status: 0,
             ttfb_ms: None,
