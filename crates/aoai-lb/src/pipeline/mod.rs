@@ -93,27 +93,10 @@ impl RequestCtx {
             _ => new_request_id(),
         };
         let record = AccessRecord {
-            timestamp: String::new(),
-            level: "INFO",
-            target: "aoai_lb::access",
-            message: "request",
             request_id,
-            apim_request_id: None,
             method: parts.method.clone(),
             path: parts.uri.path().to_owned(),
-            deployment: None,
-            client: None,
-            attempts: Vec::new(),
-            skipped: Vec::new(),
-            instance: None,
-            status: 0,
-            ttfb_ms: None,
-            total_ms: 0.0,
-            bytes: 0,
-            streamed: false,
-            error: None,
-            usage: None,
-            trace: None,
+            ..AccessRecord::placeholder()
         };
         Self {
             start,
