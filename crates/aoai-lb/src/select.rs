@@ -42,6 +42,11 @@ pub struct Steering<'a> {
     /// Told of every available candidate passed over for lack of room
     /// (not of the one taken as a fallback).
     pub skipped: &'a mut dyn FnMut(&Backend, SkipReason),
+    /// Whether a candidate without room may be taken when none has room
+    /// (the fallback). `false` makes such a pick `None`.
+    pub allow_fallback: bool,
+    /// Set by the pick when it returned a candidate without room.
+    pub fell_back: bool,
 }
 
 /// Most instances one gateway supports (the per-request tried set is a
@@ -167,6 +172,8 @@ impl Selector {
         let mut steer = Steering {
             room: &|_| None,
             skipped: &mut ignore,
+            allow_fallback: true,
+            fell_back: false,
         };
         self.pick_steered(backends, serves, exclude, now, rng, &mut steer)
     }
@@ -176,7 +183,7 @@ impl Selector {
     /// power-of-two-choices there on score + [`ROOM_WEIGHT`] × (1 − share
     /// of the token limit left). When no available candidate has room,
     /// the one with the most (largest [`Headroom::slack`], the higher
-    /// priority on a tie).
+    /// priority on a tie), unless [`Steering::allow_fallback`] is off.
     pub fn pick_steered(
         &self,
         backends: &[Arc<Backend>],
@@ -245,8 +252,13 @@ impl Selector {
             report(steer, &short[..n_short], taken);
             return Some(taken);
         }
+        if !steer.allow_fallback {
+            report(steer, &short[..n_short], usize::MAX);
+            return None;
+        }
         let (taken, _) = best_short?;
         report(steer, &short[..n_short], taken);
+        steer.fell_back = true;
         Some(taken)
     }
 
@@ -503,8 +515,16 @@ mod tests {
         let mut steer = Steering {
             room: &room,
             skipped: &mut note,
+            allow_fallback: true,
+            fell_back: false,
         };
         let picked = sel.pick_steered(bs, all, IndexSet::default(), 10, rng, &mut steer);
+        let fell_back = steer.fell_back;
+        assert_eq!(
+            fell_back,
+            picked.is_some_and(|i| rooms[i] < 1.0),
+            "fell_back says whether the pick lacked room"
+        );
         (picked, skipped)
     }
 
@@ -536,6 +556,19 @@ mod tests {
         bs[2].cool_down(10, 1000);
         let (p, _) = steered(&sel, &bs, &[0.5, 0.2, 0.7], &mut rng);
         assert_eq!(p, Some(0));
+        // Without the fallback: nothing.
+        let mut skipped = Vec::new();
+        let mut note = |b: &Backend, _: SkipReason| skipped.push(b.index);
+        let room = room_of(&[0.5, 0.2, 0.7]);
+        let mut steer = Steering {
+            room: &room,
+            skipped: &mut note,
+            allow_fallback: false,
+            fell_back: false,
+        };
+        let p = sel.pick_steered(&bs, all, IndexSet::default(), 10, &mut rng, &mut steer);
+        assert_eq!(p, None);
+        assert_eq!(skipped, vec![0, 1]);
     }
 
     #[test]

@@ -226,6 +226,10 @@ pub async fn failover(
     let steering = dep.filter(|_| gw.config.routing.rate_limit_aware);
     let estimate = steering.map_or(0, |_| steer::estimate(out.path, out.body));
     let mut skipped_set = IndexSet::default();
+    // A lane without predicted room is tried as a fallback (no lane has
+    // room) until one such attempt meets a 429: that confirms the
+    // prediction, and the lanes with even less room are not tried.
+    let mut allow_fallback = true;
     let serves = |b: &Backend| {
         !out.excluded.contains(b.index)
             && dep.is_none_or(|d| b.config.backend_deployment(d).is_some())
@@ -249,6 +253,7 @@ pub async fn failover(
 
     loop {
         let now = gw.clock.now_ms();
+        let mut fallback = false;
         let next = match pinned.take() {
             Some(p) if p < gw.backends.len() && serves(&gw.backends[p]) => {
                 if let Err(Unavailable::Cooling(until)) =
@@ -280,15 +285,19 @@ pub async fn failover(
                     let mut steer = Steering {
                         room: &room,
                         skipped: &mut note,
+                        allow_fallback,
+                        fell_back: false,
                     };
-                    gw.selector.pick_steered(
+                    let pick = gw.selector.pick_steered(
                         &gw.backends,
                         serves,
                         exclude,
                         now,
                         &mut rng,
                         &mut steer,
-                    )
+                    );
+                    fallback = steer.fell_back;
+                    pick
                 }
                 None => gw
                     .selector
@@ -401,6 +410,9 @@ pub async fn failover(
                             cooldown_ms(&parts.headers, &gw.config.cooldown, SystemTime::now());
                         backend.cool_down(now, ms);
                         observe(&parts.headers, status, ms);
+                        if fallback {
+                            allow_fallback = false;
+                        }
                         backend
                             .activity()
                             .throttled(now, status.as_u16(), ms, &parts.headers);

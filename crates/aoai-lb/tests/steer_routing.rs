@@ -166,6 +166,14 @@ async fn skips_a_lane_without_room_so_no_request_meets_a_429() {
     }
     assert_eq!(throttled(&sims), 0, "no upstream 429");
     assert_eq!((admitted(&sims[0]), admitted(&sims[1])), (4, 4));
+    // No lane has room now: the one with the most is still tried (the
+    // prediction is an estimate), but after its 429 the other, with even
+    // less room, is not; the client gets Azure's 429 and its wait.
+    let url = format!("{}{}", gw.url(), chat_path("gpt-4o"));
+    let (status, headers, _) = send(Method::POST, &url, &auth(), body(2_000)).await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+    assert!(headers.contains_key("retry-after-ms"), "{headers:?}");
+    assert_eq!(throttled(&sims), 1, "one fallback attempt");
     let m = metrics(&gw).await;
     assert!(
         m.contains(r#"aoai_lb_steer_skips_total{instance="skip0",reason="tokens"}"#)
