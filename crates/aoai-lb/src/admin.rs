@@ -1,5 +1,5 @@
-//! The admin listener: Prometheus `/metrics`, JSON `/admin/backends` and
-//! `/admin/status`, and the status page at `/` (see [`crate::status`]).
+//! The admin listener: Prometheus `/metrics`, JSON `/admin/backends`,
+//! `/admin/redis` and `/admin/status`, and the status page at `/` (see [`crate::status`]).
 //!
 //! It listens on its own port (`ADMIN_PORT`, default 8001) so it can be kept
 //! off the public ingress. It answers plain HTTP/1.1, has no auth and no
@@ -103,6 +103,11 @@ fn answer<H: Handler>(req: &Request<Incoming>, admin: &Admin<H>) -> Response<Ful
             StatusCode::OK,
             "application/json",
             Bytes::from(handler.backends_json()),
+        ),
+        "/admin/redis" => reply(
+            StatusCode::OK,
+            "application/json",
+            Bytes::from(handler.redis_json()),
         ),
         "/admin/clients" => reply(
             StatusCode::OK,

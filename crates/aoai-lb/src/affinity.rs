@@ -375,6 +375,8 @@ pub struct Sniff<B> {
 }
 
 struct Learn {
+    /// Also tells the other replicas (`redis` block), by instance name.
+    shared: Option<(std::sync::Arc<crate::shared::Shared>, String)>,
     table: std::sync::Arc<AffinityTable>,
     instance: usize,
     now_ms: u64,
@@ -392,12 +394,27 @@ impl<B> Sniff<B> {
         Self {
             inner,
             learn: Some(Learn {
+                shared: None,
                 table,
                 instance,
                 now_ms,
                 seen: Vec::new(),
             }),
         }
+    }
+
+    /// Also records the id in Redis, under `instance`'s name, when
+    /// `shared` is set.
+    #[must_use]
+    pub fn shared(
+        mut self,
+        shared: Option<std::sync::Arc<crate::shared::Shared>>,
+        instance: &str,
+    ) -> Self {
+        if let Some(l) = &mut self.learn {
+            l.shared = shared.map(|s| (s, instance.to_owned()));
+        }
+        self
     }
 }
 
@@ -422,6 +439,9 @@ where
             learn.seen.extend_from_slice(&data[..data.len().min(room)]);
             if let Some(id) = find_object_id(&learn.seen) {
                 learn.table.remember(id, learn.instance, learn.now_ms);
+                if let Some((shared, name)) = &learn.shared {
+                    shared.remember(id, name);
+                }
                 this.learn = None;
             } else if room <= data.len() {
                 this.learn = None;

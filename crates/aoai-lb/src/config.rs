@@ -95,6 +95,9 @@ pub struct Config {
     /// Named clients with their keys (as SHA-256) and limits; empty when
     /// the document has none. See [`crate::clients`].
     pub clients: Vec<ClientConfig>,
+    /// State shared with other replicas through Redis; `None` (no `redis`
+    /// block) keeps every replica on its own. See [`crate::shared`].
+    pub redis: Option<crate::shared::RedisConfig>,
     /// How instances are chosen (`routing`).
     pub routing: RoutingConfig,
 }
@@ -349,6 +352,7 @@ struct RawDocument {
     upstream: RawUpstream,
     #[serde(default)]
     clients: Vec<crate::clients::RawClient>,
+    redis: Option<crate::shared::config::RawRedis>,
     #[serde(default)]
     routing: RawRouting,
 }
@@ -458,11 +462,13 @@ impl Config {
             }
             // Never echo what was written under a key field: a mistyped key
             // is still a key.
-            let reason = if field.contains("api_key") || field.contains("key") {
-                format!("must be a string ({})", position(&inner))
-            } else {
-                inner.to_string()
-            };
+            let reason =
+                if field.contains("api_key") || field.contains("key") || field.contains("password")
+                {
+                    format!("must be a string ({})", position(&inner))
+                } else {
+                    inner.to_string()
+                };
             ConfigError::new(field, reason)
         })?;
         let mut config = raw.validate(env)?;
@@ -649,9 +655,11 @@ impl RawDocument {
         };
 
         let clients = crate::clients::validate(self.clients, &instances, env)?;
+        let redis = self.redis.map(|r| r.validate(env)).transpose()?;
 
         Ok(Config {
             clients,
+            redis,
             instances,
             timeouts,
             max_request_body_bytes,

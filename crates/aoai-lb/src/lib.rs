@@ -31,6 +31,7 @@ pub mod secret;
 pub mod select;
 pub mod send;
 pub mod server;
+pub mod shared;
 pub mod state;
 pub mod status;
 pub mod steer;

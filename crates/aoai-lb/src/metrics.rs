@@ -92,6 +92,12 @@ pub fn install() -> Result<PrometheusHandle, MetricsError> {
         .and_then(|b| {
             b.set_buckets_for_metric(Matcher::Full(OVERHEAD_SECONDS.into()), OVERHEAD_BUCKETS)
         })
+        .and_then(|b| {
+            b.set_buckets_for_metric(
+                Matcher::Full(crate::shared::REDIS_OP_SECONDS.into()),
+                crate::shared::REDIS_OP_BUCKETS,
+            )
+        })
         .map_err(|e| MetricsError(e.to_string()))?;
     let recorder = builder.build_recorder();
     let handle = recorder.handle();
@@ -145,6 +151,7 @@ pub fn handle() -> Option<PrometheusHandle> {
 }
 
 fn describe() {
+    crate::shared::describe();
     describe_counter!(
         crate::usage::TOKENS_TOTAL,
         Unit::Count,

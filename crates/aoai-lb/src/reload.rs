@@ -90,6 +90,7 @@ pub fn restart_only_changes(running: &Config, next: &Config) -> Vec<&'static str
             a.shutdown_grace != b.shutdown_grace,
             "server.shutdown_grace_ms",
         ),
+        (running.redis != next.redis, "redis"),
         (
             ua.extra_ca_file != ub.extra_ca_file,
             "upstream.extra_ca_file",
@@ -202,6 +203,9 @@ impl GatewayState {
                 rates: Arc::clone(&self.rates),
                 // Tracing is process-wide: a reload keeps the exporter.
                 tracing: self.tracing.clone(),
+                // One connection per process: a changed `redis` block
+                // applies at the next start.
+                shared: self.shared.clone(),
             },
             report,
         ))

@@ -250,6 +250,17 @@ pub async fn failover(
     // 404 is then not final.
     let object = out.route.affinity_key.as_deref();
     let mut pinned = object.and_then(|id| gw.affinity.get(id, gw.clock.now_ms()));
+    // Unknown here: another replica may have seen it created. One bounded
+    // look-up, then today's search across the instances.
+    if pinned.is_none()
+        && let (Some(id), Some(shared)) = (object, &gw.shared)
+        && let Some(name) = shared.lookup_object(id).await
+    {
+        pinned = gw.backends.iter().position(|b| b.name() == name);
+        if let Some(i) = pinned {
+            gw.affinity.remember(id, i, gw.clock.now_ms());
+        }
+    }
 
     loop {
         let now = gw.clock.now_ms();
@@ -381,8 +392,19 @@ pub async fn failover(
                     {
                         if *out.method == Method::DELETE {
                             gw.affinity.forget(id);
+                            if let Some(shared) = &gw.shared {
+                                shared.forget(id);
+                            }
                         } else {
-                            gw.affinity.remember(id, i, gw.clock.now_ms());
+                            let now = gw.clock.now_ms();
+                            // Found by searching: worth telling the other
+                            // replicas (a known id is not written again).
+                            if gw.affinity.get(id, now) != Some(i)
+                                && let Some(shared) = &gw.shared
+                            {
+                                shared.remember(id, backend.name());
+                            }
+                            gw.affinity.remember(id, i, now);
                         }
                     }
                     backend.record_success(slot.is_probe());
@@ -412,6 +434,14 @@ pub async fn failover(
                         observe(&parts.headers, status, ms);
                         if fallback {
                             allow_fallback = false;
+                        }
+                        if let Some(shared) = &gw.shared {
+                            // What the instance now has left (a longer
+                            // cooldown may have been running already).
+                            let left = backend
+                                .cooling_until(now)
+                                .map_or(ms, |u| u.saturating_sub(now));
+                            shared.publish_cooldown(backend.name(), left);
                         }
                         backend
                             .activity()

@@ -79,6 +79,12 @@ pub trait Handler: Clone + Send + Sync + 'static {
         b"{\"clients\":[]}".to_vec()
     }
 
+    /// The `/admin/redis` document: whether state is shared through Redis
+    /// and how that goes. Default: `{"configured":false}`.
+    fn redis_json(&self) -> Vec<u8> {
+        b"{\"configured\":false}".to_vec()
+    }
+
     /// The gateway's part of `/admin/status`: instances and, when known,
     /// per-client and per-deployment rates. Never contains a key.
     fn status(&self) -> crate::status::GatewayStatus {
@@ -323,6 +329,9 @@ pub async fn spawn(config: Arc<Config>, opts: ServeOptions) -> Result<ServerHand
         opts.tracing.clone(),
     )
     .map_err(|e| ServeError::Gateway(e.to_string()))?;
+    if let Some(shared) = gateway.state().shared.clone() {
+        shared.start(gateway.clone());
+    }
     let info = crate::status::ConfigInfo::new(&config.digest, opts.config_source.clone());
     crate::reload::publish(&info, None, std::time::SystemTime::now());
     let info = Arc::new(arc_swap::ArcSwap::from_pointee(info));
@@ -370,6 +379,14 @@ impl Handler for crate::proxy::Gateway {
 
     fn status(&self) -> crate::status::GatewayStatus {
         crate::proxy::Gateway::status(self)
+    }
+
+    fn redis_json(&self) -> Vec<u8> {
+        match &self.state().shared {
+            Some(s) => serde_json::to_vec(&s.status_json())
+                .unwrap_or_else(|_| b"{\"configured\":true}".to_vec()),
+            None => b"{\"configured\":false}".to_vec(),
+        }
     }
 }
 

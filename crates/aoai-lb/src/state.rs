@@ -45,6 +45,9 @@ pub struct GatewayState {
     /// The trace exporter while tracing is on ([`crate::otel`]); `None`
     /// (the default) means no spans and no `traceparent` rewriting.
     pub tracing: Option<Arc<crate::otel::Tracing>>,
+    /// State shared with other replicas through Redis (`redis` block);
+    /// `None` without one. Kept by a reload.
+    pub shared: Option<Arc<crate::shared::Shared>>,
 }
 
 impl GatewayState {
@@ -79,6 +82,13 @@ impl GatewayState {
         let selector = Selector::new(&backends);
         let client = upstream::build_client(&config, true)?;
         let client_h1 = upstream::build_client(&config, false)?;
+        let shared = match &config.redis {
+            Some(r) => Some(
+                crate::shared::Shared::new(r.clone())
+                    .map_err(|e| GatewayError::Redis(e.to_string()))?,
+            ),
+            None => None,
+        };
         Ok(GatewayState {
             config,
             client_key,
@@ -92,6 +102,7 @@ impl GatewayState {
             draining: Vec::new(),
             rates: Arc::default(),
             tracing: None,
+            shared,
         })
     }
 }

@@ -109,7 +109,8 @@ pub fn respond(
                 Arc::clone(&gw.affinity),
                 backend.index,
                 gw.clock.now_ms(),
-            );
+            )
+            .shared(gw.shared.clone(), backend.name());
             BoxBody::new(Tracked::new(b, idle, account))
         }
         Either::Stream(b) => BoxBody::new(Tracked::new(b, idle, account)),
