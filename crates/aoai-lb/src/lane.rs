@@ -221,6 +221,9 @@ pub struct Headroom {
     /// Predicted token room as a share of the limit, 0..=1 (1 when
     /// unknown); folded into the selector's score.
     pub fraction: f64,
+    /// Whether the lane may be tried when no lane has room (false for a
+    /// minute after such a try met a 429: the prediction was confirmed).
+    pub fallback: bool,
 }
 
 impl Headroom {
@@ -229,6 +232,7 @@ impl Headroom {
         fits: Ok(()),
         slack: f64::INFINITY,
         fraction: 1.0,
+        fallback: true,
     };
 }
 
@@ -312,6 +316,8 @@ pub struct LaneState {
     foreign_requests: Option<Foreign>,
     utilization: Option<Foreign>,
     last_seen: Option<u64>,
+    /// Until when the lane is not tried as a fallback (no lane has room).
+    fallback_blocked_until: u64,
 }
 
 /// A sent request: its ledger entry and the own reservations at that
@@ -433,10 +439,19 @@ impl LaneState {
     /// The prediction at `now`.
     pub fn predict(&mut self, now: u64, cfg: &LaneLimits) -> Prediction {
         self.ledger.advance(now);
+        self.prediction(now, self.ledger.tokens(), self.ledger.requests(), cfg)
+    }
+
+    /// The prediction at `now` with the given own reservations.
+    fn prediction(
+        &self,
+        now: u64,
+        own_tokens: u64,
+        own_requests: u64,
+        cfg: &LaneLimits,
+    ) -> Prediction {
         let tpm = self.tpm(cfg);
         let req = self.req_limit(cfg);
-        let own_tokens = self.ledger.tokens();
-        let own_requests = self.ledger.requests();
         let room = |limit: Option<u64>, own: u64, foreign: &Option<Foreign>| {
             limit.map(|l| {
                 let f = foreign.map_or(0.0, |f| f.now(now));
@@ -459,7 +474,46 @@ impl LaneState {
     /// Whether a request estimated at `estimate` tokens fits at `now`.
     pub fn headroom(&mut self, now: u64, estimate: u64, cfg: &LaneLimits) -> Headroom {
         let p = self.predict(now, cfg);
-        headroom(&p, estimate)
+        Headroom {
+            fallback: now >= self.fallback_blocked_until,
+            ..headroom(&p, estimate)
+        }
+    }
+
+    /// A try on this lane while it had no predicted room met a 429: the
+    /// prediction is confirmed, so the lane is not tried that way again
+    /// for the next 60 s (the ledger follows it exactly meanwhile).
+    pub fn block_fallback(&mut self, now: u64) {
+        self.fallback_blocked_until = now.saturating_add(TOKEN_WINDOW_MS);
+    }
+
+    /// Milliseconds from `now` until a request of `estimate` tokens is
+    /// predicted to fit, as this gateway's reservations leave the windows
+    /// and other callers' load fades (at least 1; at most 60.1 s, when
+    /// everything has left).
+    pub fn time_until_room(&mut self, now: u64, estimate: u64, cfg: &LaneLimits) -> u64 {
+        self.ledger.advance(now);
+        if headroom(&self.predict(now, cfg), estimate).fits.is_ok() {
+            return 1;
+        }
+        let head = self.ledger.head;
+        let (mut tok, mut req) = (self.ledger.tokens(), self.ledger.requests());
+        for k in 1..=TOKEN_BUCKETS {
+            let b = head + k;
+            if let Some(old) = b.checked_sub(TOKEN_BUCKETS) {
+                tok = tok.saturating_sub(self.ledger.tokens[Ledger::slot(old)]);
+            }
+            if let Some(old) = b.checked_sub(REQUEST_BUCKETS).filter(|&o| o <= head) {
+                req = req.saturating_sub(u64::from(self.ledger.requests[Ledger::slot(old)]));
+            }
+            let t = b * BUCKET_MS;
+            let p = self.prediction(t, tok, req, cfg);
+            let utilization_ok = p.utilization.is_none_or(|u| u < UTILIZATION_SKIP_PCT);
+            if headroom(&p, estimate).fits.is_ok() && utilization_ok {
+                return t.saturating_sub(now).max(1);
+            }
+        }
+        TOKEN_WINDOW_MS + BUCKET_MS
     }
 }
 
@@ -504,6 +558,7 @@ pub fn headroom(p: &Prediction, estimate: u64) -> Headroom {
         fits,
         slack,
         fraction,
+        fallback: true,
     }
 }
 
@@ -742,6 +797,22 @@ mod tests {
             Err(SkipReason::Utilization)
         );
         assert!(s.headroom(5_000, 100, &none).fits.is_ok());
+    }
+
+    #[test]
+    fn predicts_when_a_request_will_fit_and_blocks_a_confirmed_fallback() {
+        let mut s = LaneState::default();
+        s.send(0, 4_000);
+        s.send(10_000, 4_000);
+        // 2,000 left: 3,000 (+5%) fits once the first reservation leaves.
+        assert_eq!(s.time_until_room(20_000, 3_000, &TPM), 40_100);
+        assert_eq!(s.time_until_room(20_000, 1_000, &TPM), 1);
+        // More than the whole limit: never, so the whole window.
+        assert_eq!(s.time_until_room(20_000, 20_000, &TPM), 60_100);
+        assert!(s.headroom(20_000, 3_000, &TPM).fallback);
+        s.block_fallback(20_000);
+        assert!(!s.headroom(20_000, 3_000, &TPM).fallback);
+        assert!(s.headroom(80_000, 3_000, &TPM).fallback);
     }
 
     #[test]

@@ -183,7 +183,9 @@ impl Selector {
     /// power-of-two-choices there on score + [`ROOM_WEIGHT`] × (1 − share
     /// of the token limit left). When no available candidate has room,
     /// the one with the most (largest [`Headroom::slack`], the higher
-    /// priority on a tie), unless [`Steering::allow_fallback`] is off.
+    /// priority on a tie) among those that may serve as a fallback
+    /// ([`Headroom::fallback`]), unless [`Steering::allow_fallback`] is
+    /// off.
     pub fn pick_steered(
         &self,
         backends: &[Arc<Backend>],
@@ -218,7 +220,7 @@ impl Selector {
                 if let Err(reason) = room.fits {
                     short[n_short] = (i as u8, reason);
                     n_short += 1;
-                    if best_short.is_none_or(|(_, s)| room.slack > s) {
+                    if room.fallback && best_short.is_none_or(|(_, s)| room.slack > s) {
                         best_short = Some((i, room.slack));
                     }
                     continue;
@@ -252,11 +254,10 @@ impl Selector {
             report(steer, &short[..n_short], taken);
             return Some(taken);
         }
-        if !steer.allow_fallback {
+        let Some((taken, _)) = best_short.filter(|_| steer.allow_fallback) else {
             report(steer, &short[..n_short], usize::MAX);
             return None;
-        }
-        let (taken, _) = best_short?;
+        };
         report(steer, &short[..n_short], taken);
         steer.fell_back = true;
         Some(taken)
@@ -499,6 +500,7 @@ mod tests {
                 },
                 slack,
                 fraction: (slack / 10.0).min(1.0),
+                fallback: slack >= 0.1,
             })
         }
     }
@@ -556,6 +558,12 @@ mod tests {
         bs[2].cool_down(10, 1000);
         let (p, _) = steered(&sel, &bs, &[0.5, 0.2, 0.7], &mut rng);
         assert_eq!(p, Some(0));
+        // A lane whose shortage was confirmed is not a fallback.
+        let (p, _) = steered(&sel, &bs, &[0.05, 0.2, 0.7], &mut rng);
+        assert_eq!(p, Some(1));
+        let (p, skipped) = steered(&sel, &bs, &[0.05, 0.02, 0.7], &mut rng);
+        assert_eq!(p, None);
+        assert_eq!(skipped, vec![0, 1]);
         // Without the fallback: nothing.
         let mut skipped = Vec::new();
         let mut note = |b: &Backend, _: SkipReason| skipped.push(b.index);
@@ -638,10 +646,18 @@ mod tests {
             if usable.is_empty() {
                 prop_assert_eq!(picked, None);
             } else if roomy.is_empty() {
-                let i = picked.unwrap();
-                let most = usable.iter().map(|&k| rooms[k]).fold(f64::MIN, f64::max);
-                prop_assert!(rooms[i] >= most);
-                prop_assert_eq!(skipped.len(), usable.len() - 1);
+                // Lanes with slack below 0.1 stand for confirmed shortages:
+                // never a fallback.
+                let fallbacks: Vec<usize> = usable.iter().copied().filter(|&i| rooms[i] >= 0.1).collect();
+                if fallbacks.is_empty() {
+                    prop_assert_eq!(picked, None);
+                    prop_assert_eq!(skipped.len(), usable.len());
+                } else {
+                    let i = picked.unwrap();
+                    let most = fallbacks.iter().map(|&k| rooms[k]).fold(f64::MIN, f64::max);
+                    prop_assert!(rooms[i] >= most);
+                    prop_assert_eq!(skipped.len(), usable.len() - 1);
+                }
             } else {
                 let i = picked.unwrap();
                 prop_assert!(roomy.contains(&i));

@@ -434,6 +434,9 @@ pub async fn failover(
                         observe(&parts.headers, status, ms);
                         if fallback {
                             allow_fallback = false;
+                            if let Some((lane, _, _)) = &lane {
+                                lane.with(|s| s.block_fallback(now));
+                            }
                         }
                         if let Some(shared) = &gw.shared {
                             // What the instance now has left (a longer
@@ -488,6 +491,17 @@ pub async fn failover(
 
     let now = gw.clock.now_ms();
     if let Some(retry_after_ms) = gw.selector.all_cooling(&gw.backends, serves, now) {
+        return Sent::Failed(ProxyError::AllCooling { retry_after_ms });
+    }
+    // Steering: nothing was tried because every lane is cooling or out of
+    // room as a 429 confirmed; the same answer as when all are cooling,
+    // with the wait until the first lane is predicted to have room.
+    if let Some(d) = steering
+        && last_response.is_none()
+        && last_failure.is_none()
+        && let Some(retry_after_ms) =
+            steer::out_of_room_wait(gw.selector.health(), &gw.backends, serves, d, estimate, now)
+    {
         return Sent::Failed(ProxyError::AllCooling { retry_after_ms });
     }
     if let Some((parts, body, backend)) = last_response {

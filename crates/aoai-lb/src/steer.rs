@@ -17,9 +17,10 @@ use std::sync::Arc;
 use http::{HeaderMap, StatusCode};
 use serde::Serialize;
 
-use crate::backend::Backend;
+use crate::backend::{Backend, Unavailable};
 use crate::lane::{Headroom, Lane, LaneLimits, Prediction, Reading, SkipReason, Throttle};
 use crate::log::InstanceName;
+use crate::select::HealthView;
 
 /// Output tokens assumed when a request sets no `max_tokens`,
 /// `max_completion_tokens` or `max_output_tokens`. Azure reserves the
@@ -130,6 +131,39 @@ pub fn lane(backend: &Backend, dep: &str) -> Option<(Arc<Lane>, LaneLimits)> {
 pub fn headroom(backend: &Backend, dep: &str, estimate: u64, now: u64) -> Option<Headroom> {
     let (lane, limits) = lane(backend, dep)?;
     Some(lane.with(|s| s.headroom(now, estimate, &limits)))
+}
+
+/// When no candidate can take the request now — each is cooling down
+/// after a 429, or has no predicted room and its shortage was confirmed
+/// by a 429 within the last minute (so it is no fallback) — the time
+/// (ms from `now`) until the first one is free or predicted to have room.
+/// `None` when some candidate could still be tried (or none serves).
+pub fn out_of_room_wait(
+    health: &dyn HealthView,
+    backends: &[Arc<Backend>],
+    serves: impl Fn(&Backend) -> bool,
+    dep: &str,
+    estimate: u64,
+    now: u64,
+) -> Option<u64> {
+    let mut first: Option<u64> = None;
+    for b in backends.iter().filter(|b| serves(b)) {
+        let wait = match health.check(b, now) {
+            Err(Unavailable::Cooling(until)) => until.saturating_sub(now).max(1),
+            Err(Unavailable::BreakerOpen) => return None,
+            Ok(()) => {
+                let (lane, limits) = lane(b, dep)?;
+                let wait = lane.with(|s| {
+                    let h = s.headroom(now, estimate, &limits);
+                    (h.fits.is_err() && !h.fallback)
+                        .then(|| s.time_until_room(now, estimate, &limits))
+                });
+                wait?
+            }
+        };
+        first = Some(first.map_or(wait, |f| f.min(wait)));
+    }
+    first
 }
 
 /// Counts one skip in `aoai_lb_steer_skips_total{instance,reason}`.

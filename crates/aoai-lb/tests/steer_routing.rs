@@ -222,6 +222,35 @@ async fn a_lane_comes_back_as_its_reservations_leave_the_window() {
 }
 
 #[tokio::test]
+async fn answers_429_itself_once_a_429_confirmed_that_no_lane_has_room() {
+    let time = Time::new();
+    let sims = limited_sims("confirm", &time, &[(0, 10_000)]).await;
+    let gw = start(&doc(&sims, &[10_000], &[1], true), &time).await;
+    assert_eq!(chat(&gw, 4_000).await, StatusCode::OK);
+    assert_eq!(chat(&gw, 4_000).await, StatusCode::OK);
+    time.advance(30_000);
+    assert_eq!(chat(&gw, 1_500).await, StatusCode::OK);
+    // No predicted room for 1,000: tried anyway (the prediction is an
+    // estimate), and Azure's 429 confirms it.
+    time.advance(1_000);
+    assert_eq!(chat(&gw, 1_000).await, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(throttled(&sims), 1);
+    // Its cooldown is over, but 9,000 will not fit before the 1,500 of
+    // t=30 s leaves: the gateway answers itself, with that wait.
+    time.advance(29_100);
+    let url = format!("{}{}", gw.url(), chat_path("gpt-4o"));
+    let (status, headers, _) = send(Method::POST, &url, &auth(), body(9_000)).await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+    let wait: u64 = headers["retry-after-ms"].to_str().unwrap().parse().unwrap();
+    assert!((29_000..=30_100).contains(&wait), "{wait}");
+    assert_eq!(throttled(&sims), 1, "no request sent");
+    time.advance(wait);
+    assert_eq!(chat(&gw, 9_000).await, StatusCode::OK);
+    assert_eq!(throttled(&sims), 1);
+    gw.shutdown().await;
+}
+
+#[tokio::test]
 async fn re_anchors_on_headers_that_show_another_callers_load() {
     let time = Time::new();
     let sims = limited_sims("anchor", &time, &[(0, 10_000), (0, 10_000)]).await;
