@@ -4,8 +4,7 @@
 //! process and one run, alternating which goes first in each round.
 //!
 //! ```text
-//! CARGO_PROFILE_RELEASE_LTO=off CARGO_PROFILE_RELEASE_CODEGEN_UNITS=16 \
-//!   cargo run --release -p aoai-lb --example otel_cost -- [rounds] [seconds] [connections]
+//! cargo run --release -p aoai-lb --example otel_cost -- [rounds] [seconds] [connections]
 //! ```
 //!
 //! Prints, per round and as medians: requests per second and process CPU
