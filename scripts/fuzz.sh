@@ -6,6 +6,9 @@
 # fuzz/artifacts/<target>/ and printed.
 #
 # Usage: scripts/fuzz.sh [SECONDS_PER_TARGET] [TARGET...]
+#        scripts/fuzz.sh --build-only   install cargo-fuzz and build every
+#                                       target, run nothing (scripts/test.sh
+#                                       does this in the background early)
 #   SECONDS_PER_TARGET defaults to 20.
 #   FUZZ_SANITIZER=address  builds with AddressSanitizer (default: none; the
 #                           project forbids unsafe code, so the fuzzers look
@@ -17,6 +20,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 CARGO_FUZZ_VERSION=0.13.1
+BUILD_ONLY=0
+if [ "${1:-}" = "--build-only" ]; then
+  BUILD_ONLY=1
+  shift
+fi
 SECS="${1:-20}"
 shift || true
 SANITIZER="${FUZZ_SANITIZER:-none}"
@@ -48,22 +56,50 @@ trap 'rm -rf "$scratch"' EXIT
 
 echo "==> building ${#targets[@]} fuzz targets (sanitizer: $SANITIZER)"
 fuzz build --sanitizer "$SANITIZER" --debug-assertions
+if [ "$BUILD_ONLY" = 1 ]; then
+  exit 0
+fi
 
-failed=0
-summary=()
-for t in "${targets[@]}"; do
-  echo "==> fuzzing $t for ${SECS}s"
+# One target: its outcome goes to $scratch/<target>.result, its log stays
+# in $scratch/<target>.log.
+fuzz_one() {
+  local t=$1 log="$scratch/$1.log"
   mkdir -p "$scratch/$t" "fuzz/artifacts/$t"
-  log="$scratch/$t.log"
   if fuzz run --sanitizer "$SANITIZER" --debug-assertions "$t" \
       "$scratch/$t" "fuzz/corpus/$t" -- \
       -max_total_time="$SECS" -timeout=10 -rss_limit_mb=2048 -max_len=65536 \
       -print_final_stats=1 >"$log" 2>&1; then
     execs="$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -1)"
-    summary+=("$t: ok, ${execs:-?} executions in ${SECS}s")
+    echo "ok, ${execs:-?} executions in ${SECS}s" >"$scratch/$t.result"
   else
+    echo "FAILED" >"$scratch/$t.result"
+  fi
+}
+
+# Each fuzzer is single-threaded, so as many run at once as there are CPUs
+# (FUZZ_JOBS overrides): the time box per target is unchanged, the wall time
+# of the whole step shrinks.
+jobs_max="${FUZZ_JOBS:-$(nproc 2>/dev/null || echo 1)}"
+running=0
+for t in "${targets[@]}"; do
+  if [ "$running" -ge "$jobs_max" ]; then
+    wait -n || true
+    running=$((running - 1))
+  fi
+  echo "==> fuzzing $t for ${SECS}s"
+  fuzz_one "$t" &
+  running=$((running + 1))
+done
+wait
+
+failed=0
+summary=()
+for t in "${targets[@]}"; do
+  result="$(cat "$scratch/$t.result" 2>/dev/null || echo FAILED)"
+  summary+=("$t: $result")
+  if [ "$result" = FAILED ]; then
     failed=1
-    summary+=("$t: FAILED")
+    log="$scratch/$t.log"
     echo "---- $t failed ----"
     grep -m1 -A2 'panicked at' "$log" || true
     grep -A3 'Failing input' "$log" || tail -20 "$log"

@@ -5,13 +5,56 @@
 # time-boxed run of every fuzz target.
 # Usage: scripts/test.sh          (FUZZ_SECONDS=N sets the time per fuzz target, default 15)
 # The long soak is separate: scripts/soak.sh (see RELIABILITY.md).
+#
+# Three steps that need no build of the workspace (the supply-chain check,
+# the template check, and installing cargo-fuzz plus building the fuzz
+# targets) start at once in the background at the lowest CPU priority: on a
+# fresh machine they are mostly downloads and compiling tools, which then
+# fill the CPU the test steps leave idle instead of adding to the wall time.
+# Their output is shown, in order, when the foreground steps are done.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 step() { printf '\n==> %s\n' "$*"; }
 
+logs="$(mktemp -d)"
+declare -A bg_pid=()
+cleanup() {
+  for pid in "${bg_pid[@]}"; do
+    # Each background step leads its own process group (setsid): stop all of it.
+    kill -- "-$pid" 2>/dev/null || true
+  done
+  rm -rf "$logs"
+}
+trap cleanup EXIT
+
+background() {
+  local name=$1
+  shift
+  setsid nice -n 19 "$@" >"$logs/$name.log" 2>&1 &
+  bg_pid[$name]=$!
+}
+
+# Waits for a background step and shows its output; fails like a foreground
+# step would.
+finish() {
+  local name=$1 title=$2 rc=0
+  step "$title"
+  wait "${bg_pid[$name]}" || rc=$?
+  unset 'bg_pid[$name]'
+  cat "$logs/$name.log"
+  if [ "$rc" -ne 0 ]; then
+    echo "==> FAILED: $title (exit $rc)"
+    exit "$rc"
+  fi
+}
+
 step "cargo fmt --check"
 cargo fmt --all -- --check
+
+background deploy scripts/check-deploy.sh
+background deny scripts/deny.sh
+background fuzz-build scripts/fuzz.sh --build-only
 
 step "cargo clippy (all targets, warnings are errors)"
 cargo clippy --workspace --all-targets -- -D warnings
@@ -25,11 +68,11 @@ sdk-tests/run.sh
 step "status page: JS logic (node --test) and the page in headless Chromium"
 crates/aoai-lb/tests/status-page/run.sh
 
-step "Azure deployment template: offline parse and validation (deploy/)"
-scripts/check-deploy.sh
-
-step "supply chain: cargo-deny (offline: bans, licenses, sources)"
-scripts/deny.sh
+finish deploy "Azure deployment template: offline parse and validation (deploy/)"
+finish deny "supply chain: cargo-deny (offline: bans, licenses, sources)"
+finish fuzz-build "fuzzing: install cargo-fuzz and build every target"
 
 step "fuzzing: every target, time-boxed"
 scripts/fuzz.sh "${FUZZ_SECONDS:-15}"
+
+printf '\n==> every step passed in %d min %d s\n' $((SECONDS / 60)) $((SECONDS % 60))

@@ -150,7 +150,7 @@ pub fn out_of_room_wait(
     for b in backends.iter().filter(|b| serves(b)) {
         let wait = match health.check(b, now) {
             Err(Unavailable::Cooling(until)) => until.saturating_sub(now).max(1),
-            Err(Unavailable::BreakerOpen) => return None,
+            Err(Unavailable::BreakerOpen | Unavailable::NoToken) => return None,
             Ok(()) => {
                 let (lane, limits) = lane(b, dep)?;
                 let wait = lane.with(|s| {

@@ -145,7 +145,7 @@ pub async fn run(
     gw: &GatewayState,
     ctx: &mut RequestCtx,
 ) -> Result<Response<ProxyBody>, ProxyError> {
-    identify::identify(gw, ctx)?;
+    identify::identify(gw, ctx).await?;
     if let Some(t) = ctx.record.trace.as_mut() {
         t.client.clone_from(&ctx.client);
     }
