@@ -152,6 +152,7 @@ pub async fn run(
     classify::classify(gw, ctx).await?;
     admit::permit(gw, ctx)?;
     classify::deployment_exists(gw, ctx)?;
+    admit::admit_strict(gw, ctx).await?;
     admit::admit(gw, ctx)?;
     account::plan_usage(ctx);
     let sent = forward::forward(gw, ctx).await?;
