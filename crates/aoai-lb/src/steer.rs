@@ -210,7 +210,9 @@ pub fn headroom(backend: &Backend, dep: &str, estimate: u64, now: u64) -> Option
 /// after a 429, or has no predicted room and its shortage was confirmed
 /// by a 429 within the last minute (so it is no fallback) — the time
 /// (ms from `now`) until the first one is free or predicted to have room.
-/// `None` when some candidate could still be tried (or none serves).
+/// A lane that has room again (a reservation left since the pick) counts
+/// as free in 1 ms. `None` when some candidate could still be tried as a
+/// fallback, has an open breaker or no token (or none serves).
 pub fn out_of_room_wait(
     health: &dyn HealthView,
     backends: &[Arc<Backend>],
@@ -228,8 +230,11 @@ pub fn out_of_room_wait(
                 let (lane, limits) = lane(b, dep)?;
                 let wait = lane.with(|s| {
                     let h = s.headroom(now, estimate, &limits);
-                    (h.fits.is_err() && !h.fallback)
-                        .then(|| s.time_until_room(now, estimate, &limits))
+                    if h.fits.is_ok() {
+                        Some(1)
+                    } else {
+                        (!h.fallback).then(|| s.time_until_room(now, estimate, &limits))
+                    }
                 });
                 wait?
             }
