@@ -129,8 +129,15 @@ impl Default for RoutingConfig {
 pub struct ClientConfig {
     /// Unique; goes into logs, metric labels and the admin output.
     pub name: String,
-    /// SHA-256 of each of its keys (at least one).
+    /// SHA-256 of each of its keys (may be empty when it lists Entra ID
+    /// principals).
     pub key_hashes: Vec<[u8; 32]>,
+    /// `appid`/`azp` values of Entra ID tokens served as this client,
+    /// lower-case GUIDs; empty = none.
+    pub entra_app_ids: Vec<String>,
+    /// `oid` values of Entra ID tokens served as this client, lower-case
+    /// GUIDs; empty = none.
+    pub entra_object_ids: Vec<String>,
     /// Client-facing deployment names it may use; `None` = every one.
     pub deployments: Option<std::collections::BTreeSet<String>>,
     /// Requests per sliding 60 s; `None` = unlimited.
@@ -698,6 +705,24 @@ impl RawDocument {
             Some(e) => Some(entra_config(e)?),
         };
         let clients = crate::clients::validate(self.clients, &instances, env)?;
+        // Principals are only ever seen in validated tokens: listing them
+        // without an `entra` block would silently never match.
+        if entra.is_none()
+            && let Some((i, c)) = clients
+                .iter()
+                .enumerate()
+                .find(|(_, c)| !c.entra_app_ids.is_empty() || !c.entra_object_ids.is_empty())
+        {
+            let field = if c.entra_app_ids.is_empty() {
+                "entra_object_ids"
+            } else {
+                "entra_app_ids"
+            };
+            return Err(ConfigError::new(
+                format!("clients[{i}].{field}"),
+                "needs the top-level entra block (tenant_id), which validates the tokens",
+            ));
+        }
         let redis = self.redis.map(|r| r.validate(env)).transpose()?;
 
         Ok(Config {
