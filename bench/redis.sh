@@ -46,11 +46,16 @@ PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
 trap cleanup EXIT
 
+# Background processes are started directly, never through a shell
+# function, so that $! is the process itself (taskset execs it) and the
+# clean-up stops it.
+LOAD_PIN=()
+[[ $PIN == 1 ]] && LOAD_PIN=(taskset -c 1)
 RPORT=$(free_port)
-on_cpu 1 redis-server --port "$RPORT" --bind 127.0.0.1 --save '' --appendonly no >"$OUT/redis.log" 2>&1 &
+"${LOAD_PIN[@]}" redis-server --port "$RPORT" --bind 127.0.0.1 --save '' --appendonly no >"$OUT/redis.log" 2>&1 &
 PIDS+=($!)
 SPORT=$(free_port)
-on_cpu 1 "$BIN/aoai-sim" --instances 2 --base-port "$SPORT" --api-key sim-key --threads 1 >"$OUT/sim.log" 2>&1 &
+"${LOAD_PIN[@]}" "$BIN/aoai-sim" --instances 2 --base-port "$SPORT" --api-key sim-key --threads 1 >"$OUT/sim.log" 2>&1 &
 PIDS+=($!)
 for _ in $(seq 100); do redis-cli -p "$RPORT" ping >/dev/null 2>&1 && break; sleep 0.05; done
 
