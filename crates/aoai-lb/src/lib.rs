@@ -14,6 +14,7 @@ pub mod backend;
 pub mod cli;
 pub mod clients;
 pub mod config;
+pub mod cpus;
 pub mod demo;
 pub mod error;
 pub mod limits;
