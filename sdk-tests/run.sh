@@ -168,6 +168,10 @@ export AOAI_LIMITED_KEY="$LIMITED_KEY" AOAI_NARROW_KEY="$NARROW_KEY" AOAI_SMALL_
 export AOAI_SIM_URLS="$SIM_URLS"
 export AOAI_SIM_KEY="$SIM_KEY"
 export AOAI_TARGET
+# test_entra.py starts its own keyless instance and gateway from these.
+if [ "$AOAI_TARGET" = gateway ]; then
+  export AOAI_SIM_BIN="$SIM_BIN" AOAI_LB_BIN="$LB_BIN"
+fi
 
 # ---------------------------------------------------------------- tests
 say "running pytest (target: $AOAI_TARGET)"

@@ -17,7 +17,8 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use http::HeaderValue;
 
 use crate::activity::{Activity, Unavailability};
-use crate::config::{BreakerConfig, InstanceConfig};
+use crate::config::{BackendCredential, BreakerConfig, InstanceConfig};
+use crate::credential::TokenCache;
 
 /// Monotonic milliseconds since the gateway was built, and the wall-clock
 /// time that goes with them.
@@ -227,8 +228,12 @@ pub struct Backend {
     pub prefix: String,
     /// The `Host` header for this instance.
     pub host: HeaderValue,
-    /// The `api-key` header, marked sensitive so HTTP/2 never indexes it.
-    pub api_key: HeaderValue,
+    /// The `api-key` header of a key credential, marked sensitive so
+    /// HTTP/2 never indexes it; `None` with an Entra ID credential.
+    pub api_key: Option<HeaderValue>,
+    /// The token cache of an Entra ID credential, shared with every
+    /// instance configured with the same one.
+    pub token: Option<Arc<TokenCache>>,
     base_open_ms: u64,
     /// Shared with the instance's successor when a reload keeps its name
     /// and URL, so cooldown, breaker, in-flight count and latency carry
@@ -263,6 +268,9 @@ pub enum Unavailable {
     Cooling(u64),
     /// Breaker open (or its single probe is already out).
     BreakerOpen,
+    /// An Entra ID credential without a valid token (the token endpoint
+    /// failed); available again as soon as a token arrives.
+    NoToken,
 }
 
 /// Weight of a new latency sample in the EWMA.
@@ -290,8 +298,14 @@ impl Backend {
         let authority = http::uri::Authority::try_from(host.as_str()).map_err(|_| "url")?;
         let prefix = prefix.to_owned();
         let host = HeaderValue::from_str(&host).map_err(|_| "url")?;
-        let mut api_key = HeaderValue::from_str(config.api_key.expose()).map_err(|_| "api_key")?;
-        api_key.set_sensitive(true);
+        let api_key = match &config.credential {
+            BackendCredential::ApiKey(k) => {
+                let mut v = HeaderValue::from_str(k.expose()).map_err(|_| "api_key")?;
+                v.set_sensitive(true);
+                Some(v)
+            }
+            BackendCredential::Entra(_) => None,
+        };
         Ok(Self {
             index,
             config,
@@ -301,6 +315,7 @@ impl Backend {
             prefix,
             host,
             api_key,
+            token: None,
             base_open_ms: breaker.open_ms,
             state: Arc::new(State {
                 in_flight: AtomicU32::new(0),
@@ -387,6 +402,11 @@ impl Backend {
     /// Whether the instance could take a request at `now`, without
     /// claiming anything.
     pub fn check(&self, now: u64) -> Result<(), Unavailable> {
+        if let Some(t) = &self.token
+            && !t.usable()
+        {
+            return Err(Unavailable::NoToken);
+        }
         if let Some(until) = self.cooling_until(now) {
             return Err(Unavailable::Cooling(until));
         }

@@ -13,6 +13,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::credential::{CredentialConfig, DEFAULT_SCOPE, TokenAuth};
+use crate::entra::EntraConfig;
 use crate::secret::Secret;
 
 /// A configuration problem, reported as `field: reason` on one line.
@@ -88,6 +90,9 @@ pub struct Config {
     pub circuit_breaker: BreakerConfig,
     pub server: ServerConfig,
     pub upstream: UpstreamConfig,
+    /// Validation of clients' Entra ID tokens; `None` without an `entra`
+    /// block (a JWT bearer is then just an unknown key).
+    pub entra: Option<EntraConfig>,
     /// First 16 hex digits of the SHA-256 of the document's bytes, as
     /// `sha256sum` prints them: tells which document is in use without
     /// showing it. Empty for a configuration not read from text.
@@ -149,8 +154,9 @@ pub struct InstanceConfig {
     /// Base URL, `http` or `https`, without a trailing slash. A path prefix
     /// is kept and the request path is appended to it.
     pub url: url::Url,
-    /// Sent upstream as `api-key`; never printed.
-    pub api_key: Secret,
+    /// How the gateway authenticates to the instance: its key (`api_key`,
+    /// the default) or an Entra ID token (`auth`).
+    pub credential: BackendCredential,
     /// Lower is preferred. Default 1.
     pub priority: u32,
     /// Share of traffic within a priority group. Positive, default 1.
@@ -169,6 +175,15 @@ impl InstanceConfig {
             Some(map) => map.0.get(name).map(String::as_str),
         }
     }
+}
+
+/// The gateway's credential for one instance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BackendCredential {
+    /// Sent upstream as `api-key`; never printed.
+    ApiKey(Secret),
+    /// An Entra ID access token, sent as `Authorization: Bearer`.
+    Entra(TokenAuth),
 }
 
 /// Client-facing deployment name → this instance's deployment name.
@@ -318,6 +333,7 @@ struct RawDocument {
     server: RawServer,
     #[serde(default)]
     upstream: RawUpstream,
+    entra: Option<RawEntra>,
     #[serde(default)]
     clients: Vec<crate::clients::RawClient>,
     redis: Option<crate::shared::config::RawRedis>,
@@ -328,10 +344,32 @@ struct RawDocument {
 struct RawInstance {
     name: String,
     url: String,
-    api_key: Secret,
+    api_key: Option<Secret>,
+    auth: Option<RawAuth>,
     priority: Option<u32>,
     weight: Option<f64>,
     deployments: Option<RawDeployments>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEntra {
+    tenant_id: String,
+    audiences: Option<Vec<String>>,
+    issuers: Option<Vec<String>>,
+    #[serde(default)]
+    allow_any_principal: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAuth {
+    #[serde(rename = "type")]
+    kind: String,
+    client_id: Option<String>,
+    tenant_id: Option<String>,
+    client_secret: Option<Secret>,
+    scope: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -426,13 +464,15 @@ impl Config {
             }
             // Never echo what was written under a key field: a mistyped key
             // is still a key.
-            let reason =
-                if field.contains("api_key") || field.contains("key") || field.contains("password")
-                {
-                    format!("must be a string ({})", position(&inner))
-                } else {
-                    inner.to_string()
-                };
+            let reason = if field.contains("api_key")
+                || field.contains("key")
+                || field.contains("client_secret")
+                || field.contains("password")
+            {
+                format!("must be a string ({})", position(&inner))
+            } else {
+                inner.to_string()
+            };
             ConfigError::new(field, reason)
         })?;
         let mut config = raw.validate(env)?;
@@ -474,9 +514,8 @@ impl RawDocument {
                 ));
             }
             let url = parse_base_url(&raw.url).map_err(|r| ConfigError::new(at("url"), r))?;
-            if raw.api_key.is_empty() {
-                return Err(ConfigError::new(at("api_key"), "must not be empty"));
-            }
+            let credential = backend_credential(raw.api_key, raw.auth)
+                .map_err(|(f, r)| ConfigError::new(at(&f), r))?;
             let weight = raw.weight.unwrap_or(1.0);
             if !(weight.is_finite() && weight > 0.0) {
                 return Err(ConfigError::new(
@@ -493,7 +532,7 @@ impl RawDocument {
             instances.push(InstanceConfig {
                 name: raw.name,
                 url,
-                api_key: raw.api_key,
+                credential,
                 priority: raw.priority.unwrap_or(1),
                 weight,
                 deployments,
@@ -618,6 +657,10 @@ impl RawDocument {
                 .unwrap_or(du.pool_max_idle_per_host),
         };
 
+        let entra = match self.entra {
+            None => None,
+            Some(e) => Some(entra_config(e)?),
+        };
         let clients = crate::clients::validate(self.clients, &instances, env)?;
         let redis = self.redis.map(|r| r.validate(env)).transpose()?;
 
@@ -631,9 +674,165 @@ impl RawDocument {
             circuit_breaker,
             server,
             upstream,
+            entra,
             digest: String::new(),
         })
     }
+}
+
+/// The `entra` block with its defaults.
+fn entra_config(raw: RawEntra) -> Result<EntraConfig, ConfigError> {
+    let tenant = raw.tenant_id.trim().to_ascii_lowercase();
+    if !crate::entra::is_guid(&tenant) {
+        return Err(ConfigError::new(
+            "entra.tenant_id",
+            "must be the tenant's GUID (tokens carry it in tid), not a domain name",
+        ));
+    }
+    let list = |field: &str, v: Option<Vec<String>>, default: Vec<String>| {
+        let v = v.unwrap_or(default);
+        if v.is_empty() || v.iter().any(|s| s.trim().is_empty()) {
+            return Err(ConfigError::new(
+                format!("entra.{field}"),
+                "must be a non-empty list of non-empty strings",
+            ));
+        }
+        Ok(v)
+    };
+    Ok(EntraConfig {
+        audiences: list(
+            "audiences",
+            raw.audiences,
+            vec![crate::entra::DEFAULT_AUDIENCE.to_owned()],
+        )?,
+        issuers: list(
+            "issuers",
+            raw.issuers,
+            EntraConfig::default_issuers(&tenant),
+        )?,
+        tenant_id: tenant,
+        allow_any_principal: raw.allow_any_principal,
+    })
+}
+
+/// The instance's credential from `api_key` and `auth`. On error, the
+/// field under the instance and the reason (never the value).
+fn backend_credential(
+    api_key: Option<Secret>,
+    auth: Option<RawAuth>,
+) -> Result<BackendCredential, (String, String)> {
+    let err = |f: &str, r: &str| Err((f.to_owned(), r.to_owned()));
+    let key_only = match &auth {
+        None => true,
+        Some(a) if a.kind == "api_key" => {
+            if a.client_id.is_some()
+                || a.tenant_id.is_some()
+                || a.client_secret.is_some()
+                || a.scope.is_some()
+            {
+                return err(
+                    "auth",
+                    "type api_key takes no other field; the key goes in api_key",
+                );
+            }
+            true
+        }
+        Some(_) => false,
+    };
+    let auth = match auth {
+        Some(a) if !key_only => a,
+        _ => {
+            return match api_key {
+                None => err(
+                    "api_key",
+                    "required (or set auth to an Entra ID credential)",
+                ),
+                Some(k) if k.is_empty() => err("api_key", "must not be empty"),
+                Some(k) => Ok(BackendCredential::ApiKey(k)),
+            };
+        }
+    };
+    let nonempty = |f: &str, v: Option<String>| -> Result<Option<String>, (String, String)> {
+        match v {
+            Some(s) if s.trim().is_empty() => {
+                Err((format!("auth.{f}"), "must not be empty".to_owned()))
+            }
+            other => Ok(other.map(|s| s.trim().to_owned())),
+        }
+    };
+    let client_id = nonempty("client_id", auth.client_id)?;
+    let tenant_id = nonempty("tenant_id", auth.tenant_id)?;
+    if let Some(t) = &tenant_id
+        && !crate::credential::valid_tenant(t)
+    {
+        return err("auth.tenant_id", "must be a GUID or a domain name");
+    }
+    let scope = nonempty("scope", auth.scope)?.unwrap_or_else(|| DEFAULT_SCOPE.to_owned());
+    if url::Url::parse(&scope).is_err() {
+        return err(
+            "auth.scope",
+            "must be a URI such as https://cognitiveservices.azure.com/.default",
+        );
+    }
+    let only = |what: &str, present: &[(&str, bool)]| -> Result<(), (String, String)> {
+        match present.iter().find(|(_, p)| *p) {
+            Some((f, _)) => Err((format!("auth.{f}"), format!("not used by type {what}"))),
+            None => Ok(()),
+        }
+    };
+    if api_key.is_some() {
+        return err(
+            "api_key",
+            "must not be set together with an Entra ID auth (choose one credential)",
+        );
+    }
+    let credential = match auth.kind.as_str() {
+        "managed_identity" => {
+            only(
+                "managed_identity",
+                &[
+                    ("tenant_id", tenant_id.is_some()),
+                    ("client_secret", auth.client_secret.is_some()),
+                ],
+            )?;
+            CredentialConfig::ManagedIdentity { client_id }
+        }
+        "workload_identity" => {
+            only(
+                "workload_identity",
+                &[("client_secret", auth.client_secret.is_some())],
+            )?;
+            CredentialConfig::WorkloadIdentity {
+                client_id,
+                tenant_id,
+            }
+        }
+        "client_secret" => {
+            let Some(tenant_id) = tenant_id else {
+                return err("auth.tenant_id", "required with type client_secret");
+            };
+            let Some(client_id) = client_id else {
+                return err("auth.client_id", "required with type client_secret");
+            };
+            let Some(client_secret) = auth.client_secret.filter(|s| !s.is_empty()) else {
+                return err("auth.client_secret", "required with type client_secret");
+            };
+            CredentialConfig::ClientSecret {
+                tenant_id,
+                client_id,
+                client_secret,
+            }
+        }
+        other => {
+            return Err((
+                "auth.type".to_owned(),
+                format!(
+                    "unknown type {other:?} (expected api_key, managed_identity, workload_identity or client_secret)"
+                ),
+            ));
+        }
+    };
+    Ok(BackendCredential::Entra(TokenAuth { credential, scope }))
 }
 
 fn positive_ms(
@@ -896,6 +1095,125 @@ mod tests {
         let e = err("{\"i\\nstances\":[]}");
         assert!(!e.contains('\n'), "{e}");
         assert!(e.contains("i\\nstances"), "{e}");
+    }
+
+    fn auth_err(auth: &str, key: bool) -> String {
+        let key = if key { r#","api_key":"k""# } else { "" };
+        err(&format!(
+            r#"{{"instances":[{{"name":"a","url":"https://a.example.com"{key},"auth":{auth}}}]}}"#
+        ))
+    }
+
+    fn auth_ok(auth: &str) -> BackendCredential {
+        let doc = format!(
+            r#"{{"instances":[{{"name":"a","url":"https://a.example.com","auth":{auth}}}]}}"#
+        );
+        Config::from_json(&doc).unwrap().instances[0]
+            .credential
+            .clone()
+    }
+
+    #[test]
+    fn reads_the_entra_block_with_its_defaults() {
+        let t = "9C1C4E5A-7D0B-4C6E-9A43-5E1F2B3C4D5E";
+        let doc = format!(
+            r#"{{"instances":[{{"name":"a","url":"https://a.example.com","api_key":"k"}}],"entra":{{"tenant_id":"{t}"}}}}"#
+        );
+        let e = Config::from_json(&doc).unwrap().entra.unwrap();
+        let t = t.to_ascii_lowercase();
+        assert_eq!(e.tenant_id, t);
+        assert_eq!(e.audiences, ["https://cognitiveservices.azure.com"]);
+        assert_eq!(e.issuers, EntraConfig::default_issuers(&t));
+        assert!(!e.allow_any_principal);
+        let bad = r#"{"instances":[{"name":"a","url":"https://a.example.com","api_key":"k"}],"entra":{"tenant_id":"contoso.onmicrosoft.com"}}"#;
+        assert!(err(bad).starts_with("entra.tenant_id: "));
+        let bad = format!(
+            r#"{{"instances":[{{"name":"a","url":"https://a.example.com","api_key":"k"}}],"entra":{{"tenant_id":"{t}","audiences":[]}}}}"#
+        );
+        assert!(err(&bad).starts_with("entra.audiences: "));
+    }
+
+    #[test]
+    fn reads_every_auth_type() {
+        assert_eq!(
+            auth_ok(r#"{"type":"managed_identity"}"#),
+            BackendCredential::Entra(TokenAuth {
+                credential: CredentialConfig::ManagedIdentity { client_id: None },
+                scope: DEFAULT_SCOPE.into()
+            })
+        );
+        assert_eq!(
+            auth_ok(
+                r#"{"type":"managed_identity","client_id":"c","scope":"https://ai.azure.com/.default"}"#
+            ),
+            BackendCredential::Entra(TokenAuth {
+                credential: CredentialConfig::ManagedIdentity {
+                    client_id: Some("c".into())
+                },
+                scope: "https://ai.azure.com/.default".into()
+            })
+        );
+        assert!(matches!(
+            auth_ok(r#"{"type":"workload_identity"}"#),
+            BackendCredential::Entra(TokenAuth {
+                credential: CredentialConfig::WorkloadIdentity { .. },
+                ..
+            })
+        ));
+        assert!(matches!(
+            auth_ok(
+                r#"{"type":"client_secret","tenant_id":"t","client_id":"c","client_secret":"s"}"#
+            ),
+            BackendCredential::Entra(TokenAuth {
+                credential: CredentialConfig::ClientSecret { .. },
+                ..
+            })
+        ));
+        let doc = r#"{"instances":[{"name":"a","url":"https://a.example.com","api_key":"k","auth":{"type":"api_key"}}]}"#;
+        assert_eq!(
+            Config::from_json(doc).unwrap().instances[0].credential,
+            BackendCredential::ApiKey(Secret::new("k"))
+        );
+    }
+
+    #[test]
+    fn names_the_auth_field_at_fault_without_echoing_secrets() {
+        assert!(
+            auth_err(r#"{"type":"managed_identity"}"#, true)
+                .starts_with("instances[0].api_key: must not be set together")
+        );
+        assert!(
+            auth_err(r#"{"type":"magic"}"#, false)
+                .starts_with("instances[0].auth.type: unknown type")
+        );
+        assert!(
+            auth_err(
+                r#"{"type":"client_secret","client_id":"c","client_secret":"s"}"#,
+                false
+            )
+            .starts_with("instances[0].auth.tenant_id: required")
+        );
+        assert!(
+            auth_err(
+                r#"{"type":"managed_identity","client_secret":"hush-123"}"#,
+                false
+            )
+            .starts_with("instances[0].auth.client_secret: not used")
+        );
+        let e = auth_err(
+            r#"{"type":"client_secret","tenant_id":"t","client_id":"c","client_secret":98765}"#,
+            false,
+        );
+        assert!(e.starts_with("instances[0].auth.client_secret: "), "{e}");
+        assert!(!e.contains("98765"), "{e}");
+        assert!(
+            auth_err(r#"{"type":"api_key"}"#, false).starts_with("instances[0].api_key: required")
+        );
+        assert!(
+            auth_err(r#"{"type":"workload_identity","tenant_id":"a/b"}"#, false)
+                .starts_with("instances[0].auth.tenant_id")
+        );
+        assert!(auth_err(r#"{"type":"managed_identity","scpoe":"x"}"#, false).contains("scpoe"));
     }
 
     #[test]

@@ -103,6 +103,9 @@ pub enum ProxyError {
     /// No or wrong client key.
     #[error("missing or invalid client key")]
     Unauthorized,
+    /// A client's Entra ID token was refused; the reason goes in the body.
+    #[error("client token refused: {0}")]
+    InvalidToken(crate::entra::TokenRejection),
     /// The request body exceeds `max_request_body_bytes`.
     #[error("request body larger than {limit} bytes")]
     BodyTooLarge {
@@ -193,7 +196,7 @@ impl ProxyError {
     /// The phase this error belongs to.
     pub fn phase(&self) -> Phase {
         match self {
-            ProxyError::Unauthorized => Phase::Auth,
+            ProxyError::Unauthorized | ProxyError::InvalidToken(_) => Phase::Auth,
             ProxyError::BodyTooLarge { .. } | ProxyError::ClientBody => Phase::Client,
             ProxyError::BadRequest(_) => Phase::Route,
             ProxyError::DeploymentNotFound
@@ -219,7 +222,7 @@ impl ProxyError {
     /// The status the client receives.
     pub fn status(&self) -> StatusCode {
         match self {
-            ProxyError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ProxyError::Unauthorized | ProxyError::InvalidToken(_) => StatusCode::UNAUTHORIZED,
             ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::ClientBody | ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::DeploymentNotFound => StatusCode::NOT_FOUND,
@@ -241,6 +244,7 @@ impl ProxyError {
     pub fn label(&self) -> &'static str {
         match self {
             ProxyError::Unauthorized => "unauthorized",
+            ProxyError::InvalidToken(_) => "invalid_token",
             ProxyError::BodyTooLarge { .. } => "body_too_large",
             ProxyError::ClientBody | ProxyError::BadRequest(_) => "bad_request",
             ProxyError::DeploymentNotFound => "deployment_not_found",
@@ -289,6 +293,7 @@ impl ProxyError {
     fn code(&self) -> &'static str {
         match self {
             ProxyError::Unauthorized => "401",
+            ProxyError::InvalidToken(_) => "invalid_token",
             ProxyError::BodyTooLarge { .. } => "request_too_large",
             ProxyError::ClientBody | ProxyError::BadRequest(_) => "invalid_request",
             // Azure's own spelling, so SDKs and tools recognise it.
@@ -309,7 +314,7 @@ impl ProxyError {
 
     fn kind(&self) -> &'static str {
         match self {
-            ProxyError::Unauthorized => "invalid_request_error",
+            ProxyError::Unauthorized | ProxyError::InvalidToken(_) => "invalid_request_error",
             ProxyError::BodyTooLarge { .. }
             | ProxyError::ClientBody
             | ProxyError::BadRequest(_)
@@ -328,6 +333,7 @@ impl ProxyError {
     fn message(&self) -> String {
         match self {
             ProxyError::Unauthorized => "Access denied due to a missing or invalid API key. Send it as 'api-key: <key>' or 'Authorization: Bearer <key>'.".to_owned(),
+            ProxyError::InvalidToken(r) => format!("Access denied: {r}."),
             ProxyError::BodyTooLarge { limit } => {
                 format!("The request body exceeds the gateway's limit of {limit} bytes.")
             }
@@ -445,6 +451,12 @@ impl ProxyError {
         if self == ProxyError::Unauthorized {
             h.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
+        if let ProxyError::InvalidToken(_) = self {
+            h.insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer error=\"invalid_token\""),
+            );
+        }
         resp
     }
 }
@@ -477,6 +489,18 @@ pub enum GatewayError {
         index: usize,
         /// `api_key` or `url`.
         field: &'static str,
+    },
+    /// Client tokens cannot be validated here (a bad `AZURE_AUTHORITY_HOST`).
+    #[error("entra: {0}")]
+    Entra(String),
+    /// An instance's Entra ID credential cannot work here (a variable it
+    /// needs is missing or invalid).
+    #[error("instances[{index}].auth: {reason}")]
+    Credential {
+        /// Index of the (first) instance using the credential.
+        index: usize,
+        /// What is missing, in words.
+        reason: String,
     },
 }
 

@@ -174,6 +174,7 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
         },
         tracing: otel.clone(),
         clock: aoai_lb::backend::Clock::new(),
+        azure_env: aoai_lb::credential::AzureEnv::from_process(),
         config_file: match &settings.source {
             ConfigSource::File(path) => Some(path.clone()),
             _ => None,

@@ -12,8 +12,9 @@ use arc_swap::ArcSwap;
 use http::{Request, Response};
 use hyper::body::Incoming;
 
-use crate::backend::Clock;
+use crate::backend::{Clock, Unavailable};
 use crate::config::Config;
+use crate::credential::{AzureEnv, TokenCache, TokenState};
 use crate::error::GatewayError;
 #[cfg(doc)]
 use crate::error::ProxyError;
@@ -56,6 +57,26 @@ pub struct BackendStatus {
     pub requests: u64,
     /// 5xx, timeouts, connection and auth failures.
     pub failures: u64,
+    /// Why the instance cannot take requests now, in words (`null` when it
+    /// can): a cooldown, an open breaker, or no Entra ID token.
+    pub unavailable: Option<String>,
+    /// The Entra ID credential, for instances that use one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub credential: Option<CredentialStatus>,
+}
+
+/// An Entra ID credential in the `/admin/backends` document. Never holds a
+/// token or secret.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CredentialStatus {
+    /// `type:client_id` (`managed_identity:system`, ...).
+    pub name: String,
+    /// `pending` (first fetch under way), `ok` or `failing`.
+    pub state: TokenState,
+    /// Seconds until the current token expires (0 without one).
+    pub token_expires_in_s: u64,
+    /// The last fetch error while failing.
+    pub last_error: Option<String>,
 }
 
 /// One client in the `/admin/clients` document. Never holds a key or a
@@ -138,11 +159,47 @@ impl Gateway {
         clock: Clock,
         tracing: Option<Arc<crate::otel::Tracing>>,
     ) -> Result<Gateway, GatewayError> {
-        let mut state = GatewayState::new(config, client_key, clock)?;
+        Self::with_env(
+            config,
+            client_key,
+            clock,
+            &AzureEnv::from_process(),
+            tracing,
+        )
+    }
+
+    /// [`Gateway::with_tracing`] with the Azure identity variables of `env`
+    /// instead of the process environment.
+    ///
+    /// # Errors
+    /// As [`Gateway::new`], and when an instance's Entra ID credential
+    /// cannot work in `env`.
+    pub fn with_env(
+        config: Arc<Config>,
+        client_key: Option<Secret>,
+        clock: Clock,
+        env: &AzureEnv,
+        tracing: Option<Arc<crate::otel::Tracing>>,
+    ) -> Result<Gateway, GatewayError> {
+        let mut state = GatewayState::with_env(config, client_key, clock, env)?;
         state.tracing = tracing;
         Ok(Gateway {
             inner: Arc::new(ArcSwap::from_pointee(state)),
         })
+    }
+
+    /// The distinct Entra ID token caches in use now, in order of first use.
+    pub fn credentials(&self) -> Vec<Arc<TokenCache>> {
+        let gw = self.state();
+        let mut out: Vec<Arc<TokenCache>> = Vec::new();
+        for b in &gw.backends {
+            if let Some(t) = &b.token
+                && !out.iter().any(|o| Arc::ptr_eq(o, t))
+            {
+                out.push(Arc::clone(t));
+            }
+        }
+        out
     }
 
     /// The state new requests use now (configuration, instances, clock).
@@ -172,6 +229,22 @@ impl Gateway {
                 latency_ewma_ms: b.latency_ewma_ms(),
                 requests: b.requests(),
                 failures: b.failures(),
+                unavailable: match gw.selector.health().check(b, now) {
+                    Ok(()) => None,
+                    Err(Unavailable::Cooling(_)) => Some("cooling down after a 429".to_owned()),
+                    Err(Unavailable::BreakerOpen) => Some("circuit breaker open".to_owned()),
+                    Err(Unavailable::NoToken) => b
+                        .token
+                        .as_ref()
+                        .and_then(|t| t.unavailable_reason())
+                        .or_else(|| Some("no valid Entra ID token".to_owned())),
+                },
+                credential: b.token.as_ref().map(|t| CredentialStatus {
+                    name: t.label.clone(),
+                    state: t.state(),
+                    token_expires_in_s: t.expires_in_secs(),
+                    last_error: t.last_error().map(|e| e.to_string()),
+                }),
             })
             .collect()
     }

@@ -117,7 +117,7 @@ fn settings_differ(a: &InstanceConfig, b: &InstanceConfig) -> bool {
     a.priority != b.priority
         || a.weight.to_bits() != b.weight.to_bits()
         || a.deployments != b.deployments
-        || !a.api_key.matches(b.api_key.expose().as_bytes())
+        || a.credential != b.credential
 }
 
 impl GatewayState {
@@ -139,6 +139,16 @@ impl GatewayState {
         if next.instances.len() > MAX_INSTANCES {
             return Err(GatewayError::TooManyInstances { max: MAX_INSTANCES });
         }
+        // Entra ID credentials the running state already has keep their
+        // cache (and token); new ones start fetching now.
+        let caches =
+            crate::state::token_caches(&next, &self.azure_env, &self.client, &self.backends)?;
+        let entra = crate::state::entra_validator(
+            &next,
+            &self.azure_env,
+            &self.client,
+            self.entra.as_ref(),
+        )?;
         // Old index → new index, for the instances that stay.
         let mut moved: Vec<Option<usize>> = vec![None; self.backends.len()];
         let mut backends = Vec::with_capacity(next.instances.len());
@@ -161,9 +171,10 @@ impl GatewayState {
                     Backend::new(i, c.clone(), &next.circuit_breaker)
                 }
             };
-            backends.push(Arc::new(
-                built.map_err(|field| GatewayError::InvalidHeader { index: i, field })?,
-            ));
+            let mut built =
+                built.map_err(|field| GatewayError::InvalidHeader { index: i, field })?;
+            built.token = caches[i].clone();
+            backends.push(Arc::new(built));
         }
         let mut draining: Vec<Arc<Backend>> = self
             .draining
@@ -200,6 +211,8 @@ impl GatewayState {
                 clock: self.clock.clone(),
                 affinity: Arc::new(affinity),
                 draining,
+                azure_env: self.azure_env.clone(),
+                entra,
                 rates: Arc::clone(&self.rates),
                 // Tracing is process-wide: a reload keeps the exporter.
                 tracing: self.tracing.clone(),

@@ -231,11 +231,24 @@ fn strip_subprotocol_keys(headers: &mut HeaderMap) {
 }
 
 /// The per-attempt header map: the prepared headers plus this instance's
-/// `Host` and `api-key`.
-pub fn attempt_headers(prepared: &HeaderMap, backend: &Backend) -> HeaderMap {
+/// `Host` and credential: `bearer` (`Bearer <token>` of an Entra ID
+/// credential) as `Authorization`, else the instance's `api-key`.
+pub fn attempt_headers(
+    prepared: &HeaderMap,
+    backend: &Backend,
+    bearer: Option<&HeaderValue>,
+) -> HeaderMap {
     let mut h = prepared.clone();
     h.insert(header::HOST, backend.host.clone());
-    h.insert(API_KEY.clone(), backend.api_key.clone());
+    match (bearer, &backend.api_key) {
+        (Some(b), _) => {
+            h.insert(header::AUTHORIZATION, b.clone());
+        }
+        (None, Some(k)) => {
+            h.insert(API_KEY.clone(), k.clone());
+        }
+        (None, None) => {}
+    }
     h
 }
 
@@ -625,7 +638,7 @@ mod tests {
         h.insert("host", HeaderValue::from_static("gateway"));
         h.insert("content-length", HeaderValue::from_static("5"));
         prepare_request_headers(&mut h, &HeaderValue::from_static("rid"), false);
-        let a = attempt_headers(&h, &b);
+        let a = attempt_headers(&h, &b, None);
         assert!(a.get("authorization").is_none());
         assert_eq!(a["api-key"], "backend-key");
         assert!(a["api-key"].is_sensitive());
@@ -655,7 +668,7 @@ mod tests {
             h.append(k, HeaderValue::from_static(v));
         }
         prepare_request_headers(&mut h, &HeaderValue::from_static("rid"), false);
-        let a = attempt_headers(&h, &b);
+        let a = attempt_headers(&h, &b, None);
         let mut names: Vec<&str> = a.keys().map(HeaderName::as_str).collect();
         names.sort_unstable();
         assert_eq!(

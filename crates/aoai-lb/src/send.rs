@@ -35,6 +35,12 @@ use crate::route::Route;
 use crate::select::IndexSet;
 use crate::state::GatewayState;
 
+/// Longest wait for the first token of an Entra ID credential (only the
+/// requests that arrive before its first fetch completes wait).
+const FIRST_TOKEN_WAIT: Duration = Duration::from_secs(10);
+/// Longest wait for a new token after a backend 401, before the replay.
+const REPLAY_TOKEN_WAIT: Duration = Duration::from_secs(5);
+
 /// Largest error body (429, 5xx, 401/403, 404) kept in memory so it can be
 /// returned unchanged if no other instance does better. Azure's error
 /// bodies are a few hundred bytes.
@@ -278,14 +284,52 @@ pub async fn failover(
             // Lost the half-open probe to another request.
             continue;
         };
-        let req = match build_request(out, backend, dep) {
+        // An Entra ID credential: the cached token. Only before the first
+        // fetch has completed does this wait; without a valid token the
+        // instance is skipped (it is not the instance's fault).
+        let token = match &backend.token {
+            None => None,
+            Some(cache) => match cache
+                .bearer(FIRST_TOKEN_WAIT.min(timeouts.response_headers))
+                .await
+            {
+                Some(t) => Some(t),
+                None => continue,
+            },
+        };
+        let req = match build_request(out, backend, dep, token.as_ref().map(|t| &t.header)) {
             Ok(r) => r,
             Err(e) => return Sent::Failed(e),
         };
 
-        let started = Instant::now();
-        let result = tokio::time::timeout(timeouts.response_headers, client.request(req)).await;
+        let mut started = Instant::now();
+        let mut result = tokio::time::timeout(timeouts.response_headers, client.request(req)).await;
         let mut elapsed = started.elapsed();
+
+        // A 401 to a token: fetch a new one and replay once on this
+        // instance. A second 401 (or no newer token) fails over below.
+        if let (Some(cache), Some(sent)) = (&backend.token, &token)
+            && matches!(&result, Ok(Ok(r)) if r.status() == StatusCode::UNAUTHORIZED)
+            && let Some(fresh) = cache.refresh_after_401(sent, REPLAY_TOKEN_WAIT).await
+        {
+            record(
+                backend,
+                attempts,
+                Outcome::BackendAuthError,
+                Some(StatusCode::UNAUTHORIZED),
+                started,
+                elapsed,
+            );
+            *upstream_wait += elapsed;
+            drop(result);
+            let req = match build_request(out, backend, dep, Some(&fresh.header)) {
+                Ok(r) => r,
+                Err(e) => return Sent::Failed(e),
+            };
+            started = Instant::now();
+            result = tokio::time::timeout(timeouts.response_headers, client.request(req)).await;
+            elapsed = started.elapsed();
+        }
 
         let (outcome, status) = match result {
             Err(_) => {
@@ -443,6 +487,7 @@ fn build_request(
     out: &Outgoing<'_>,
     backend: &Backend,
     dep: Option<&str>,
+    bearer: Option<&http::HeaderValue>,
 ) -> Result<Request<Full<Bytes>>, ProxyError> {
     let backend_dep = dep.and_then(|d| backend.config.backend_deployment(d));
     let uri = rewrite::upstream_uri(backend, out.path, out.query, out.route, backend_dep)
@@ -455,7 +500,7 @@ fn build_request(
     )));
     *req.method_mut() = out.method.clone();
     *req.uri_mut() = uri;
-    *req.headers_mut() = rewrite::attempt_headers(out.headers, backend);
+    *req.headers_mut() = rewrite::attempt_headers(out.headers, backend, bearer);
     if let Some(t) = out.trace {
         req.headers_mut().insert(
             crate::otel::TRACEPARENT.clone(),
@@ -493,7 +538,11 @@ pub async fn merged_list(
     let timeouts = gw.config.timeouts;
     let calls = targets.iter().map(|backend| async move {
         let slot = backend.try_acquire(now)?;
-        let req = build_request(out, backend, None).ok()?;
+        let token = match &backend.token {
+            None => None,
+            Some(cache) => Some(cache.current()?),
+        };
+        let req = build_request(out, backend, None, token.as_ref().map(|t| &t.header)).ok()?;
         let started = Instant::now();
         let result = tokio::time::timeout(timeouts.response_headers, gw.client.request(req)).await;
         let (outcome, answer) = match result {

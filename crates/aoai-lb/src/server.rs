@@ -36,6 +36,7 @@
 //! Everything else goes to a [`Handler`], in production the
 //! [`crate::proxy::Gateway`].
 
+use crate::credential::AzureEnv;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -132,6 +133,9 @@ pub struct ServeOptions {
     /// The gateway's clock. Default: the real one; tests pass a manual
     /// [`Clock`] to step through cooldowns and limit windows.
     pub clock: Clock,
+    /// The Azure identity variables (`IDENTITY_ENDPOINT`, `AZURE_*`) that
+    /// Entra ID backend credentials read. Default: the process environment.
+    pub azure_env: AzureEnv,
     /// The trace exporter, when tracing is on ([`crate::otel`]). Default
     /// `None`: no spans, no `traceparent` rewriting.
     pub tracing: Option<Arc<crate::otel::Tracing>>,
@@ -156,6 +160,7 @@ impl Default for ServeOptions {
             config_file: None,
             config_poll: Some(crate::reload::DEFAULT_POLL),
             clock: Clock::new(),
+            azure_env: AzureEnv::from_process(),
             tracing: None,
             workers: 1,
         }
@@ -176,6 +181,7 @@ impl ServeOptions {
             config_file: None,
             config_poll: Some(crate::reload::DEFAULT_POLL),
             clock: Clock::new(),
+            azure_env: AzureEnv::from_process(),
             tracing: None,
             workers: 1,
         }
@@ -352,10 +358,11 @@ pub async fn spawn(config: Arc<Config>, opts: ServeOptions) -> Result<ServerHand
     // The recorder must exist before the gateway caches its metric handles;
     // handles taken earlier would record nowhere.
     crate::metrics::install()?;
-    let gateway = crate::proxy::Gateway::with_tracing(
+    let gateway = crate::proxy::Gateway::with_env(
         config.clone(),
         opts.client_key.clone(),
         opts.clock.clone(),
+        &opts.azure_env,
         opts.tracing.clone(),
     )
     .map_err(|e| ServeError::Gateway(e.to_string()))?;
@@ -389,8 +396,13 @@ impl Handler for crate::proxy::Gateway {
     }
 
     fn refresh_gauges(&self) {
+        for c in self.credentials() {
+            metrics::gauge!("aoai_lb_token_expires_in_seconds", "credential" => c.label.clone())
+                .set(c.expires_in_secs() as f64);
+        }
         for b in self.backends() {
-            let available = b.cooldown_remaining_ms == 0 && b.breaker != "open";
+            let available =
+                b.cooldown_remaining_ms == 0 && b.breaker != "open" && b.unavailable.is_none();
             metrics::gauge!(crate::metrics::INSTANCE_AVAILABLE, "instance" => b.name)
                 .set(if available { 1.0 } else { 0.0 });
         }

@@ -191,6 +191,9 @@ pub fn instance(b: &Backend, now: u64, history_now: u64, draining: bool) -> Inst
         "draining"
     } else if cooldown > 0 {
         "cooling"
+    } else if b.token.as_ref().is_some_and(|t| !t.usable()) {
+        // An Entra ID credential without a valid token.
+        "no_token"
     } else {
         match breaker {
             BreakerState::Closed => "ok",

@@ -583,3 +583,78 @@ async fn a_replica_started_while_redis_is_down_serves_at_once_and_joins_later() 
     a.wait_state("up", Duration::from_secs(3)).await;
     assert_eq!(a.chat().await.0, StatusCode::OK);
 }
+
+/// Two replicas sharing a client with `rpm` 30 (and an own window of 30
+/// each, which alone would let 60 through), hammered alternately for up
+/// to `for_ms`: returns how many requests were admitted.
+async fn admitted_across_two_replicas(
+    mode: &str,
+    for_ms: u64,
+) -> (usize, serde_json::Value, String) {
+    let redis = Redis::start();
+    let sims = sims(1).await;
+    let doc = config_with(
+        &sims,
+        serde_json::json!({
+            "clients": [{"name": "team", "key": "team-key-1", "rpm": 30}],
+            "redis": {
+                "url": redis.url(),
+                "key_prefix": format!("t{}:", fastrand::u32(..)),
+                "sync_interval_ms": 200,
+                "op_timeout_ms": 100,
+                "quota_mode": mode,
+            },
+        }),
+    );
+    let a = replica(&doc);
+    let b = replica(&doc);
+    a.wait_state("up", Duration::from_secs(5)).await;
+    b.wait_state("up", Duration::from_secs(5)).await;
+    // Both replicas have heartbeaten and taken their first leases.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let headers = vec![
+        ("api-key", "team-key-1".to_owned()),
+        ("content-type", "application/json".to_owned()),
+    ];
+    let mut ok = 0;
+    let started = Instant::now();
+    let mut i = 0;
+    while started.elapsed() < Duration::from_millis(for_ms) && i < 600 {
+        let r = if i % 2 == 0 { &a } else { &b };
+        let (s, _, body) = send(
+            Method::POST,
+            &format!("{}{}", r.url, chat_path("gpt-4o")),
+            &headers,
+            chat_body(false),
+        )
+        .await;
+        match s {
+            StatusCode::OK => ok += 1,
+            StatusCode::TOO_MANY_REQUESTS => {}
+            other => panic!("{other}: {}", String::from_utf8_lossy(&body)),
+        }
+        i += 1;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    (ok, a.redis_status().await, a.metrics().await)
+}
+
+#[tokio::test]
+async fn two_replicas_together_admit_no_more_than_a_clients_rpm_with_leases() {
+    let (ok, status, metrics) = admitted_across_two_replicas("lease", 3_000).await;
+    // Never above the limit; under-use at most one lease per replica
+    // (30 / (8 × replicas), at least 1: 3 before the replicas see each
+    // other, 1 after).
+    assert!(ok <= 30, "over the limit: {ok}");
+    assert!(ok >= 30 - 2 * 3, "under-use beyond the stated bound: {ok}");
+    assert_eq!(status["quotas"]["replicas_seen"], 2, "{status}");
+    // Leases are taken in the background: no call per request.
+    assert!(!metrics.contains("op=\"strict_take\""), "{metrics}");
+    assert!(metrics.contains("op=\"lease\""), "{metrics}");
+}
+
+#[tokio::test]
+async fn two_replicas_together_admit_exactly_a_clients_rpm_in_strict_mode() {
+    let (ok, _, _) = admitted_across_two_replicas("strict", 1_500).await;
+    assert_eq!(ok, 30);
+}

@@ -147,6 +147,13 @@ pub struct InstanceConfig {
     /// this many milliseconds (as Azure's front ends close idle connections);
     /// `None` keeps idle connections open forever.
     pub idle_timeout_ms: Option<u64>,
+    /// Azure's `disableLocalAuth`: keys get 403 `AuthenticationTypeDisabled`
+    /// and only Entra ID bearer tokens are accepted (default off).
+    pub local_auth_disabled: bool,
+    /// Principals (`oid`, `appid` or `azp`) holding the "Cognitive Services
+    /// OpenAI User" role; a valid token of anyone else gets 401
+    /// `PermissionDenied`. `None` (default): every valid token of the tenant.
+    pub entra_principals: Option<Vec<String>>,
     /// Clock of the admission windows and the prompt cache; `None` = a system
     /// clock of the instance's own. Not part of the config file.
     #[serde(skip)]
@@ -180,8 +187,23 @@ impl InstanceConfig {
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             embedding_dimensions: DEFAULT_EMBEDDING_DIMENSIONS,
             idle_timeout_ms: None,
+            local_auth_disabled: false,
+            entra_principals: None,
             clock: None,
         }
+    }
+
+    /// Azure's `disableLocalAuth`: refuse keys, accept only Entra ID tokens.
+    pub fn local_auth_disabled(mut self, disabled: bool) -> Self {
+        self.local_auth_disabled = disabled;
+        self
+    }
+
+    /// Only these principals (`oid`, `appid` or `azp`) hold the data-plane
+    /// role; other valid tokens get 401 `PermissionDenied`.
+    pub fn entra_principals(mut self, ids: &[&str]) -> Self {
+        self.entra_principals = Some(ids.iter().map(|s| (*s).to_owned()).collect());
+        self
     }
 
     /// Accept this key instead of `sim-key`.

@@ -17,13 +17,16 @@
 // built once on a cold path, so boxing it would only add an allocation.
 #![allow(clippy::result_large_err)]
 
+mod access;
 mod admin;
 mod azure;
 mod body;
 mod clock;
 mod config;
 mod fault;
+pub mod identity;
 mod journal;
+mod jwt;
 mod media;
 mod multipart;
 mod openai;
@@ -44,6 +47,10 @@ pub use config::{
     DeploymentOverride, InstanceConfig, Latency, RateLimit,
 };
 pub use fault::Fault;
+pub use identity::{
+    ClientToken, IdentityConfig, IdentityCounts, IdentityHandle, SigningKey, start_identity,
+    start_identity_on,
+};
 pub use journal::{JournalEntry, Outcome};
 pub use openai::{STREAM_OPTIONS_SINCE, embedding_vector};
 pub use prompt_cache::{PROMPT_CACHE_MIN_TOKENS, PROMPT_CACHE_STEP_TOKENS, PROMPT_CACHE_TTL};
@@ -62,6 +69,7 @@ pub mod tokenizer {
 
 /// Azure's canonical bodies, for tests that compare what a client received.
 pub mod bodies {
+    pub use crate::access::{AUTHENTICATION_TYPE_DISABLED, PERMISSION_DENIED, TOKEN_UNAUTHORIZED};
     pub use crate::azure::{
         CONTENT_FILTER, DEPLOYMENT_NOT_FOUND, FILTER_RESULTS_SAFE, POLICY_CALLS, POLICY_TOKENS,
         RESOURCE_NOT_FOUND, SERVER_ERROR, UNAUTHORIZED, UNRECOGNIZED_STREAM_OPTIONS,

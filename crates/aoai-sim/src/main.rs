@@ -80,6 +80,20 @@ struct Cli {
     /// Worker threads (default: the CPUs this process may use; 1 = single-threaded).
     #[arg(long)]
     threads: Option<usize>,
+    /// Refuse keys (403 AuthenticationTypeDisabled) and accept only Entra ID
+    /// tokens, as a resource with disableLocalAuth.
+    #[arg(long)]
+    local_auth_disabled: bool,
+    /// Also serve a simulated Entra ID / managed-identity host on this port
+    /// (token, IMDS, JWKS and /_sim/mint routes; see the README).
+    #[arg(long)]
+    identity_port: Option<u16>,
+    /// Lifetime of tokens the identity host issues, in seconds.
+    #[arg(long, default_value_t = 3599)]
+    token_lifetime_secs: u64,
+    /// An app registration the identity host knows, as CLIENT_ID:SECRET (repeatable).
+    #[arg(long)]
+    client_secret: Vec<String>,
 }
 
 /// An instance to start and where.
@@ -143,7 +157,40 @@ fn flag_defaults(cli: &Cli) -> Map<String, Value> {
     if let Some(ms) = cli.idle_timeout_ms {
         m.insert("idle_timeout_ms".into(), Value::from(ms));
     }
+    if cli.local_auth_disabled {
+        m.insert("local_auth_disabled".into(), Value::from(true));
+    }
     m
+}
+
+/// The identity host the flags ask for, started before the instances.
+async fn start_identity(cli: &Cli) -> Result<Option<aoai_sim::IdentityHandle>, String> {
+    let Some(port) = cli.identity_port else {
+        return Ok(None);
+    };
+    let mut secrets = Vec::with_capacity(cli.client_secret.len());
+    for pair in &cli.client_secret {
+        let Some((id, secret)) = pair.split_once(':') else {
+            return Err("--client-secret: expected CLIENT_ID:SECRET".to_owned());
+        };
+        secrets.push((id.to_owned(), secret.to_owned()));
+    }
+    let cfg = aoai_sim::IdentityConfig {
+        token_lifetime_secs: cli.token_lifetime_secs,
+        ..aoai_sim::IdentityConfig::default()
+    };
+    let h = aoai_sim::start_identity_on(SocketAddr::new(cli.host, port), cfg)
+        .await
+        .map_err(|e| format!("identity host: {e}"))?;
+    for (id, secret) in secrets {
+        h.add_client_secret(id, secret);
+    }
+    eprintln!(
+        "aoai-sim identity host (tenant {}) listening on {}",
+        h.tenant_id(),
+        h.url()
+    );
+    Ok(Some(h))
 }
 
 fn plan(cli: &Cli) -> Result<Vec<Planned>, String> {
@@ -221,7 +268,14 @@ fn plan(cli: &Cli) -> Result<Vec<Planned>, String> {
     Ok(out)
 }
 
-async fn run(planned: Vec<Planned>) -> ExitCode {
+async fn run(cli: &Cli, planned: Vec<Planned>) -> ExitCode {
+    let identity = match start_identity(cli).await {
+        Ok(h) => h,
+        Err(e) => {
+            eprintln!("aoai-sim: {e}");
+            return ExitCode::from(1);
+        }
+    };
     let mut handles: Vec<SimHandle> = Vec::with_capacity(planned.len());
     for p in planned {
         let name = p.cfg.name.clone();
@@ -242,6 +296,9 @@ async fn run(planned: Vec<Planned>) -> ExitCode {
     shutdown_signal().await;
     tracing::info!("shutting down");
     for h in &handles {
+        h.stop();
+    }
+    if let Some(h) = identity {
         h.stop();
     }
     ExitCode::SUCCESS
@@ -300,7 +357,7 @@ fn main() -> ExitCode {
             .build()
     };
     match rt {
-        Ok(rt) => rt.block_on(run(planned)),
+        Ok(rt) => rt.block_on(run(&cli, planned)),
         Err(e) => {
             eprintln!("aoai-sim: cannot start the runtime: {e}");
             ExitCode::from(1)

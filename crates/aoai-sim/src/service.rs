@@ -372,25 +372,6 @@ fn fault_reply(
     reply
 }
 
-fn authorized(
-    inst: &Instance,
-    headers: &http::HeaderMap,
-    query: Option<&str>,
-    realtime: bool,
-) -> bool {
-    let key = inst.cfg.api_key.as_bytes();
-    if headers.get("api-key").is_some_and(|v| v.as_bytes() == key) {
-        return true;
-    }
-    if let Some(v) = headers.get(header::AUTHORIZATION) {
-        let v = v.as_bytes();
-        if v.len() > 7 && v[..7].eq_ignore_ascii_case(b"bearer ") && &v[7..] == key {
-            return true;
-        }
-    }
-    realtime && query_param(query, "api-key").is_some_and(|k| k.as_bytes() == key)
-}
-
 /// Append `q` to `out` with any `api-key` value masked (realtime accepts the key
 /// in the query, and the journal must never hold it).
 fn push_masked_query(out: &mut String, q: &str) {
@@ -554,13 +535,13 @@ fn dispatch(ctx: &Ctx, upgrade: Option<hyper::upgrade::OnUpgrade>, conn: Arc<Con
         return Reply::not_found();
     }
     let realtime = route_ == Route::Realtime;
-    if !authorized(
+    if let Err(refused) = crate::access::check(
         &ctx.inst,
         &ctx.parts.headers,
         ctx.parts.uri.query(),
         realtime,
     ) {
-        return Reply::json(StatusCode::UNAUTHORIZED, azure::UNAUTHORIZED);
+        return refused;
     }
     match route_ {
         Route::Deployment(dep, op) => {

@@ -48,7 +48,10 @@ pub fn permit(_gw: &GatewayState, ctx: &mut RequestCtx) -> Result<(), ProxyError
     Ok(())
 }
 
-/// Admits the request against the client's quota, `rpm` and `tpm`.
+/// Admits the request against the client's quota, `rpm` and `tpm`: with
+/// a `redis` block in lease mode, first against this replica's leases of
+/// the shared limits (atomics only, no Redis call), then against the
+/// replica's own windows.
 ///
 /// # Errors
 /// [`ProxyError::QuotaExceeded`] (403), [`ProxyError::ClientRateLimited`]
@@ -60,7 +63,61 @@ pub fn admit(gw: &GatewayState, ctx: &mut RequestCtx) -> Result<(), ProxyError> 
     if !client.is_limited() {
         return Ok(());
     }
-    let estimate = if client.limits.counts_tokens() {
+    let estimate = estimate(ctx, client);
+    let now = gw.clock.now_ms();
+    let too_large = client.limits.tpm.is_some_and(|t| estimate > t);
+    let taken = match &gw.shared {
+        Some(s) if !too_large && (s.quotas.leases() || (s.quotas.strict() && !s.is_up())) => Some(
+            s.quotas
+                .take(client, estimate, now)
+                .map_err(|r| shared_refused(client, r))?,
+        ),
+        _ => None,
+    };
+    match limits::admit(client, estimate, now, gw.clock.unix_ms()) {
+        Ok(r) => {
+            ctx.reservation = r;
+            Ok(())
+        }
+        Err(refusal) => {
+            if let Some(t) = taken {
+                t.give_back();
+            }
+            Err(refused(client, refusal))
+        }
+    }
+}
+
+/// With a `redis` block in `strict` quota mode: one atomic take of the
+/// request and its estimate from the shared limits, bounded by
+/// `redis.op_timeout_ms`. When Redis cannot decide in time the request
+/// goes on to [`admit`] (the replica's own windows).
+///
+/// # Errors
+/// [`ProxyError::ClientRateLimited`] (429) with Redis' wait.
+pub async fn admit_strict(gw: &GatewayState, ctx: &mut RequestCtx) -> Result<(), ProxyError> {
+    let (Some(client), Some(shared)) = (&ctx.client, &gw.shared) else {
+        return Ok(());
+    };
+    if !shared.quotas.strict() || !shared.is_up() {
+        return Ok(());
+    }
+    if client.limits.rpm.is_none() && client.limits.tpm.is_none() {
+        return Ok(());
+    }
+    let estimate = estimate(ctx, client);
+    if client.limits.tpm.is_some_and(|t| estimate > t) {
+        // Refused as too large by the replica's own check.
+        return Ok(());
+    }
+    match crate::shared::quota::strict_take(shared, client, estimate).await {
+        Ok(_) => Ok(()),
+        Err(r) => Err(shared_refused(client, r)),
+    }
+}
+
+fn estimate(ctx: &RequestCtx, client: &Client) -> u64 {
+    if client.limits.counts_tokens() {
         limits::estimate_tokens(
             ctx.parts.uri.path(),
             ctx.route.deployment.as_deref().unwrap_or(""),
@@ -69,13 +126,25 @@ pub fn admit(gw: &GatewayState, ctx: &mut RequestCtx) -> Result<(), ProxyError> 
         )
     } else {
         0
+    }
+}
+
+fn shared_refused(client: &Client, r: crate::shared::quota::SharedRefusal) -> ProxyError {
+    use crate::shared::quota::SharedRefusal;
+    let (limit, retry_after_ms) = match r {
+        SharedRefusal::Rpm {
+            limit,
+            retry_after_ms,
+        } => (RateLimit::Requests(limit), retry_after_ms),
+        SharedRefusal::Tpm {
+            limit,
+            retry_after_ms,
+        } => (RateLimit::Tokens(limit), retry_after_ms),
     };
-    match limits::admit(client, estimate, gw.clock.now_ms(), gw.clock.unix_ms()) {
-        Ok(r) => {
-            ctx.reservation = r;
-            Ok(())
-        }
-        Err(refusal) => Err(refused(client, refusal)),
+    ProxyError::ClientRateLimited {
+        client: client.name.clone(),
+        limit,
+        retry_after_ms,
     }
 }
 

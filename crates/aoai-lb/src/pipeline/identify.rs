@@ -5,7 +5,19 @@
 //! client is answered 401 before its body is read and before any instance
 //! is contacted. In unauthenticated mode every request is client
 //! `default`.
+//!
+//! With an `entra` block, a bearer token that is a JWT is validated as a
+//! Microsoft Entra ID token ([`crate::entra`]) instead of being looked up
+//! as a key; a refused token is answered 401 naming the reason, unless an
+//! `api-key` header carries a known key. A valid token's principal is
+//! served as client `default` when `allow_any_principal` is set, else
+//! refused ("no client is configured for this principal"): mapping
+//! principals to named clients plugs in at [`principal_client`].
 
+use std::sync::Arc;
+
+use crate::clients::{Client, DEFAULT_CLIENT};
+use crate::entra::{self, Principal, TokenRejection};
 use crate::error::ProxyError;
 use crate::state::GatewayState;
 
@@ -14,10 +26,45 @@ use super::RequestCtx;
 /// Sets [`RequestCtx::client`].
 ///
 /// # Errors
-/// [`ProxyError::Unauthorized`] when no header carries a known key.
-pub fn identify(gw: &GatewayState, ctx: &mut RequestCtx) -> Result<(), ProxyError> {
-    let client = gw.clients.identify(&ctx.parts.headers)?;
+/// [`ProxyError::Unauthorized`] when no header carries a known key;
+/// [`ProxyError::InvalidToken`] when an Entra ID token is refused.
+pub async fn identify(gw: &GatewayState, ctx: &mut RequestCtx) -> Result<(), ProxyError> {
+    let client = match (&gw.entra, entra::bearer_jwt(&ctx.parts.headers)) {
+        (Some(validator), Some(token)) => match validator.validate(token).await {
+            Ok(principal) => principal_client(gw, &principal)?,
+            // A known key in `api-key` next to a refused token still
+            // identifies the client.
+            Err(rejection) => match ctx.parts.headers.get("api-key") {
+                Some(_) => gw
+                    .clients
+                    .identify(&ctx.parts.headers)
+                    .map_err(|_| ProxyError::InvalidToken(rejection))?,
+                None => return Err(ProxyError::InvalidToken(rejection)),
+            },
+        },
+        _ => gw.clients.identify(&ctx.parts.headers)?,
+    };
     ctx.record.client = Some(client.name.clone());
     ctx.client = Some(client);
     Ok(())
+}
+
+/// The client a validated principal acts as. Until named clients list
+/// Entra principals, a principal is accepted only with
+/// `allow_any_principal`, as client `default`.
+///
+/// # Errors
+/// [`TokenRejection::UnknownPrincipal`] as a 401.
+fn principal_client(gw: &GatewayState, principal: &Principal) -> Result<Arc<Client>, ProxyError> {
+    let _ = principal;
+    let any = gw
+        .entra
+        .as_ref()
+        .is_some_and(|v| v.config.allow_any_principal);
+    gw.clients
+        .all()
+        .iter()
+        .find(|c| any && &*c.name == DEFAULT_CLIENT)
+        .cloned()
+        .ok_or(ProxyError::InvalidToken(TokenRejection::UnknownPrincipal))
 }

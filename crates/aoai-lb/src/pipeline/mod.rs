@@ -145,13 +145,14 @@ pub async fn run(
     gw: &GatewayState,
     ctx: &mut RequestCtx,
 ) -> Result<Response<ProxyBody>, ProxyError> {
-    identify::identify(gw, ctx)?;
+    identify::identify(gw, ctx).await?;
     if let Some(t) = ctx.record.trace.as_mut() {
         t.client.clone_from(&ctx.client);
     }
     classify::classify(gw, ctx).await?;
     admit::permit(gw, ctx)?;
     classify::deployment_exists(gw, ctx)?;
+    admit::admit_strict(gw, ctx).await?;
     admit::admit(gw, ctx)?;
     account::plan_usage(ctx);
     let sent = forward::forward(gw, ctx).await?;

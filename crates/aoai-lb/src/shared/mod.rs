@@ -246,7 +246,7 @@ impl Shared {
         if self.cfg.pubsub && self.cfg.share_cooldowns {
             tokio::spawn(Arc::clone(self).subscriber(gateway.clone()));
         }
-        if self.cfg.share_quotas && self.cfg.quota_mode == QuotaMode::Lease {
+        if self.cfg.share_quotas {
             tokio::spawn(Arc::clone(self).lease_loop(gateway));
         }
     }
@@ -588,15 +588,21 @@ impl Shared {
     async fn lease_loop(self: Arc<Self>, gateway: Gateway) {
         let mut tick = tokio::time::interval(quota::TOP_UP_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last = Instant::now();
+        let mut last_beat: Option<Instant> = None;
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
                 () = self.quotas.wanted.notified() => {}
             }
-            if self.is_up() {
-                let gw = gateway.state();
-                quota::top_up(&self, &gw).await;
+            let elapsed = u64::try_from(last.elapsed().as_millis()).unwrap_or(u64::MAX);
+            last = Instant::now();
+            let beat = last_beat.is_none_or(|b| b.elapsed() >= self.cfg.sync_interval);
+            if beat && self.is_up() {
+                last_beat = Some(Instant::now());
             }
+            let gw = gateway.state();
+            quota::top_up(&self, &gw, elapsed, beat).await;
         }
     }
 
