@@ -110,7 +110,7 @@ param terminationGracePeriodSeconds int = 45
 @maxValue(730)
 param logRetentionDays int = 30
 
-@description('Create an Azure Cache for Redis and put its `redis` block into the gateway document (needs a gateway version that reads the `redis` block; with instancesKeyVaultSecretUri, add the block to the vault document yourself).')
+@description('Create an Azure Cache for Redis and put its `redis` block into the gateway document (with instancesKeyVaultSecretUri, add the block to the vault document yourself).')
 param deployRedis bool = false
 
 @description('SKU of that cache.')

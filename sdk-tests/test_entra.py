@@ -28,6 +28,8 @@ from harness import API_VERSION
 SIM_TENANT_ID = "9c1c4e5a-7d0b-4c6e-9a43-5e1f2b3c4d5e"
 IDENTITY_HEADER = "sim-identity-header"
 CLIENT_KEY = "entra-suite-key-unused-by-the-sdk"
+# An application listed by the named client `sdk-entra-app`.
+MAPPED_APP_ID = "5d6e7f80-1a2b-4c3d-8e9f-0a1b2c3d4e5f"
 
 
 def _free_port() -> int:
@@ -110,6 +112,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                 "auth": {"type": "managed_identity"},
             }],
             "entra": {"tenant_id": SIM_TENANT_ID, "allow_any_principal": True},
+            "clients": [{
+                "name": "sdk-entra-app",
+                "entra_app_ids": [MAPPED_APP_ID],
+                "deployments": ["gpt-4o-mini"],
+            }],
         }
         env = {k: v for k, v in os.environ.items() if not k.startswith(("AZURE_", "IDENTITY_", "OPENAI_"))}
         env.update({
@@ -193,3 +200,17 @@ def test_no_token_in_the_gateway_log(stack: Stack) -> None:
     assert "Entra ID token acquired" in log
     assert "eyJ" not in log
     assert IDENTITY_HEADER not in log
+
+
+def test_a_listed_application_gets_its_named_clients_permissions(stack: Stack) -> None:
+    client = stack.client(lambda: stack.mint(app_id=MAPPED_APP_ID))
+    r = client.chat.completions.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}], max_tokens=8
+    )
+    assert r.choices[0].message.content
+    with pytest.raises(openai.PermissionDeniedError) as err:
+        client.chat.completions.create(
+            model="gpt-4o", messages=[{"role": "user", "content": "hi"}], max_tokens=8
+        )
+    assert err.value.status_code == 403
+    assert "sdk-entra-app" in str(err.value)

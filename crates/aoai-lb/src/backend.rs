@@ -241,6 +241,9 @@ pub struct Backend {
     state: Arc<State>,
     metrics: OnceLock<BackendMetrics>,
     activity: Arc<Activity>,
+    /// Rate-limit prediction per upstream deployment ([`crate::lane`]);
+    /// carried over a reload like `state`.
+    lanes: Arc<crate::lane::LaneTable>,
 }
 
 struct State {
@@ -331,6 +334,7 @@ impl Backend {
             }),
             metrics: OnceLock::new(),
             activity: Arc::new(Activity::new()),
+            lanes: Arc::default(),
         })
     }
 
@@ -351,6 +355,7 @@ impl Backend {
         let mut b = Self::new(index, config, breaker)?;
         b.state = Arc::clone(&previous.state);
         b.activity = Arc::clone(&previous.activity);
+        b.lanes = Arc::clone(&previous.lanes);
         Ok(b)
     }
 
@@ -375,6 +380,11 @@ impl Backend {
     /// The recent past, for the status page.
     pub fn activity(&self) -> &Activity {
         &self.activity
+    }
+
+    /// This instance's lanes (one per upstream deployment used).
+    pub fn lanes(&self) -> &crate::lane::LaneTable {
+        &self.lanes
     }
 
     /// Requests currently being served (including streaming bodies).

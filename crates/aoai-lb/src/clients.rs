@@ -16,6 +16,14 @@
 //! the SHA-256 of each key is kept; a presented key is hashed, looked up by
 //! hash, and confirmed with a constant-time comparison.
 //!
+//! Microsoft Entra ID callers (see [`crate::entra`]) are matched by the
+//! validated token's principal instead of a key: `entra_object_ids` lists
+//! `oid` values (a user, a managed identity or a service principal) and
+//! `entra_app_ids` lists `appid`/`azp` values (the calling application).
+//! When a token matches one client by `oid` and another by its app, the
+//! `oid` wins: it names one caller, the app possibly many. A client needs at
+//! least one key or one principal.
+//!
 //! `API_KEY`, when set, is a key of the client named `default`. That
 //! client has no limits unless the `clients` array configures one named
 //! `default`, in which case `API_KEY` is added to its keys.
@@ -82,6 +90,8 @@ pub(crate) struct RawClient {
     key: Option<OneOrMany>,
     key_sha256: Option<OneOrMany>,
     key_env: Option<OneOrMany>,
+    entra_app_ids: Option<OneOrMany>,
+    entra_object_ids: Option<OneOrMany>,
     deployments: Option<Vec<String>>,
     rpm: Option<u64>,
     tpm: Option<u64>,
@@ -105,6 +115,8 @@ pub(crate) fn validate(
 ) -> Result<Vec<ClientConfig>, ConfigError> {
     let mut names = BTreeSet::new();
     let mut owners: HashMap<KeyHash, String> = HashMap::new();
+    let mut app_owners: HashMap<String, String> = HashMap::new();
+    let mut object_owners: HashMap<String, String> = HashMap::new();
     let mut out = Vec::with_capacity(raw.len());
     for (i, c) in raw.into_iter().enumerate() {
         let at = |f: &str| format!("clients[{i}].{f}");
@@ -171,10 +183,22 @@ pub(crate) fn validate(
                 })?;
             keys.push((field, hash_key(value.trim().as_bytes())));
         }
-        if keys.is_empty() {
+        let entra_app_ids = principal_ids(
+            c.entra_app_ids,
+            &format!("clients[{i}].entra_app_ids"),
+            &c.name,
+            &mut app_owners,
+        )?;
+        let entra_object_ids = principal_ids(
+            c.entra_object_ids,
+            &format!("clients[{i}].entra_object_ids"),
+            &c.name,
+            &mut object_owners,
+        )?;
+        if keys.is_empty() && entra_app_ids.is_empty() && entra_object_ids.is_empty() {
             return Err(ConfigError::new(
                 format!("clients[{i}]"),
-                "needs at least one key: key, key_sha256 or key_env",
+                "needs at least one key (key, key_sha256 or key_env) or Entra ID principal (entra_app_ids or entra_object_ids)",
             ));
         }
         let mut hashes = Vec::with_capacity(keys.len());
@@ -252,6 +276,8 @@ pub(crate) fn validate(
         out.push(ClientConfig {
             name: c.name,
             key_hashes: hashes,
+            entra_app_ids,
+            entra_object_ids,
             deployments,
             rpm,
             tpm,
@@ -259,6 +285,42 @@ pub(crate) fn validate(
             token_quota,
             default_max_tokens,
         });
+    }
+    Ok(out)
+}
+
+/// The GUIDs of `entra_app_ids` or `entra_object_ids` (`field`),
+/// lower-cased. Each may belong to one client only: two clients claiming
+/// one principal would make its limits depend on configuration order.
+fn principal_ids(
+    raw: Option<OneOrMany>,
+    field: &str,
+    client: &str,
+    owners: &mut HashMap<String, String>,
+) -> Result<Vec<String>, ConfigError> {
+    let mut out = Vec::new();
+    for (j, id) in raw
+        .map(OneOrMany::into_vec)
+        .unwrap_or_default()
+        .into_iter()
+        .enumerate()
+    {
+        let id = id.trim().to_ascii_lowercase();
+        let at = format!("{field}[{j}]");
+        if !crate::entra::is_guid(&id) {
+            return Err(ConfigError::new(
+                at,
+                "must be a GUID (the application or object ID, not a display name)",
+            ));
+        }
+        if let Some(owner) = owners.get(&id) {
+            return Err(ConfigError::new(
+                at,
+                format!("already listed for client {owner:?}"),
+            ));
+        }
+        owners.insert(id.clone(), client.to_owned());
+        out.push(id);
     }
     Ok(out)
 }
@@ -420,6 +482,10 @@ impl Client {
 /// the clients, never a key hash.
 pub struct Clients {
     by_hash: HashMap<KeyHash, Arc<Client>>,
+    /// `entra_app_ids`, lower-case.
+    by_app_id: HashMap<String, Arc<Client>>,
+    /// `entra_object_ids`, lower-case.
+    by_object_id: HashMap<String, Arc<Client>>,
     /// In configuration order, `default` first when it exists.
     all: Vec<Arc<Client>>,
     /// Unauthenticated mode: the client of requests without a known key.
@@ -458,12 +524,32 @@ impl Clients {
         backends: &[Arc<Backend>],
         previous: Option<&Clients>,
     ) -> Result<Self, ClientsError> {
+        Self::with_principals(configs, client_key, open, false, backends, previous)
+    }
+
+    /// [`Clients::new`], also making client `default` (unlimited unless
+    /// configured) when `any_principal` is set: that is the client of a
+    /// valid Entra ID token matching no client under the `entra` block's
+    /// `allow_any_principal`.
+    ///
+    /// # Errors
+    /// [`ClientsError::ApiKeyTaken`].
+    pub fn with_principals(
+        configs: &[ClientConfig],
+        client_key: Option<&Secret>,
+        open: bool,
+        any_principal: bool,
+        backends: &[Arc<Backend>],
+        previous: Option<&Clients>,
+    ) -> Result<Self, ClientsError> {
         let state_of = |name: &str| {
             previous
                 .and_then(|p| p.all.iter().find(|c| &*c.name == name))
                 .map_or_else(Arc::default, |c| Arc::clone(&c.state))
         };
         let mut by_hash = HashMap::new();
+        let mut by_app_id = HashMap::new();
+        let mut by_object_id = HashMap::new();
         let mut all = Vec::with_capacity(configs.len() + 1);
         let mut default = None;
         for cfg in configs {
@@ -471,12 +557,18 @@ impl Clients {
             for h in &cfg.key_hashes {
                 by_hash.insert(*h, Arc::clone(&c));
             }
+            for id in &cfg.entra_app_ids {
+                by_app_id.insert(id.clone(), Arc::clone(&c));
+            }
+            for id in &cfg.entra_object_ids {
+                by_object_id.insert(id.clone(), Arc::clone(&c));
+            }
             if cfg.name == DEFAULT_CLIENT {
                 default = Some(Arc::clone(&c));
             }
             all.push(c);
         }
-        let needs_default = client_key.is_some() || open;
+        let needs_default = client_key.is_some() || open || any_principal;
         let default = match default {
             Some(d) => Some(d),
             None if needs_default => {
@@ -499,6 +591,8 @@ impl Clients {
         }
         Ok(Self {
             by_hash,
+            by_app_id,
+            by_object_id,
             all,
             open: if open { default } else { None },
         })
@@ -535,6 +629,30 @@ impl Clients {
             Some(c) => Ok(Arc::clone(c)),
             None => Err(ProxyError::Unauthorized),
         }
+    }
+}
+
+impl Clients {
+    /// The client a validated Entra ID principal is listed for: by `oid`
+    /// first, then by `appid`/`azp` (GUIDs compared case-insensitively).
+    /// `None` when no client lists it. Principal IDs are not secrets, so a
+    /// plain lookup is fine here.
+    pub fn for_principal(&self, principal: &crate::entra::Principal) -> Option<Arc<Client>> {
+        let find = |map: &HashMap<String, Arc<Client>>, id: &Option<String>| {
+            id.as_ref()
+                .and_then(|id| map.get(&id.trim().to_ascii_lowercase()))
+                .cloned()
+        };
+        find(&self.by_object_id, &principal.object_id)
+            .or_else(|| find(&self.by_app_id, &principal.app_id))
+    }
+
+    /// The client named `default`, when it exists.
+    pub fn default_client(&self) -> Option<Arc<Client>> {
+        self.all
+            .iter()
+            .find(|c| &*c.name == DEFAULT_CLIENT)
+            .cloned()
     }
 }
 
@@ -710,6 +828,32 @@ mod tests {
                 serde_json::json!([{"name": "a", "key": "k", "tmp": 5}]),
                 "clients[0]",
             ),
+            (
+                serde_json::json!([{"name": "a", "entra_app_ids": ["my-app"]}]),
+                "clients[0].entra_app_ids[0]: must be a GUID",
+            ),
+            (
+                serde_json::json!([
+                    {"name": "a", "entra_object_ids": [OID]},
+                    {"name": "b", "entra_object_ids": ["x", OID]}
+                ]),
+                "clients[1].entra_object_ids[0]: must be a GUID",
+            ),
+            (
+                serde_json::json!([
+                    {"name": "a", "entra_object_ids": [OID]},
+                    {"name": "b", "entra_object_ids": [OID.to_uppercase()]}
+                ]),
+                "clients[1].entra_object_ids[0]: already listed for client \"a\"",
+            ),
+            (
+                serde_json::json!([{"name": "a", "entra_object_ids": [OID]}]),
+                "clients[0].entra_object_ids: needs the top-level entra block",
+            ),
+            (
+                serde_json::json!([{"name": "a", "entra_app_ids": []}]),
+                "clients[0]: needs at least one key",
+            ),
         ];
         for (clients, want) in cases {
             let e = err(clients.clone());
@@ -723,6 +867,58 @@ mod tests {
         let e = err(serde_json::json!([{"name": "a", "key": 123456789}]));
         assert!(e.starts_with("clients[0]"), "{e}");
         assert!(!e.contains("123456789"), "{e}");
+    }
+
+    const OID: &str = "7e3a0000-0000-4000-8000-0000000000a1";
+    const APP: &str = "ba7c0000-0000-4000-8000-0000000000b2";
+
+    fn principal(oid: Option<&str>, app: Option<&str>) -> crate::entra::Principal {
+        crate::entra::Principal {
+            object_id: oid.map(str::to_owned),
+            app_id: app.map(str::to_owned),
+        }
+    }
+
+    #[test]
+    fn finds_a_principals_client_by_object_id_before_app_id() {
+        let mut d: serde_json::Value = serde_json::from_str(&doc(serde_json::json!([
+            {"name": "by-oid", "entra_object_ids": OID.to_uppercase()},
+            {"name": "by-app", "entra_app_ids": [APP], "key": "k"}
+        ])))
+        .unwrap();
+        d["entra"] = serde_json::json!({"tenant_id": "9c1c4e5a-7d0b-4c6e-9a43-5e1f2b3c4d5e"});
+        let c = Config::from_json_env(&d.to_string(), &|_| None).unwrap();
+        assert_eq!(c.clients[0].entra_object_ids, [OID]);
+        assert!(c.clients[0].key_hashes.is_empty());
+        let t = Clients::new(&c.clients, None, false, &[], None).unwrap();
+        let name = |p| t.for_principal(&p).map(|c| c.name.to_string());
+        assert_eq!(
+            name(principal(Some(OID), Some(APP))).as_deref(),
+            Some("by-oid")
+        );
+        assert_eq!(name(principal(None, Some(APP))).as_deref(), Some("by-app"));
+        assert_eq!(
+            name(principal(
+                Some("0b990000-0000-4000-8000-0000000000d4"),
+                Some(&APP.to_uppercase())
+            ))
+            .as_deref(),
+            Some("by-app")
+        );
+        assert_eq!(
+            name(principal(
+                Some("0b990000-0000-4000-8000-0000000000d4"),
+                None
+            )),
+            None
+        );
+        assert!(t.default_client().is_none());
+        let any = Clients::with_principals(&c.clients, None, false, true, &[], None).unwrap();
+        assert_eq!(
+            any.default_client().map(|c| c.name.to_string()).as_deref(),
+            Some("default")
+        );
+        assert!(!any.default_client().unwrap().is_limited());
     }
 
     fn hex_sha(key: &str) -> String {

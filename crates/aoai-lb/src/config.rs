@@ -103,6 +103,25 @@ pub struct Config {
     /// State shared with other replicas through Redis; `None` (no `redis`
     /// block) keeps every replica on its own. See [`crate::shared`].
     pub redis: Option<crate::shared::RedisConfig>,
+    /// How instances are chosen (`routing`).
+    pub routing: RoutingConfig,
+}
+
+/// The `routing` block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RoutingConfig {
+    /// Steer by each lane's predicted rate-limit room ([`crate::steer`]).
+    /// Default `true`; `false` restores plain priority + least-loaded
+    /// selection.
+    pub rate_limit_aware: bool,
+}
+
+impl Default for RoutingConfig {
+    fn default() -> Self {
+        Self {
+            rate_limit_aware: true,
+        }
+    }
 }
 
 /// One `clients[]` entry, validated. Holds key hashes, never a key.
@@ -110,8 +129,15 @@ pub struct Config {
 pub struct ClientConfig {
     /// Unique; goes into logs, metric labels and the admin output.
     pub name: String,
-    /// SHA-256 of each of its keys (at least one).
+    /// SHA-256 of each of its keys (may be empty when it lists Entra ID
+    /// principals).
     pub key_hashes: Vec<[u8; 32]>,
+    /// `appid`/`azp` values of Entra ID tokens served as this client,
+    /// lower-case GUIDs; empty = none.
+    pub entra_app_ids: Vec<String>,
+    /// `oid` values of Entra ID tokens served as this client, lower-case
+    /// GUIDs; empty = none.
+    pub entra_object_ids: Vec<String>,
     /// Client-facing deployment names it may use; `None` = every one.
     pub deployments: Option<std::collections::BTreeSet<String>>,
     /// Requests per sliding 60 s; `None` = unlimited.
@@ -186,9 +212,22 @@ pub enum BackendCredential {
     Entra(TokenAuth),
 }
 
-/// Client-facing deployment name → this instance's deployment name.
+/// Client-facing deployment name → this instance's deployment name
+/// (`.0`), and the limits configured for an upstream deployment of this
+/// instance (`.1`, keyed by the upstream name; see [`crate::lane`]).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct DeploymentMap(pub BTreeMap<String, String>);
+pub struct DeploymentMap(
+    pub BTreeMap<String, String>,
+    pub BTreeMap<String, crate::lane::LaneLimits>,
+);
+
+impl DeploymentMap {
+    /// The configured limits of upstream deployment `upstream` (none set:
+    /// all `None`).
+    pub fn limits(&self, upstream: &str) -> crate::lane::LaneLimits {
+        self.1.get(upstream).copied().unwrap_or_default()
+    }
+}
 
 /// Upstream timeouts. Each is its own phase; there is no total deadline.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -337,6 +376,14 @@ struct RawDocument {
     #[serde(default)]
     clients: Vec<crate::clients::RawClient>,
     redis: Option<crate::shared::config::RawRedis>,
+    #[serde(default)]
+    routing: RawRouting,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawRouting {
+    rate_limit_aware: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -348,7 +395,10 @@ struct RawInstance {
     auth: Option<RawAuth>,
     priority: Option<u32>,
     weight: Option<f64>,
-    deployments: Option<RawDeployments>,
+    /// A list of names, or a map whose values are a name or a lane
+    /// object; read by hand ([`deployment_map`]) so that every mistake
+    /// names its own field.
+    deployments: Option<serde_json::Value>,
 }
 
 #[derive(Deserialize)]
@@ -370,13 +420,6 @@ struct RawAuth {
     tenant_id: Option<String>,
     client_secret: Option<Secret>,
     scope: Option<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum RawDeployments {
-    List(Vec<String>),
-    Map(BTreeMap<String, String>),
 }
 
 #[derive(Deserialize, Default)]
@@ -662,6 +705,24 @@ impl RawDocument {
             Some(e) => Some(entra_config(e)?),
         };
         let clients = crate::clients::validate(self.clients, &instances, env)?;
+        // Principals are only ever seen in validated tokens: listing them
+        // without an `entra` block would silently never match.
+        if entra.is_none()
+            && let Some((i, c)) = clients
+                .iter()
+                .enumerate()
+                .find(|(_, c)| !c.entra_app_ids.is_empty() || !c.entra_object_ids.is_empty())
+        {
+            let field = if c.entra_app_ids.is_empty() {
+                "entra_object_ids"
+            } else {
+                "entra_app_ids"
+            };
+            return Err(ConfigError::new(
+                format!("clients[{i}].{field}"),
+                "needs the top-level entra block (tenant_id), which validates the tokens",
+            ));
+        }
         let redis = self.redis.map(|r| r.validate(env)).transpose()?;
 
         Ok(Config {
@@ -676,6 +737,12 @@ impl RawDocument {
             upstream,
             entra,
             digest: String::new(),
+            routing: RoutingConfig {
+                rate_limit_aware: self
+                    .routing
+                    .rate_limit_aware
+                    .unwrap_or(RoutingConfig::default().rate_limit_aware),
+            },
         })
     }
 }
@@ -880,8 +947,14 @@ fn parse_base_url(text: &str) -> Result<url::Url, String> {
 }
 
 /// Turns either form of `deployments` into a map. On error, returns the
-/// path suffix (`["gpt-4o"]` or `[2]`) and the reason.
-fn deployment_map(raw: RawDeployments) -> Result<DeploymentMap, (String, String)> {
+/// path suffix (`["gpt-4o"]`, `["gpt-4o"].tpm` or `[2]`) and the reason.
+///
+/// A map value is a deployment name or a lane object
+/// `{"name": "...", "tpm": N, "rpm": N}` (`tpm`, `rpm` optional positive
+/// integers). Two client names may share an upstream deployment (one
+/// lane), but not with different limits.
+fn deployment_map(raw: serde_json::Value) -> Result<DeploymentMap, (String, String)> {
+    use serde_json::Value;
     // Azure deployment names are letters, digits, `-`, `_` and `.`; every
     // name must also go into a URL path segment as is.
     let valid = |s: &str| {
@@ -892,9 +965,13 @@ fn deployment_map(raw: RawDeployments) -> Result<DeploymentMap, (String, String)
                 .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
     };
     let mut map = BTreeMap::new();
+    let mut lanes: BTreeMap<String, crate::lane::LaneLimits> = BTreeMap::new();
     match raw {
-        RawDeployments::List(names) => {
+        Value::Array(names) => {
             for (i, name) in names.into_iter().enumerate() {
+                let Value::String(name) = name else {
+                    return Err((format!("[{i}]"), "must be a deployment name".to_owned()));
+                };
                 if !valid(&name) {
                     return Err((
                         format!("[{i}]"),
@@ -904,22 +981,53 @@ fn deployment_map(raw: RawDeployments) -> Result<DeploymentMap, (String, String)
                 map.insert(name.clone(), name);
             }
         }
-        RawDeployments::Map(m) => {
-            for (client, backend) in m {
+        Value::Object(m) => {
+            for (client, value) in m {
+                let at = format!("[{client:?}]");
                 if !valid(&client) {
-                    return Err((
-                        format!("[{client:?}]"),
-                        format!("invalid deployment name {client:?}"),
-                    ));
+                    return Err((at, format!("invalid deployment name {client:?}")));
                 }
+                let (backend, limits) = match value {
+                    Value::String(s) => (s, None),
+                    Value::Object(o) => {
+                        let (name, limits) =
+                            lane_entry(o).map_err(|(f, r)| (format!("{at}{f}"), r))?;
+                        (name, Some(limits))
+                    }
+                    _ => {
+                        return Err((
+                            at,
+                            "must be a deployment name or an object {\"name\", \"tpm\", \"rpm\"}"
+                                .to_owned(),
+                        ));
+                    }
+                };
                 if !valid(&backend) {
-                    return Err((
-                        format!("[{client:?}]"),
-                        format!("invalid deployment name {backend:?}"),
-                    ));
+                    let field = if limits.is_some() {
+                        format!("{at}.name")
+                    } else {
+                        at
+                    };
+                    return Err((field, format!("invalid deployment name {backend:?}")));
+                }
+                if let Some(l) = limits {
+                    if lanes.get(&backend).is_some_and(|prev| *prev != l) {
+                        return Err((
+                            at,
+                            format!("limits differ from another entry for deployment {backend:?}"),
+                        ));
+                    }
+                    lanes.insert(backend.clone(), l);
                 }
                 map.insert(client, backend);
             }
+        }
+        _ => {
+            return Err((
+                String::new(),
+                "must be a list of deployment names or a map of client-facing name to deployment"
+                    .to_owned(),
+            ));
         }
     }
     if map.is_empty() {
@@ -928,7 +1036,45 @@ fn deployment_map(raw: RawDeployments) -> Result<DeploymentMap, (String, String)
             "must name at least one deployment (omit the field to serve every name)".to_owned(),
         ));
     }
-    Ok(DeploymentMap(map))
+    Ok(DeploymentMap(map, lanes))
+}
+
+/// A lane object `{"name", "tpm", "rpm"}`. On error, the field suffix
+/// (`.tpm`) and the reason.
+fn lane_entry(
+    o: serde_json::Map<String, serde_json::Value>,
+) -> Result<(String, crate::lane::LaneLimits), (String, String)> {
+    let mut name = None;
+    let mut limits = crate::lane::LaneLimits::default();
+    for (k, v) in o {
+        match k.as_str() {
+            "name" => match v {
+                serde_json::Value::String(s) => name = Some(s),
+                _ => return Err((".name".to_owned(), "must be a deployment name".to_owned())),
+            },
+            "tpm" | "rpm" => {
+                let n = v.as_u64().filter(|&n| n > 0).ok_or_else(|| {
+                    (
+                        format!(".{k}"),
+                        format!("must be a positive integer, got {v}"),
+                    )
+                })?;
+                if k == "tpm" {
+                    limits.tpm = Some(n);
+                } else {
+                    limits.rpm = Some(n);
+                }
+            }
+            other => {
+                return Err((
+                    format!(".{}", one_line(other.to_owned())),
+                    "unknown field, expected one of `name`, `tpm`, `rpm`".to_owned(),
+                ));
+            }
+        }
+    }
+    let name = name.ok_or_else(|| (".name".to_owned(), "missing field `name`".to_owned()))?;
+    Ok((name, limits))
 }
 
 #[cfg(test)]
@@ -1228,6 +1374,93 @@ mod tests {
             c.instances[1].backend_deployment("gpt-4o"),
             Some("gpt-4o-ptu")
         );
+    }
+
+    #[test]
+    fn reads_lane_objects_next_to_plain_names() {
+        let doc = r#"{"instances":[{"name":"a","url":"https://a.example.com","api_key":"k","deployments":{
+            "gpt-4o":{"name":"gpt-4o-ptu","tpm":300000,"rpm":1800},
+            "gpt-4o-2":{"name":"gpt-4o-ptu","tpm":300000,"rpm":1800},
+            "mini":"gpt-4o-mini",
+            "emb":{"name":"text-embedding-3-small"}}}],
+            "routing":{"rate_limit_aware":false}}"#;
+        let c = Config::from_json(doc).unwrap();
+        let d = c.instances[0].deployments.as_ref().unwrap();
+        assert_eq!(
+            c.instances[0].backend_deployment("gpt-4o"),
+            Some("gpt-4o-ptu")
+        );
+        assert_eq!(
+            c.instances[0].backend_deployment("mini"),
+            Some("gpt-4o-mini")
+        );
+        assert_eq!(
+            d.limits("gpt-4o-ptu"),
+            crate::lane::LaneLimits {
+                tpm: Some(300_000),
+                rpm: Some(1800)
+            }
+        );
+        assert_eq!(d.limits("gpt-4o-mini"), crate::lane::LaneLimits::default());
+        assert_eq!(
+            d.limits("text-embedding-3-small"),
+            crate::lane::LaneLimits::default()
+        );
+        assert!(!c.routing.rate_limit_aware);
+        assert!(Config::from_json(ONE).unwrap().routing.rate_limit_aware);
+    }
+
+    #[test]
+    fn names_the_field_of_a_bad_lane_value() {
+        let cases = [
+            (
+                r#"{"gpt-4o":{"name":"x","tpm":-5}}"#,
+                r#"instances[0].deployments["gpt-4o"].tpm: "#,
+            ),
+            (
+                r#"{"gpt-4o":{"name":"x","tpm":0}}"#,
+                r#"instances[0].deployments["gpt-4o"].tpm: "#,
+            ),
+            (
+                r#"{"gpt-4o":{"name":"x","rpm":"many"}}"#,
+                r#"instances[0].deployments["gpt-4o"].rpm: "#,
+            ),
+            (
+                r#"{"gpt-4o":{"name":"x","rpm":1.5}}"#,
+                r#"instances[0].deployments["gpt-4o"].rpm: "#,
+            ),
+            (
+                r#"{"gpt-4o":{"tpm":5}}"#,
+                r#"instances[0].deployments["gpt-4o"].name: "#,
+            ),
+            (
+                r#"{"gpt-4o":{"name":"a b"}}"#,
+                r#"instances[0].deployments["gpt-4o"].name: "#,
+            ),
+            (
+                r#"{"gpt-4o":{"name":"x","tpms":5}}"#,
+                r#"instances[0].deployments["gpt-4o"].tpms: "#,
+            ),
+            (r#"{"gpt-4o":5}"#, r#"instances[0].deployments["gpt-4o"]: "#),
+            (r#"[5]"#, r#"instances[0].deployments[0]: "#),
+            (r#""gpt-4o""#, r#"instances[0].deployments: "#),
+            (
+                r#"{"a":{"name":"x","tpm":5},"b":{"name":"x","tpm":6}}"#,
+                r#"instances[0].deployments["b"]: "#,
+            ),
+        ];
+        for (deps, want) in cases {
+            let doc = format!(
+                r#"{{"instances":[{{"name":"a","url":"https://a.example.com","api_key":"k","deployments":{deps}}}]}}"#
+            );
+            let e = err(&doc);
+            assert!(e.starts_with(want), "{deps}: {e}");
+            assert!(!e.contains('\n'), "{e}");
+        }
+        let e = err(
+            r#"{"instances":[{"name":"a","url":"https://a.example.com","api_key":"k"}],"routing":{"rate_limit_aware":"yes"}}"#,
+        );
+        assert!(e.starts_with("routing.rate_limit_aware: "), "{e}");
     }
 
     #[test]

@@ -85,6 +85,11 @@ pub struct AccessRecord {
     pub client: Option<Arc<str>>,
     /// Every attempt, in order.
     pub attempts: Vec<Attempt>,
+    /// Instances passed over for lack of predicted rate-limit room
+    /// (`{"instance", "reason"}`, reason `tokens`, `requests` or
+    /// `utilization`); left out when none was.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub skipped: Vec<crate::steer::Skip>,
     /// The instance that produced the final response.
     pub instance: Option<InstanceName>,
     /// The status sent to the client.
@@ -149,6 +154,7 @@ impl AccessRecord {
             deployment: None,
             client: None,
             attempts: Vec::new(),
+            skipped: Vec::new(),
             instance: None,
             status: 0,
             ttfb_ms: None,
@@ -502,6 +508,7 @@ mod tests {
             deployment: Some("gpt-4o".to_owned()),
             client: Some(Arc::from("team-a")),
             attempts: Vec::new(),
+            skipped: Vec::new(),
             instance: None,
             status: 200,
             ttfb_ms: Some(1.5),

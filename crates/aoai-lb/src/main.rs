@@ -128,6 +128,7 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
         tracing::info!(
             client = %c.name,
             keys = c.key_hashes.len(),
+            entra_principals = c.entra_app_ids.len() + c.entra_object_ids.len(),
             deployments = c
                 .deployments
                 .as_ref()

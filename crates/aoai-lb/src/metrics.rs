@@ -237,6 +237,16 @@ fn describe() {
         Unit::Count,
         "Client connections closed at once because server.max_connections was reached"
     );
+    describe_gauge!(
+        crate::steer::LANE_REMAINING_TOKENS,
+        Unit::Count,
+        "Predicted tokens left in Azure's 60 s window on a lane (instance x upstream deployment); refreshed at each scrape"
+    );
+    describe_counter!(
+        crate::steer::STEER_SKIPS_TOTAL,
+        Unit::Count,
+        "Instances passed over for lack of predicted rate-limit room, by instance and reason (tokens, requests, utilization)"
+    );
 }
 
 #[cfg(test)]

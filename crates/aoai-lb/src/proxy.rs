@@ -57,6 +57,9 @@ pub struct BackendStatus {
     pub requests: u64,
     /// 5xx, timeouts, connection and auth failures.
     pub failures: u64,
+    /// One entry per upstream deployment used so far, with its predicted
+    /// rate-limit room ([`crate::steer`]).
+    pub lanes: Vec<crate::steer::LaneStatus>,
     /// Why the instance cannot take requests now, in words (`null` when it
     /// can): a cooldown, an open breaker, or no Entra ID token.
     pub unavailable: Option<String>,
@@ -245,6 +248,7 @@ impl Gateway {
                     token_expires_in_s: t.expires_in_secs(),
                     last_error: t.last_error().map(|e| e.to_string()),
                 }),
+                lanes: crate::steer::lane_status(b, now),
             })
             .collect()
     }
@@ -294,6 +298,12 @@ impl Gateway {
     pub fn status(&self) -> crate::status::GatewayStatus {
         let gw = self.state();
         crate::status::gateway_status(&gw.backends, &gw.draining, &gw.rates, gw.clock.now_ms())
+    }
+
+    /// Sets the per-lane gauges to the prediction now (at each scrape).
+    pub fn refresh_lane_gauges(&self) {
+        let gw = self.state();
+        crate::steer::refresh_gauges(&gw.backends, gw.clock.now_ms());
     }
 
     /// True while at least one instance could take a request.

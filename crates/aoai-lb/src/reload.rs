@@ -191,10 +191,12 @@ impl GatewayState {
         let affinity = self.affinity.remapped(|j| moved.get(j).copied().flatten());
         let selector = Selector::new(&backends);
         let open = self.client_key.is_none() && next.clients.is_empty();
-        let clients = crate::clients::Clients::new(
+        let any_principal = next.entra.as_ref().is_some_and(|e| e.allow_any_principal);
+        let clients = crate::clients::Clients::with_principals(
             &next.clients,
             self.client_key.as_ref(),
             open,
+            any_principal,
             &backends,
             Some(&self.clients),
         )

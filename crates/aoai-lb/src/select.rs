@@ -14,12 +14,40 @@
 //!   requests over weight; latency or `x-ratelimit-remaining-*` can be
 //!   folded in by another implementation.
 //!
+//! Rate-limit steering ([`Selector::pick_steered`], see [`crate::steer`])
+//! adds a third signal, each candidate's predicted [`Headroom`]: a
+//! candidate without room for the request is skipped like a cooling one;
+//! within a priority group the room left is added to the score; and when
+//! no candidate in any group has room, the one with the most room is
+//! taken rather than refusing (the prediction is an estimate).
+//!
 //! The selector holds no lock and allocates nothing per pick.
 
 use std::ops::Range;
 use std::sync::Arc;
 
 use crate::backend::{Backend, Unavailable};
+use crate::lane::{Headroom, SkipReason};
+
+/// How much a lane's room counts against in-flight requests in the score:
+/// a lane with no token room left scores as if it had this many more
+/// requests in flight per unit of weight than a lane with all its room.
+pub const ROOM_WEIGHT: f64 = 4.0;
+
+/// The rate-limit signal for one pick.
+pub struct Steering<'a> {
+    /// The candidate's predicted room for this request; `None` = no
+    /// opinion (taken as room).
+    pub room: &'a dyn Fn(&Backend) -> Option<Headroom>,
+    /// Told of every available candidate passed over for lack of room
+    /// (not of the one taken as a fallback).
+    pub skipped: &'a mut dyn FnMut(&Backend, SkipReason),
+    /// Whether a candidate without room may be taken when none has room
+    /// (the fallback). `false` makes such a pick `None`.
+    pub allow_fallback: bool,
+    /// Set by the pick when it returned a candidate without room.
+    pub fell_back: bool,
+}
 
 /// Most instances one gateway supports (the per-request tried set is a
 /// 128-bit mask).
@@ -140,40 +168,99 @@ impl Selector {
         now: u64,
         rng: &mut fastrand::Rng,
     ) -> Option<usize> {
+        let mut ignore = |_: &Backend, _: SkipReason| {};
+        let mut steer = Steering {
+            room: &|_| None,
+            skipped: &mut ignore,
+            allow_fallback: true,
+            fell_back: false,
+        };
+        self.pick_steered(backends, serves, exclude, now, rng, &mut steer)
+    }
+
+    /// [`Selector::pick`] with each candidate's rate-limit room: the
+    /// lowest priority group with a candidate that has room, weighted
+    /// power-of-two-choices there on score + [`ROOM_WEIGHT`] × (1 − share
+    /// of the token limit left). When no available candidate has room,
+    /// the one with the most (largest [`Headroom::slack`], the higher
+    /// priority on a tie) among those that may serve as a fallback
+    /// ([`Headroom::fallback`]), unless [`Steering::allow_fallback`] is
+    /// off.
+    pub fn pick_steered(
+        &self,
+        backends: &[Arc<Backend>],
+        serves: impl Fn(&Backend) -> bool,
+        exclude: IndexSet,
+        now: u64,
+        rng: &mut fastrand::Rng,
+        steer: &mut Steering<'_>,
+    ) -> Option<usize> {
         let mut avail = [0u8; MAX_INSTANCES];
+        let mut fraction = [1.0f64; MAX_INSTANCES];
+        let mut short = [(0u8, SkipReason::Tokens); MAX_INSTANCES];
+        let mut n_short = 0;
+        let mut best_short: Option<(usize, f64)> = None;
+        let report = |steer: &mut Steering<'_>, short: &[(u8, SkipReason)], taken: usize| {
+            for &(i, reason) in short {
+                if usize::from(i) != taken {
+                    (steer.skipped)(&backends[usize::from(i)], reason);
+                }
+            }
+        };
         for g in &self.groups {
             let mut n = 0;
             let mut total = 0.0;
             for &i in &self.order[g.clone()] {
                 let b = &backends[i];
-                if !exclude.contains(i) && serves(b) && self.health.check(b, now).is_ok() {
-                    // i < MAX_INSTANCES = 128, so it fits in a u8.
-                    avail[n] = i as u8;
-                    n += 1;
-                    total += b.config.weight;
+                if exclude.contains(i) || !serves(b) || self.health.check(b, now).is_err() {
+                    continue;
                 }
+                let room = (steer.room)(b).unwrap_or(Headroom::UNKNOWN);
+                // i < MAX_INSTANCES = 128, so it fits in a u8.
+                if let Err(reason) = room.fits {
+                    short[n_short] = (i as u8, reason);
+                    n_short += 1;
+                    if room.fallback && best_short.is_none_or(|(_, s)| room.slack > s) {
+                        best_short = Some((i, room.slack));
+                    }
+                    continue;
+                }
+                avail[n] = i as u8;
+                fraction[n] = room.fraction;
+                n += 1;
+                total += b.config.weight;
             }
-            match n {
+            let taken = match n {
                 0 => continue,
-                1 => return Some(usize::from(avail[0])),
-                _ => {}
-            }
-            let list = &avail[..n];
-            let weight = |k: usize| backends[usize::from(list[k])].config.weight;
-            let a = weighted(list.len(), &weight, total, None, rng);
-            let b = weighted(list.len(), &weight, total - weight(a), Some(a), rng);
-            let (ia, ib) = (usize::from(list[a]), usize::from(list[b]));
-            // Ties keep the first draw, so an idle group splits exactly by
-            // weight.
-            return Some(
-                if self.score.score(&backends[ib]) < self.score.score(&backends[ia]) {
-                    ib
-                } else {
-                    ia
-                },
-            );
+                1 => usize::from(avail[0]),
+                _ => {
+                    let list = &avail[..n];
+                    let weight = |k: usize| backends[usize::from(list[k])].config.weight;
+                    let a = weighted(list.len(), &weight, total, None, rng);
+                    let b = weighted(list.len(), &weight, total - weight(a), Some(a), rng);
+                    let score = |k: usize| {
+                        self.score.score(&backends[usize::from(list[k])])
+                            + ROOM_WEIGHT * (1.0 - fraction[k])
+                    };
+                    // Ties keep the first draw, so an idle group splits
+                    // exactly by weight.
+                    usize::from(if score(b) < score(a) {
+                        list[b]
+                    } else {
+                        list[a]
+                    })
+                }
+            };
+            report(steer, &short[..n_short], taken);
+            return Some(taken);
         }
-        None
+        let Some((taken, _)) = best_short.filter(|_| steer.allow_fallback) else {
+            report(steer, &short[..n_short], usize::MAX);
+            return None;
+        };
+        report(steer, &short[..n_short], taken);
+        steer.fell_back = true;
+        Some(taken)
     }
 
     /// When every instance that serves the deployment is cooling down,
@@ -401,6 +488,113 @@ mod tests {
         assert_eq!(sel.all_cooling(&bs, all, 10), Some(490));
     }
 
+    /// Room per backend index: `Some(slack)` fits when slack >= 1.
+    fn room_of(rooms: &[f64]) -> impl Fn(&Backend) -> Option<Headroom> + '_ {
+        move |b: &Backend| {
+            let slack = rooms[b.index];
+            Some(Headroom {
+                fits: if slack >= 1.0 {
+                    Ok(())
+                } else {
+                    Err(SkipReason::Tokens)
+                },
+                slack,
+                fraction: (slack / 10.0).min(1.0),
+                fallback: slack >= 0.1,
+            })
+        }
+    }
+
+    fn steered(
+        sel: &Selector,
+        bs: &[Arc<Backend>],
+        rooms: &[f64],
+        rng: &mut fastrand::Rng,
+    ) -> (Option<usize>, Vec<usize>) {
+        let mut skipped = Vec::new();
+        let mut note = |b: &Backend, _: SkipReason| skipped.push(b.index);
+        let room = room_of(rooms);
+        let mut steer = Steering {
+            room: &room,
+            skipped: &mut note,
+            allow_fallback: true,
+            fell_back: false,
+        };
+        let picked = sel.pick_steered(bs, all, IndexSet::default(), 10, rng, &mut steer);
+        let fell_back = steer.fell_back;
+        assert_eq!(
+            fell_back,
+            picked.is_some_and(|i| rooms[i] < 1.0),
+            "fell_back says whether the pick lacked room"
+        );
+        (picked, skipped)
+    }
+
+    #[test]
+    fn skips_a_lane_without_room_like_a_cooling_one() {
+        let bs = backends(&[(1, 1.0), (1, 1.0), (2, 1.0)]);
+        let sel = Selector::new(&bs);
+        let mut rng = fastrand::Rng::with_seed(7);
+        for _ in 0..50 {
+            let (p, skipped) = steered(&sel, &bs, &[0.5, 3.0, 9.0], &mut rng);
+            assert_eq!(p, Some(1));
+            assert_eq!(skipped, vec![0]);
+        }
+        // The whole first group is short: the next group takes it.
+        let (p, skipped) = steered(&sel, &bs, &[0.5, 0.2, 9.0], &mut rng);
+        assert_eq!(p, Some(2));
+        assert_eq!(skipped, vec![0, 1]);
+    }
+
+    #[test]
+    fn falls_back_to_the_lane_with_most_room_when_none_has_enough() {
+        let bs = backends(&[(1, 1.0), (1, 1.0), (2, 1.0)]);
+        let sel = Selector::new(&bs);
+        let mut rng = fastrand::Rng::with_seed(8);
+        let (p, skipped) = steered(&sel, &bs, &[0.5, 0.2, 0.7], &mut rng);
+        assert_eq!(p, Some(2), "most room wins, whatever its priority");
+        assert_eq!(skipped, vec![0, 1], "the one taken is not a skip");
+        // A cooling lane is still never taken.
+        bs[2].cool_down(10, 1000);
+        let (p, _) = steered(&sel, &bs, &[0.5, 0.2, 0.7], &mut rng);
+        assert_eq!(p, Some(0));
+        // A lane whose shortage was confirmed is not a fallback.
+        let (p, _) = steered(&sel, &bs, &[0.05, 0.2, 0.7], &mut rng);
+        assert_eq!(p, Some(1));
+        let (p, skipped) = steered(&sel, &bs, &[0.05, 0.02, 0.7], &mut rng);
+        assert_eq!(p, None);
+        assert_eq!(skipped, vec![0, 1]);
+        // Without the fallback: nothing.
+        let mut skipped = Vec::new();
+        let mut note = |b: &Backend, _: SkipReason| skipped.push(b.index);
+        let room = room_of(&[0.5, 0.2, 0.7]);
+        let mut steer = Steering {
+            room: &room,
+            skipped: &mut note,
+            allow_fallback: false,
+            fell_back: false,
+        };
+        let p = sel.pick_steered(&bs, all, IndexSet::default(), 10, &mut rng, &mut steer);
+        assert_eq!(p, None);
+        assert_eq!(skipped, vec![0, 1]);
+    }
+
+    #[test]
+    fn room_left_is_folded_into_the_score() {
+        let bs = backends(&[(1, 1.0), (1, 1.0)]);
+        let sel = Selector::new(&bs);
+        let mut rng = fastrand::Rng::with_seed(9);
+        for _ in 0..50 {
+            let (p, skipped) = steered(&sel, &bs, &[2.0, 10.0], &mut rng);
+            assert_eq!(p, Some(1), "idle, so room decides");
+            assert!(skipped.is_empty());
+        }
+        // Enough in flight on the roomier lane outweighs its room.
+        let _held: Vec<_> = (0..5).map(|_| bs[1].try_acquire(10).unwrap()).collect();
+        let (p, _) = steered(&sel, &bs, &[2.0, 10.0], &mut rng);
+        assert_eq!(p, Some(0));
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(64))]
 
@@ -429,6 +623,48 @@ mod tests {
                 prop_assert!(available.contains(&i));
                 let best = available.iter().map(|&k| spec[k].0).min().unwrap();
                 prop_assert_eq!(spec[i].0, best, "priority respected");
+            }
+        }
+
+        #[test]
+        fn never_picks_a_lane_without_room_while_one_with_room_is_available(
+            spec in prop::collection::vec((1u32..4, 1u32..5, 0u32..30, any::<bool>()), 1..8),
+            seed in any::<u64>(),
+        ) {
+            let bs = backends(&spec.iter().map(|(p, w, _, _)| (*p, f64::from(*w))).collect::<Vec<_>>());
+            for (b, s) in bs.iter().zip(&spec) {
+                if s.3 {
+                    b.cool_down(10, 1000);
+                }
+            }
+            let rooms: Vec<f64> = spec.iter().map(|s| f64::from(s.2) / 10.0).collect();
+            let sel = Selector::new(&bs);
+            let mut rng = fastrand::Rng::with_seed(seed);
+            let (picked, skipped) = steered(&sel, &bs, &rooms, &mut rng);
+            let usable: Vec<usize> = (0..spec.len()).filter(|&i| !spec[i].3).collect();
+            let roomy: Vec<usize> = usable.iter().copied().filter(|&i| rooms[i] >= 1.0).collect();
+            if usable.is_empty() {
+                prop_assert_eq!(picked, None);
+            } else if roomy.is_empty() {
+                // Lanes with slack below 0.1 stand for confirmed shortages:
+                // never a fallback.
+                let fallbacks: Vec<usize> = usable.iter().copied().filter(|&i| rooms[i] >= 0.1).collect();
+                if fallbacks.is_empty() {
+                    prop_assert_eq!(picked, None);
+                    prop_assert_eq!(skipped.len(), usable.len());
+                } else {
+                    let i = picked.unwrap();
+                    let most = fallbacks.iter().map(|&k| rooms[k]).fold(f64::MIN, f64::max);
+                    prop_assert!(rooms[i] >= most);
+                    prop_assert_eq!(skipped.len(), usable.len() - 1);
+                }
+            } else {
+                let i = picked.unwrap();
+                prop_assert!(roomy.contains(&i));
+                let best = roomy.iter().map(|&k| spec[k].0).min().unwrap();
+                prop_assert_eq!(spec[i].0, best, "priority respected among lanes with room");
+                prop_assert!(!skipped.contains(&i));
+                prop_assert!(skipped.iter().all(|k| rooms[*k] < 1.0 && !spec[*k].3));
             }
         }
 

@@ -32,8 +32,9 @@ use crate::error::ProxyError;
 use crate::log::{Attempt, InstanceName, ms};
 use crate::rewrite;
 use crate::route::Route;
-use crate::select::IndexSet;
+use crate::select::{IndexSet, Steering};
 use crate::state::GatewayState;
+use crate::steer;
 
 /// Longest wait for the first token of an Entra ID credential (only the
 /// requests that arrive before its first fetch completes wait).
@@ -215,15 +216,26 @@ pub struct Outgoing<'a> {
 }
 
 /// Tries candidates in selector order until one gives an answer to return.
-/// Every attempt is appended to `attempts`; `upstream_wait` accumulates
+/// Every attempt is appended to `attempts`, every instance passed over for
+/// lack of rate-limit room to `skipped`; `upstream_wait` accumulates
 /// time spent waiting on instances (for the overhead metric).
 pub async fn failover(
     gw: &GatewayState,
     out: &Outgoing<'_>,
     attempts: &mut Vec<Attempt>,
+    skipped: &mut Vec<steer::Skip>,
     upstream_wait: &mut Duration,
 ) -> Sent {
     let dep = out.route.deployment.as_deref();
+    // Rate-limit steering: the request's Azure-style estimate, and which
+    // instances were already reported as skipped.
+    let steering = dep.filter(|_| gw.config.routing.rate_limit_aware);
+    let estimate = steering.map_or(0, |_| steer::estimate(out.path, out.body));
+    let mut skipped_set = IndexSet::default();
+    // A lane without predicted room is tried as a fallback (no lane has
+    // room) until one such attempt meets a 429: that confirms the
+    // prediction, and the lanes with even less room are not tried.
+    let mut allow_fallback = true;
     let serves = |b: &Backend| {
         !out.excluded.contains(b.index)
             && dep.is_none_or(|d| b.config.backend_deployment(d).is_some())
@@ -258,6 +270,7 @@ pub async fn failover(
 
     loop {
         let now = gw.clock.now_ms();
+        let mut fallback = false;
         let next = match pinned.take() {
             Some(p) if p < gw.backends.len() && serves(&gw.backends[p]) => {
                 if let Err(Unavailable::Cooling(until)) =
@@ -271,9 +284,42 @@ pub async fn failover(
                 }
                 Some(p)
             }
-            _ => gw
-                .selector
-                .pick(&gw.backends, serves, exclude, now, &mut rng),
+            _ => match steering {
+                Some(d) => {
+                    let room = |b: &Backend| steer::headroom(b, d, estimate, now);
+                    let mut note = |b: &Backend, reason| {
+                        if !skipped_set.contains(b.index) {
+                            skipped_set.insert(b.index);
+                            steer::count_skip(b, reason);
+                            skipped.push(steer::Skip {
+                                instance: crate::log::InstanceName(Arc::clone(
+                                    &gw.backends[b.index],
+                                )),
+                                reason: crate::lane::SkipReason::as_str(reason),
+                            });
+                        }
+                    };
+                    let mut steer = Steering {
+                        room: &room,
+                        skipped: &mut note,
+                        allow_fallback,
+                        fell_back: false,
+                    };
+                    let pick = gw.selector.pick_steered(
+                        &gw.backends,
+                        serves,
+                        exclude,
+                        now,
+                        &mut rng,
+                        &mut steer,
+                    );
+                    fallback = steer.fell_back;
+                    pick
+                }
+                None => gw
+                    .selector
+                    .pick(&gw.backends, serves, exclude, now, &mut rng),
+            },
         };
         let Some(i) = next else {
             break;
@@ -300,6 +346,20 @@ pub async fn failover(
         let req = match build_request(out, backend, dep, token.as_ref().map(|t| &t.header)) {
             Ok(r) => r,
             Err(e) => return Sent::Failed(e),
+        };
+        // Azure reserves the estimate when it admits the request: count it
+        // in the lane's ledger now.
+        let lane = steering
+            .and_then(|d| steer::lane(backend, d))
+            .map(|(lane, limits)| {
+                let sent = lane.with(|s| s.send(now, estimate));
+                (lane, limits, sent)
+            });
+        let observe = |headers: &HeaderMap, status: StatusCode, retry_after_ms: u64| {
+            if let Some((lane, limits, sent)) = &lane {
+                let r = steer::reading(headers, status, retry_after_ms);
+                lane.with(|s| s.observe(gw.clock.now_ms(), sent, &r, limits));
+            }
         };
 
         let mut started = Instant::now();
@@ -342,6 +402,10 @@ pub async fn failover(
                 (Outcome::Timeout, None)
             }
             Ok(Err(_)) => {
+                // Never reached the instance: nothing was reserved.
+                if let Some((lane, _, sent)) = &lane {
+                    lane.with(|s| s.refund(gw.clock.now_ms(), sent));
+                }
                 // The error text is not kept: it can name the instance.
                 backend.record_failure(
                     gw.clock.now_ms(),
@@ -355,6 +419,7 @@ pub async fn failover(
                 let status = response.status();
                 if status != StatusCode::TOO_MANY_REQUESTS {
                     slot.end_cooldown_probe();
+                    observe(response.headers(), status, 0);
                 }
                 let v = match verdict(status) {
                     // An object named in the body and missing on this
@@ -410,6 +475,13 @@ pub async fn failover(
                         let ms =
                             cooldown_ms(&parts.headers, &gw.config.cooldown, SystemTime::now());
                         backend.cool_down(now, ms);
+                        observe(&parts.headers, status, ms);
+                        if fallback {
+                            allow_fallback = false;
+                            if let Some((lane, _, _)) = &lane {
+                                lane.with(|s| s.block_fallback(now));
+                            }
+                        }
                         if let Some(shared) = &gw.shared {
                             // What the instance now has left (a longer
                             // cooldown may have been running already).
@@ -463,6 +535,17 @@ pub async fn failover(
 
     let now = gw.clock.now_ms();
     if let Some(retry_after_ms) = gw.selector.all_cooling(&gw.backends, serves, now) {
+        return Sent::Failed(ProxyError::AllCooling { retry_after_ms });
+    }
+    // Steering: nothing was tried because every lane is cooling or out of
+    // room as a 429 confirmed; the same answer as when all are cooling,
+    // with the wait until the first lane is predicted to have room.
+    if let Some(d) = steering
+        && last_response.is_none()
+        && last_failure.is_none()
+        && let Some(retry_after_ms) =
+            steer::out_of_room_wait(gw.selector.health(), &gw.backends, serves, d, estimate, now)
+    {
         return Sent::Failed(ProxyError::AllCooling { retry_after_ms });
     }
     if let Some((parts, body, backend)) = last_response {

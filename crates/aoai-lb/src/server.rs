@@ -406,6 +406,7 @@ impl Handler for crate::proxy::Gateway {
             metrics::gauge!(crate::metrics::INSTANCE_AVAILABLE, "instance" => b.name)
                 .set(if available { 1.0 } else { 0.0 });
         }
+        self.refresh_lane_gauges();
     }
 
     fn backends_json(&self) -> Vec<u8> {

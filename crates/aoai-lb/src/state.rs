@@ -106,8 +106,16 @@ impl GatewayState {
         // No key at all means unauthenticated mode (the server refuses to
         // start that way unless the operator opted out).
         let open = client_key.is_none() && config.clients.is_empty();
-        let clients = Clients::new(&config.clients, client_key.as_ref(), open, &backends, None)
-            .map_err(|e| GatewayError::Clients(e.to_string()))?;
+        let any_principal = config.entra.as_ref().is_some_and(|e| e.allow_any_principal);
+        let clients = Clients::with_principals(
+            &config.clients,
+            client_key.as_ref(),
+            open,
+            any_principal,
+            &backends,
+            None,
+        )
+        .map_err(|e| GatewayError::Clients(e.to_string()))?;
         let selector = Selector::new(&backends);
         let shared = match &config.redis {
             Some(r) => Some(

@@ -92,19 +92,7 @@ async fn api_key_stays_client_default_next_to_named_clients() {
         &sims,
         serde_json::json!({"clients": [{"name": "team-a", "key": "team-a-key"}]}),
     );
-    let port = free_port().to_string();
-    let admin = free_port().to_string();
-    let bin = spawn_binary(
-        &[],
-        &[
-            ("OPENAI_INSTANCES", doc.as_str()),
-            ("API_KEY", CLIENT_KEY),
-            ("PORT", port.as_str()),
-            ("ADMIN_PORT", admin.as_str()),
-            ("HOST", "127.0.0.1"),
-        ],
-    );
-    let (addr, _) = bin.wait_listening(Duration::from_secs(15));
+    let (bin, addr) = spawn_gateway_binary(&doc);
     let url = format!("http://{addr}{}", chat_path("gpt-4o"));
     let (s, _, _) = send(Method::POST, &url, &auth(), chat_body(false)).await;
     assert_eq!(s, StatusCode::OK);

@@ -25,19 +25,7 @@ async fn writes_one_access_line_per_request_with_every_attempt() {
         &sims,
         serde_json::json!({"instances":[{"priority":1},{"priority":2}]}),
     );
-    let port = free_port().to_string();
-    let admin = free_port().to_string();
-    let bin = spawn_binary(
-        &[],
-        &[
-            ("OPENAI_INSTANCES", doc.as_str()),
-            ("API_KEY", CLIENT_KEY),
-            ("PORT", port.as_str()),
-            ("ADMIN_PORT", admin.as_str()),
-            ("HOST", "127.0.0.1"),
-        ],
-    );
-    let (addr, _) = bin.wait_listening(Duration::from_secs(15));
+    let (bin, addr) = spawn_gateway_binary(&doc);
     let url = format!(
         "http://{addr}/openai/deployments/gpt-4o/chat/completions?api-version=2025-01-01-preview&api-key=leak-me"
     );

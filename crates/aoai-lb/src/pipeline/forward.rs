@@ -40,6 +40,7 @@ pub async fn forward(gw: &GatewayState, ctx: &mut RequestCtx) -> Result<Sent, Pr
     // this future; the context then still writes the access record.
     ctx.awaiting_upstream = true;
     let attempts = &mut ctx.record.attempts;
+    let skipped = &mut ctx.record.skipped;
     let wait = &mut ctx.upstream_wait;
     let merged = if affinity::is_mergeable_list(out.method, out.path) {
         send::merged_list(gw, &out, attempts, wait).await
@@ -48,7 +49,7 @@ pub async fn forward(gw: &GatewayState, ctx: &mut RequestCtx) -> Result<Sent, Pr
     };
     let sent = match merged {
         Some(sent) => sent,
-        None => send::failover(gw, &out, attempts, wait).await,
+        None => send::failover(gw, &out, attempts, skipped, wait).await,
     };
     ctx.awaiting_upstream = false;
     match sent {

@@ -9,14 +9,16 @@
 //! With an `entra` block, a bearer token that is a JWT is validated as a
 //! Microsoft Entra ID token ([`crate::entra`]) instead of being looked up
 //! as a key; a refused token is answered 401 naming the reason, unless an
-//! `api-key` header carries a known key. A valid token's principal is
-//! served as client `default` when `allow_any_principal` is set, else
-//! refused ("no client is configured for this principal"): mapping
-//! principals to named clients plugs in at [`principal_client`].
+//! `api-key` header carries a known key. A valid token is served as the
+//! named client listing its principal (`entra_object_ids`, then
+//! `entra_app_ids`), with that client's permissions, limits and usage
+//! accounting; a token matching no client is served as client `default`
+//! when `allow_any_principal` is set, else refused ("no client is
+//! configured for this principal").
 
 use std::sync::Arc;
 
-use crate::clients::{Client, DEFAULT_CLIENT};
+use crate::clients::Client;
 use crate::entra::{self, Principal, TokenRejection};
 use crate::error::ProxyError;
 use crate::state::GatewayState;
@@ -49,22 +51,22 @@ pub async fn identify(gw: &GatewayState, ctx: &mut RequestCtx) -> Result<(), Pro
     Ok(())
 }
 
-/// The client a validated principal acts as. Until named clients list
-/// Entra principals, a principal is accepted only with
-/// `allow_any_principal`, as client `default`.
+/// The client a validated principal acts as: the one listing its `oid`,
+/// else the one listing its `appid`/`azp` ([`crate::clients::Clients::for_principal`]);
+/// failing both, client `default` under `allow_any_principal`.
 ///
 /// # Errors
-/// [`TokenRejection::UnknownPrincipal`] as a 401.
+/// [`TokenRejection::UnknownPrincipal`] as a 401: a token of the right
+/// tenant is not by itself a permission to spend the backends' quota.
 fn principal_client(gw: &GatewayState, principal: &Principal) -> Result<Arc<Client>, ProxyError> {
-    let _ = principal;
+    if let Some(c) = gw.clients.for_principal(principal) {
+        return Ok(c);
+    }
     let any = gw
         .entra
         .as_ref()
         .is_some_and(|v| v.config.allow_any_principal);
-    gw.clients
-        .all()
-        .iter()
-        .find(|c| any && &*c.name == DEFAULT_CLIENT)
-        .cloned()
+    any.then(|| gw.clients.default_client())
+        .flatten()
         .ok_or(ProxyError::InvalidToken(TokenRejection::UnknownPrincipal))
 }

@@ -61,6 +61,8 @@ pub const LEASE_TTL_MS: u64 = 2_000;
 /// How long Redis counts a grant: the 60 s window, the lease's life and a
 /// second for rounding grants to whole seconds.
 pub const SPAN_MS: u64 = 60_000 + LEASE_TTL_MS + 1_000;
+/// A lease is renewed when it has less than this left to live.
+const RENEW_AHEAD_MS: u64 = 3 * 200;
 /// The 60 s window of `rpm` and `tpm`.
 const WINDOW_MS: u64 = 60_000;
 
@@ -476,7 +478,7 @@ pub(crate) async fn top_up(shared: &Shared, gw: &GatewayState, elapsed_ms: u64, 
         return;
     };
     if beat {
-        let key = format!("{{{}cd}}:replicas", shared.config().key_prefix);
+        let key = format!("{{{}cd}}replicas", shared.config().key_prefix);
         let ttl = u64::try_from(shared.config().sync_interval.as_millis())
             .unwrap_or(1_000)
             .saturating_mul(3);
@@ -504,9 +506,13 @@ pub(crate) async fn top_up(shared: &Shared, gw: &GatewayState, elapsed_ms: u64, 
             let limit = pool.limit.load(Ordering::Relaxed);
             let size = lease_size(limit, replicas);
             let want_more = pool.want.swap(0, Ordering::AcqRel);
-            let valid = pool.until.load(Ordering::Acquire) > now;
+            let until = pool.until.load(Ordering::Acquire);
+            let valid = until > now;
+            // Renewed before it runs out, so that admission never finds
+            // a lease that has just expired.
+            let fresh = until > now.saturating_add(RENEW_AHEAD_MS);
             let bal = if valid { pool.balance() } else { 0 };
-            if valid && bal * 2 >= size && bal >= want_more {
+            if fresh && bal * 2 >= size && bal >= want_more {
                 continue;
             }
             // Re-date what is left so it may be used for another lease

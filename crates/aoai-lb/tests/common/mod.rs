@@ -331,6 +331,26 @@ pub fn free_port() -> u16 {
         .expect("free port")
 }
 
+/// Spawns the real binary with `doc` as `OPENAI_INSTANCES`, `CLIENT_KEY` as
+/// `API_KEY`, and free loopback ports for traffic and admin; returns it once
+/// it listens, with the traffic address.
+pub fn spawn_gateway_binary(doc: &str) -> (Binary, SocketAddr) {
+    let port = free_port().to_string();
+    let admin = free_port().to_string();
+    let bin = spawn_binary(
+        &[],
+        &[
+            ("OPENAI_INSTANCES", doc),
+            ("API_KEY", CLIENT_KEY),
+            ("PORT", port.as_str()),
+            ("ADMIN_PORT", admin.as_str()),
+            ("HOST", "127.0.0.1"),
+        ],
+    );
+    let (addr, _) = bin.wait_listening(Duration::from_secs(15));
+    (bin, addr)
+}
+
 /// Spawns the real binary with `args` and exactly the gateway variables in
 /// `env` (others of [`GATEWAY_ENV`] removed).
 pub fn spawn_binary(args: &[&str], env: &[(&str, &str)]) -> Binary {

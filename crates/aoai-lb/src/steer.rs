@@ -1,0 +1,316 @@
+//! Rate-limit-aware routing: the glue between the lanes' predictions
+//! ([`crate::lane`]), the selector ([`crate::select`]) and the failover
+//! loop ([`crate::send`]).
+//!
+//! Owns the request's Azure-style estimate for steering ([`estimate`]),
+//! reading Azure's rate-limit headers into a [`Reading`], the lane of a
+//! (backend, deployment) pair, the steering metrics
+//! (`aoai_lb_steer_skips_total{instance,reason}`,
+//! `aoai_lb_lane_remaining_tokens{instance,deployment}`) and the lane rows
+//! of `/admin/backends`.
+//!
+//! Switched by `routing.rate_limit_aware` (default on); off, none of this
+//! runs and selection is exactly priority + least-loaded.
+
+use std::sync::Arc;
+
+use http::{HeaderMap, StatusCode};
+use serde::Serialize;
+
+use crate::backend::{Backend, Unavailable};
+use crate::lane::{Headroom, Lane, LaneLimits, Prediction, Reading, SkipReason, Throttle};
+use crate::log::InstanceName;
+use crate::select::HealthView;
+
+/// Output tokens assumed when a request sets no `max_tokens`,
+/// `max_completion_tokens` or `max_output_tokens`. Azure reserves the
+/// model's largest output then; 4096 is the common cap of current chat
+/// models and matches the clients' default.
+pub const DEFAULT_MAX_TOKENS: u64 = 4096;
+
+/// Prometheus name: predicted tokens left on a lane (refreshed at each
+/// scrape).
+pub const LANE_REMAINING_TOKENS: &str = "aoai_lb_lane_remaining_tokens";
+/// Prometheus name: lanes skipped for lack of predicted room.
+pub const STEER_SKIPS_TOTAL: &str = "aoai_lb_steer_skips_total";
+
+/// The estimate Azure reserves for a request, computed cheaply: a
+/// quarter of the body's bytes for the prompt (Azure's own estimate is
+/// character-based; the JSON framing makes this err on the high side)
+/// plus the most it may generate (`max_completion_tokens`, `max_tokens`
+/// or `max_output_tokens`, else [`DEFAULT_MAX_TOKENS`]) times `n` or
+/// `best_of`. Embeddings generate nothing. A body that is not a JSON
+/// object reserves 0 (it still counts as a request).
+pub fn estimate(path: &str, body: &[u8]) -> u64 {
+    #[derive(serde::Deserialize, Default)]
+    #[serde(default)]
+    struct Caps {
+        max_tokens: Option<u64>,
+        max_completion_tokens: Option<u64>,
+        max_output_tokens: Option<u64>,
+        n: Option<u64>,
+        best_of: Option<u64>,
+    }
+    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return 0;
+    }
+    let Ok(caps) = serde_json::from_slice::<Caps>(body) else {
+        return 0;
+    };
+    let prompt = (body.len() as u64).div_ceil(4);
+    if crate::usage::Endpoint::from_path(path) == Some(crate::usage::Endpoint::Embeddings) {
+        return prompt;
+    }
+    let out = caps
+        .max_completion_tokens
+        .or(caps.max_tokens)
+        .or(caps.max_output_tokens)
+        .unwrap_or(DEFAULT_MAX_TOKENS);
+    let times = caps.n.unwrap_or(1).max(caps.best_of.unwrap_or(1)).max(1);
+    prompt.saturating_add(out.saturating_mul(times))
+}
+
+/// Reads Azure's rate-limit headers. Absent, unparsable or negative
+/// values (the Responses API sends `-1`) are unknown. On a 429,
+/// `policy-id` says which budget ran out (`…-Token` or `…-Call`; neither
+/// or absent: both), and `retry_after_ms` is the cooldown already chosen
+/// for it.
+pub fn reading(headers: &HeaderMap, status: StatusCode, retry_after_ms: u64) -> Reading {
+    let num = |name: &str| -> Option<u64> {
+        let v = headers.get(name)?.to_str().ok()?.trim();
+        let f: f64 = v.parse().ok()?;
+        (f.is_finite() && f >= 0.0).then_some(f as u64)
+    };
+    let utilization = headers
+        .get("azure-openai-deployment-utilization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().trim_end_matches('%').trim().parse::<f64>().ok())
+        .filter(|u| u.is_finite() && *u >= 0.0);
+    let throttled = (status == StatusCode::TOO_MANY_REQUESTS).then(|| {
+        let policy = headers
+            .get("policy-id")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_ascii_lowercase();
+        let tokens = policy.ends_with("-token");
+        let requests = policy.ends_with("-call");
+        let known = tokens || requests;
+        Throttle {
+            tokens: tokens || !known,
+            requests: requests || !known,
+            retry_after_ms,
+        }
+    });
+    Reading {
+        remaining_tokens: num("x-ratelimit-remaining-tokens"),
+        remaining_requests: num("x-ratelimit-remaining-requests"),
+        limit_tokens: num("x-ratelimit-limit-tokens"),
+        limit_requests: num("x-ratelimit-limit-requests"),
+        utilization,
+        throttled,
+    }
+}
+
+/// The lane for client-facing deployment `dep` on `backend`, with its
+/// configured limits; `None` when the instance does not serve `dep` or
+/// has no room for another lane.
+pub fn lane(backend: &Backend, dep: &str) -> Option<(Arc<Lane>, LaneLimits)> {
+    let upstream = backend.config.backend_deployment(dep)?;
+    let lane = backend.lanes().get(upstream)?;
+    let limits = backend
+        .config
+        .deployments
+        .as_ref()
+        .map(|d| d.limits(upstream))
+        .unwrap_or_default();
+    Some((lane, limits))
+}
+
+/// Whether `backend` has room for a request of `estimate` tokens on `dep`
+/// at `now`; `None` (no opinion) when there is no lane.
+pub fn headroom(backend: &Backend, dep: &str, estimate: u64, now: u64) -> Option<Headroom> {
+    let (lane, limits) = lane(backend, dep)?;
+    Some(lane.with(|s| s.headroom(now, estimate, &limits)))
+}
+
+/// When no candidate can take the request now — each is cooling down
+/// after a 429, or has no predicted room and its shortage was confirmed
+/// by a 429 within the last minute (so it is no fallback) — the time
+/// (ms from `now`) until the first one is free or predicted to have room.
+/// `None` when some candidate could still be tried (or none serves).
+pub fn out_of_room_wait(
+    health: &dyn HealthView,
+    backends: &[Arc<Backend>],
+    serves: impl Fn(&Backend) -> bool,
+    dep: &str,
+    estimate: u64,
+    now: u64,
+) -> Option<u64> {
+    let mut first: Option<u64> = None;
+    for b in backends.iter().filter(|b| serves(b)) {
+        let wait = match health.check(b, now) {
+            Err(Unavailable::Cooling(until)) => until.saturating_sub(now).max(1),
+            Err(Unavailable::BreakerOpen | Unavailable::NoToken) => return None,
+            Ok(()) => {
+                let (lane, limits) = lane(b, dep)?;
+                let wait = lane.with(|s| {
+                    let h = s.headroom(now, estimate, &limits);
+                    (h.fits.is_err() && !h.fallback)
+                        .then(|| s.time_until_room(now, estimate, &limits))
+                });
+                wait?
+            }
+        };
+        first = Some(first.map_or(wait, |f| f.min(wait)));
+    }
+    first
+}
+
+/// Counts one skip in `aoai_lb_steer_skips_total{instance,reason}`.
+pub fn count_skip(backend: &Backend, reason: SkipReason) {
+    metrics::counter!(STEER_SKIPS_TOTAL, "instance" => backend.name().to_owned(), "reason" => reason.as_str())
+        .increment(1);
+}
+
+/// A lane skipped for one request, for the access log.
+#[derive(Clone, Serialize)]
+pub struct Skip {
+    /// The instance.
+    pub instance: InstanceName,
+    /// `tokens`, `requests` or `utilization`.
+    pub reason: &'static str,
+}
+
+/// One lane in `/admin/backends`.
+#[derive(Debug, Clone, Serialize)]
+pub struct LaneStatus {
+    /// The upstream deployment name.
+    pub deployment: String,
+    /// The prediction now.
+    #[serde(flatten)]
+    pub prediction: Prediction,
+}
+
+/// Every lane of `backend`, predicted at `now`.
+pub fn lane_status(backend: &Backend, now: u64) -> Vec<LaneStatus> {
+    backend
+        .lanes()
+        .all()
+        .into_iter()
+        .map(|(deployment, lane)| {
+            let limits = backend
+                .config
+                .deployments
+                .as_ref()
+                .map(|d| d.limits(&deployment))
+                .unwrap_or_default();
+            let prediction = lane.with(|s| s.predict(now, &limits));
+            LaneStatus {
+                deployment,
+                prediction,
+            }
+        })
+        .collect()
+}
+
+/// Sets `aoai_lb_lane_remaining_tokens` for every lane of `backends`
+/// (called at each scrape, since the prediction moves with time). Only
+/// instances with a `deployments` map export it: elsewhere the deployment
+/// name is the client's choice, which metric labels never carry.
+pub fn refresh_gauges(backends: &[Arc<Backend>], now: u64) {
+    for b in backends.iter().filter(|b| b.config.deployments.is_some()) {
+        for l in lane_status(b, now) {
+            if let Some(r) = l.prediction.remaining_tokens {
+                metrics::gauge!(LANE_REMAINING_TOKENS, "instance" => b.name().to_owned(), "deployment" => l.deployment)
+                    .set(r as f64);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    fn h(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut m = HeaderMap::new();
+        for (k, v) in pairs {
+            m.insert(*k, HeaderValue::from_static(v));
+        }
+        m
+    }
+
+    #[test]
+    fn estimates_like_azure_prompt_plus_max_tokens_times_n() {
+        let body = br#"{"messages":[{"role":"user","content":"hi"}],"max_tokens":100,"n":2}"#;
+        let prompt = (body.len() as u64).div_ceil(4);
+        assert_eq!(
+            estimate("/openai/deployments/d/chat/completions", body),
+            prompt + 200
+        );
+        let body = br#"{"messages":[]}"#;
+        assert_eq!(
+            estimate("/openai/deployments/d/chat/completions", body),
+            4 + DEFAULT_MAX_TOKENS
+        );
+        let body = br#"{"input":"some text"}"#;
+        assert_eq!(estimate("/openai/deployments/d/embeddings", body), 6);
+        assert_eq!(
+            estimate("/openai/deployments/d/audio/transcriptions", b"--x"),
+            0
+        );
+    }
+
+    #[test]
+    fn reads_remaining_limits_and_utilization_and_ignores_negatives() {
+        let r = reading(
+            &h(&[
+                ("x-ratelimit-remaining-tokens", "9000"),
+                ("x-ratelimit-remaining-requests", "17"),
+                ("x-ratelimit-limit-tokens", "-1"),
+                ("x-ratelimit-limit-requests", "20"),
+                ("azure-openai-deployment-utilization", "73.5%"),
+            ]),
+            StatusCode::OK,
+            0,
+        );
+        assert_eq!(r.remaining_tokens, Some(9000));
+        assert_eq!(r.remaining_requests, Some(17));
+        assert_eq!(r.limit_tokens, None);
+        assert_eq!(r.limit_requests, Some(20));
+        assert_eq!(r.utilization, Some(73.5));
+        assert_eq!(r.throttled, None);
+    }
+
+    #[test]
+    fn reads_which_budget_a_429_names_in_policy_id() {
+        let tok = reading(
+            &h(&[("policy-id", "DeploymentRatelimit-Token")]),
+            StatusCode::TOO_MANY_REQUESTS,
+            5,
+        );
+        assert_eq!(
+            tok.throttled,
+            Some(Throttle {
+                tokens: true,
+                requests: false,
+                retry_after_ms: 5
+            })
+        );
+        let call = reading(
+            &h(&[("policy-id", "DeploymentRatelimit-Call")]),
+            StatusCode::TOO_MANY_REQUESTS,
+            5,
+        );
+        assert_eq!(
+            call.throttled.map(|t| (t.tokens, t.requests)),
+            Some((false, true))
+        );
+        let none = reading(&h(&[]), StatusCode::TOO_MANY_REQUESTS, 5);
+        assert_eq!(
+            none.throttled.map(|t| (t.tokens, t.requests)),
+            Some((true, true))
+        );
+    }
+}
