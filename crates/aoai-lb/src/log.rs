@@ -175,6 +175,31 @@ impl AccessRecord {
     /// serde data model. This runs once per request on the request's
     /// thread; a unit test holds it to the derived serialisation.
     pub fn write_json(&self, out: &mut Vec<u8>) {
+        // Every field by name, no `..`: a field added to the record does
+        // not compile until it is written here too (or explicitly not).
+        let AccessRecord {
+            timestamp: _,
+            level: _,
+            target: _,
+            message: _,
+            request_id: _,
+            apim_request_id: _,
+            method: _,
+            path: _,
+            deployment: _,
+            client: _,
+            attempts: _,
+            skipped,
+            instance: _,
+            status: _,
+            ttfb_ms: _,
+            total_ms: _,
+            bytes: _,
+            streamed: _,
+            error: _,
+            usage: _,
+            trace: _,
+        } = self;
         out.extend_from_slice(b"{\"timestamp\":");
         json_str(out, &self.timestamp);
         out.extend_from_slice(b",\"level\":");
@@ -213,7 +238,22 @@ impl AccessRecord {
             json_f64(out, a.ms);
             out.push(b'}');
         }
-        out.extend_from_slice(b"],\"instance\":");
+        out.push(b']');
+        if !skipped.is_empty() {
+            out.extend_from_slice(b",\"skipped\":[");
+            for (i, skip) in skipped.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                out.extend_from_slice(b"{\"instance\":");
+                json_str(out, skip.instance.as_str());
+                out.extend_from_slice(b",\"reason\":");
+                json_str(out, skip.reason);
+                out.push(b'}');
+            }
+            out.push(b']');
+        }
+        out.extend_from_slice(b",\"instance\":");
         json_opt_str(out, self.instance.as_ref().map(InstanceName::as_str));
         out.extend_from_slice(b",\"status\":");
         json_u64(out, u64::from(self.status));
@@ -433,6 +473,16 @@ mod tests {
                 status: None,
                 ms: f64::NAN,
                 started: Instant::now(),
+            },
+        ];
+        r.skipped = vec![
+            crate::steer::Skip {
+                instance: InstanceName(backend("ptu-east")),
+                reason: "tokens",
+            },
+            crate::steer::Skip {
+                instance: InstanceName(backend("north")),
+                reason: "utilization",
             },
         ];
         r.instance = Some(InstanceName(backend("west")));
