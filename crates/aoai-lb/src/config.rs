@@ -419,6 +419,7 @@ struct RawAuth {
     client_id: Option<String>,
     tenant_id: Option<String>,
     client_secret: Option<Secret>,
+    certificate_path: Option<String>,
     scope: Option<String>,
 }
 
@@ -795,6 +796,7 @@ fn backend_credential(
             if a.client_id.is_some()
                 || a.tenant_id.is_some()
                 || a.client_secret.is_some()
+                || a.certificate_path.is_some()
                 || a.scope.is_some()
             {
                 return err(
@@ -860,6 +862,7 @@ fn backend_credential(
                 &[
                     ("tenant_id", tenant_id.is_some()),
                     ("client_secret", auth.client_secret.is_some()),
+                    ("certificate_path", auth.certificate_path.is_some()),
                 ],
             )?;
             CredentialConfig::ManagedIdentity { client_id }
@@ -867,7 +870,10 @@ fn backend_credential(
         "workload_identity" => {
             only(
                 "workload_identity",
-                &[("client_secret", auth.client_secret.is_some())],
+                &[
+                    ("client_secret", auth.client_secret.is_some()),
+                    ("certificate_path", auth.certificate_path.is_some()),
+                ],
             )?;
             CredentialConfig::WorkloadIdentity {
                 client_id,
@@ -884,17 +890,44 @@ fn backend_credential(
             let Some(client_secret) = auth.client_secret.filter(|s| !s.is_empty()) else {
                 return err("auth.client_secret", "required with type client_secret");
             };
+            only(
+                "client_secret",
+                &[("certificate_path", auth.certificate_path.is_some())],
+            )?;
             CredentialConfig::ClientSecret {
                 tenant_id,
                 client_id,
                 client_secret,
             }
         }
+        "client_certificate" => {
+            let Some(tenant_id) = tenant_id else {
+                return err("auth.tenant_id", "required with type client_certificate");
+            };
+            let Some(client_id) = client_id else {
+                return err("auth.client_id", "required with type client_certificate");
+            };
+            only(
+                "client_certificate",
+                &[("client_secret", auth.client_secret.is_some())],
+            )?;
+            let Some(path) = nonempty("certificate_path", auth.certificate_path)? else {
+                return err(
+                    "auth.certificate_path",
+                    "required with type client_certificate (a PEM file with the certificate and its private key)",
+                );
+            };
+            CredentialConfig::ClientCertificate {
+                tenant_id,
+                client_id,
+                certificate_path: std::path::PathBuf::from(path),
+            }
+        }
         other => {
             return Err((
                 "auth.type".to_owned(),
                 format!(
-                    "unknown type {other:?} (expected api_key, managed_identity, workload_identity or client_secret)"
+                    "unknown type {other:?} (expected api_key, managed_identity, workload_identity, client_secret or client_certificate)"
                 ),
             ));
         }
@@ -1315,6 +1348,19 @@ mod tests {
                 ..
             })
         ));
+        assert_eq!(
+            auth_ok(
+                r#"{"type":"client_certificate","tenant_id":"t","client_id":"c","certificate_path":"/certs/sp.pem"}"#
+            ),
+            BackendCredential::Entra(TokenAuth {
+                credential: CredentialConfig::ClientCertificate {
+                    tenant_id: "t".into(),
+                    client_id: "c".into(),
+                    certificate_path: "/certs/sp.pem".into()
+                },
+                scope: DEFAULT_SCOPE.into()
+            })
+        );
         let doc = r#"{"instances":[{"name":"a","url":"https://a.example.com","api_key":"k","auth":{"type":"api_key"}}]}"#;
         assert_eq!(
             Config::from_json(doc).unwrap().instances[0].credential,
@@ -1360,6 +1406,20 @@ mod tests {
                 .starts_with("instances[0].auth.tenant_id")
         );
         assert!(auth_err(r#"{"type":"managed_identity","scpoe":"x"}"#, false).contains("scpoe"));
+        assert!(
+            auth_err(
+                r#"{"type":"client_certificate","tenant_id":"t","client_id":"c"}"#,
+                false
+            )
+            .starts_with("instances[0].auth.certificate_path: required")
+        );
+        assert!(
+            auth_err(
+                r#"{"type":"client_certificate","tenant_id":"t","client_id":"c","certificate_path":"/p","client_secret":"s"}"#,
+                false
+            )
+            .starts_with("instances[0].auth.client_secret: not used")
+        );
     }
 
     #[test]

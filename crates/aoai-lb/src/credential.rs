@@ -26,6 +26,7 @@
 //! | `managed_identity` | `IDENTITY_ENDPOINT` + `IDENTITY_HEADER` (Container Apps, App Service) when both are set, else IMDS at `AZURE_POD_IDENTITY_AUTHORITY_HOST` or `http://169.254.169.254` |
 //! | `workload_identity` | `POST {authority}/{AZURE_TENANT_ID}/oauth2/v2.0/token` with the file `AZURE_FEDERATED_TOKEN_FILE` as client assertion, re-read on every fetch |
 //! | `client_secret` | the same token endpoint with a client secret |
+//! | `client_certificate` | the same token endpoint with a PS256 assertion signed by the certificate's key ([`crate::client_cert`]); the PEM file is read again on every fetch |
 //!
 //! The authority is `AZURE_AUTHORITY_HOST` or `https://login.microsoftonline.com`;
 //! plain `http://` is accepted only for a loopback host.
@@ -91,6 +92,17 @@ pub enum CredentialConfig {
         /// The secret value; never printed.
         client_secret: Secret,
     },
+    /// An app registration with a certificate: a PEM file holding the
+    /// certificate and its unencrypted RSA private key.
+    ClientCertificate {
+        /// Directory (tenant) id or domain.
+        tenant_id: String,
+        /// Application (client) id.
+        client_id: String,
+        /// The PEM file; read again on every fetch, so a renewed
+        /// certificate written over it is picked up at the next refresh.
+        certificate_path: PathBuf,
+    },
 }
 
 impl CredentialConfig {
@@ -100,6 +112,7 @@ impl CredentialConfig {
             CredentialConfig::ManagedIdentity { .. } => "managed_identity",
             CredentialConfig::WorkloadIdentity { .. } => "workload_identity",
             CredentialConfig::ClientSecret { .. } => "client_secret",
+            CredentialConfig::ClientCertificate { .. } => "client_certificate",
         }
     }
 }
@@ -207,6 +220,9 @@ pub enum Proof {
     Secret(Secret),
     /// `client_assertion` read from this file on every fetch.
     AssertionFile(PathBuf),
+    /// `client_assertion` signed with the certificate key in this PEM file,
+    /// read on every fetch.
+    Certificate(PathBuf),
 }
 
 /// Resolves `auth` against `env`.
@@ -278,6 +294,28 @@ pub fn resolve(auth: &TokenAuth, env: &AzureEnv) -> Result<Source, String> {
             client_id: client_id.clone(),
             proof: Proof::Secret(client_secret.clone()),
         }),
+        CredentialConfig::ClientCertificate {
+            tenant_id,
+            client_id,
+            certificate_path,
+        } => {
+            // Checked once here so a bad file stops start-up (or a reload)
+            // with one line, instead of only failing every fetch.
+            let pem = std::fs::read(certificate_path).map_err(|e| {
+                format!(
+                    "certificate_path {}: cannot read ({})",
+                    certificate_path.display(),
+                    e.kind()
+                )
+            })?;
+            crate::client_cert::CertificateKey::from_pem(&pem)
+                .map_err(|e| format!("certificate_path {}: {e}", certificate_path.display()))?;
+            Ok(Source::Entra {
+                token_url: token_url(env, tenant_id)?,
+                client_id: client_id.clone(),
+                proof: Proof::Certificate(certificate_path.clone()),
+            })
+        }
     }
 }
 
@@ -350,7 +388,8 @@ pub fn label(auth: &TokenAuth, env: &AzureEnv) -> String {
             .clone()
             .or_else(|| env.get("AZURE_CLIENT_ID").map(str::to_owned))
             .unwrap_or_default(),
-        CredentialConfig::ClientSecret { client_id, .. } => client_id.clone(),
+        CredentialConfig::ClientSecret { client_id, .. }
+        | CredentialConfig::ClientCertificate { client_id, .. } => client_id.clone(),
     };
     let mut l = format!("{}:{who}", auth.credential.type_name());
     if auth.scope != DEFAULT_SCOPE {
@@ -432,6 +471,14 @@ pub enum FetchError {
         /// The file.
         path: String,
         /// Why.
+        reason: String,
+    },
+    /// The certificate file could not be read or used to sign.
+    #[error("cannot use the certificate file {path}: {reason}")]
+    Certificate {
+        /// The file.
+        path: String,
+        /// Why (never key material).
         reason: String,
     },
 }
@@ -760,6 +807,24 @@ impl TokenCache {
                             }
                         })?)
                     }
+                    Proof::Certificate(path) => {
+                        let failed = |reason: String| FetchError::Certificate {
+                            path: path.display().to_string(),
+                            reason,
+                        };
+                        let pem = tokio::fs::read(path)
+                            .await
+                            .map_err(|e| failed(e.kind().to_string()))?;
+                        let key = crate::client_cert::CertificateKey::from_pem(&pem)
+                            .map_err(|e| failed(e.to_string()))?;
+                        let now = SystemTime::now()
+                            .duration_since(UNIX_EPOCH)
+                            .map_or(0, |d| d.as_secs());
+                        Some(
+                            key.assertion(client_id, token_url, now)
+                                .map_err(|e| failed(e.to_string()))?,
+                        )
+                    }
                 };
                 let mut form = url::form_urlencoded::Serializer::new(String::new());
                 form.append_pair("grant_type", "client_credentials")
@@ -769,7 +834,7 @@ impl TokenCache {
                     (Proof::Secret(s), _) => {
                         form.append_pair("client_secret", s.expose());
                     }
-                    (Proof::AssertionFile(_), a) => {
+                    (Proof::AssertionFile(_) | Proof::Certificate(_), a) => {
                         form.append_pair(
                             "client_assertion_type",
                             "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",

@@ -12,6 +12,7 @@ pub mod affinity;
 pub mod auth;
 pub mod backend;
 pub mod cli;
+pub mod client_cert;
 pub mod clients;
 pub mod config;
 pub mod cpus;

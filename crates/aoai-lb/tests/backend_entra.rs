@@ -161,6 +161,83 @@ async fn client_secret_credential_fetches_from_the_authority() {
     gw.shutdown().await;
 }
 
+const CERT_PEM: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/fixtures/entra-test-cert.pem"
+);
+
+#[tokio::test]
+async fn client_certificate_credential_signs_an_assertion_the_authority_accepts() {
+    let id = identity().await;
+    let key =
+        aoai_lb::client_cert::CertificateKey::from_pem(&std::fs::read(CERT_PEM).unwrap()).unwrap();
+    // First the app registration holds another certificate: the token
+    // endpoint refuses the assertion (AADSTS700027), so the instance stays
+    // out of rotation and nothing is sent to it.
+    id.add_client_certificate("app-cert", key.public_key_der().to_vec(), "not-this-cert");
+    let sims = keyless(&["cert"], &IdentityHandle::object_id_of("app-cert")).await;
+    let auth = format!(
+        r#"{{"type":"client_certificate","tenant_id":"{}","client_id":"app-cert","certificate_path":"{CERT_PEM}"}}"#,
+        id.tenant_id()
+    );
+    let env = vec![("AZURE_AUTHORITY_HOST".into(), id.url())];
+    let gw = start_with_env(&doc(vec![instance(&sims[0], &auth)]), env).await;
+    eventually(
+        "the refused assertion is reported",
+        Duration::from_secs(10),
+        async || admin_backends(&gw).await.to_string().contains("700027"),
+    )
+    .await;
+    assert_ne!(chat(&gw).await.0, StatusCode::OK);
+    assert_eq!(sims[0].request_count(), 0);
+    // The right certificate uploaded: the next retry gets a token.
+    id.add_client_certificate(
+        "app-cert",
+        key.public_key_der().to_vec(),
+        key.thumbprint_s256(),
+    );
+    eventually(
+        "a token with the certificate",
+        Duration::from_secs(20),
+        async || chat(&gw).await.0 == StatusCode::OK,
+    )
+    .await;
+    let admin = admin_backends(&gw).await.to_string();
+    assert!(admin.contains("client_certificate:app-cert"), "{admin}");
+    assert!(!admin.contains("PRIVATE KEY"), "{admin}");
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_certificate_file_without_a_key_stops_start_up_naming_the_field() {
+    let sims = keyless(&["cert"], "x").await;
+    let dir = std::env::temp_dir().join(format!("aoai-lb-cert-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cert_only = dir.join("cert-only.pem");
+    let pem = std::fs::read_to_string(CERT_PEM).unwrap();
+    let cert: String = pem
+        .split_inclusive('\n')
+        .skip_while(|l| !l.starts_with("-----BEGIN CERTIFICATE"))
+        .collect();
+    std::fs::write(&cert_only, cert).unwrap();
+    let auth = format!(
+        r#"{{"type":"client_certificate","tenant_id":"t","client_id":"a","certificate_path":"{}"}}"#,
+        cert_only.display()
+    );
+    let config = Arc::new(Config::from_json(&doc(vec![instance(&sims[0], &auth)])).unwrap());
+    let mut opts = ServeOptions::local(Some(Secret::new(CLIENT_KEY)));
+    opts.azure_env = AzureEnv::default();
+    let e = aoai_lb::server::spawn(config, opts).await.err().unwrap();
+    let text = e.to_string();
+    assert!(
+        text.contains("instances[0].auth: certificate_path")
+            && text.contains("no unencrypted PEM private key"),
+        "{text}"
+    );
+    assert!(!text.contains('\n'), "{text}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[tokio::test]
 async fn workload_identity_rereads_the_token_file_on_every_refresh() {
     let id = identity().await;

@@ -6,7 +6,7 @@
 //! |---|---|
 //! | `GET /msi/token` (`X-IDENTITY-HEADER`) | Container Apps / App Service `IDENTITY_ENDPOINT` |
 //! | `GET /metadata/identity/oauth2/token` (`Metadata: true`) | VM IMDS (`169.254.169.254`) |
-//! | `POST /{tenant}/oauth2/v2.0/token` | client credentials: secret or federated assertion |
+//! | `POST /{tenant}/oauth2/v2.0/token` | client credentials: secret, federated assertion or certificate assertion |
 //! | `GET /{tenant}/discovery/v2.0/keys`, `/{tenant}/discovery/keys` | the tenant's JWKS |
 //! | `GET /{tenant}/v2.0/.well-known/openid-configuration` | OpenID metadata |
 //! | `POST /_sim/mint` | a client token for tests (body: a [`ClientToken`]) |
@@ -140,6 +140,8 @@ struct State {
     failure: Mutex<Option<(u16, Option<u32>)>>,
     secrets: Mutex<HashMap<String, String>>,
     assertions: Mutex<HashMap<String, String>>,
+    /// Certificate credentials: client id → (RSAPublicKey DER, `x5t#S256`).
+    certificates: Mutex<HashMap<String, (Vec<u8>, String)>>,
     user_assigned: Mutex<Vec<String>>,
     /// Milliseconds every token route waits before answering.
     delay_ms: AtomicU64,
@@ -228,6 +230,21 @@ impl IdentityHandle {
         lock(&self.state.assertions).insert(client_id.into(), assertion.into());
     }
 
+    /// Register an app registration with a certificate credential: its
+    /// RSA public key (PKCS#1 `RSAPublicKey` DER) and the certificate's
+    /// `x5t#S256` thumbprint. The token endpoint then takes a PS256 (or
+    /// RS256) `client_assertion` signed with that key, naming that
+    /// thumbprint, for this tenant's token endpoint, with `iss` = `sub` =
+    /// the client id and at most 10 minutes between `nbf` and `exp`.
+    pub fn add_client_certificate(
+        &self,
+        client_id: impl Into<String>,
+        public_key_der: Vec<u8>,
+        x5t_s256: impl Into<String>,
+    ) {
+        lock(&self.state.certificates).insert(client_id.into(), (public_key_der, x5t_s256.into()));
+    }
+
     /// Assign a user-assigned managed identity (by client id) to the host.
     pub fn add_user_assigned_identity(&self, client_id: impl Into<String>) {
         lock(&self.state.user_assigned).push(client_id.into());
@@ -312,6 +329,7 @@ pub async fn start_identity_on(
         failure: Mutex::new(None),
         secrets: Mutex::new(HashMap::new()),
         assertions: Mutex::new(HashMap::new()),
+        certificates: Mutex::new(HashMap::new()),
         user_assigned: Mutex::new(Vec::new()),
         delay_ms: AtomicU64::new(0),
         msi: AtomicU64::new(0),
@@ -670,6 +688,102 @@ fn imds(state: &State, parts: &http::request::Parts) -> Response<SimBody> {
     )
 }
 
+/// Entra ID's checks of a certificate credential's client assertion, with
+/// its error codes: AADSTS700027 for a signature or certificate it cannot
+/// match, AADSTS700024 for the time range, AADSTS700021/700023 for the
+/// claims.
+fn check_certificate_assertion(
+    state: &State,
+    client_id: &str,
+    assertion: &str,
+) -> Result<(), Response<SimBody>> {
+    use base64::Engine as _;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let Some((public_key, thumbprint)) = lock(&state.certificates).get(client_id).cloned() else {
+        return Err(aad_error(
+            StatusCode::BAD_REQUEST,
+            "unauthorized_client",
+            700016,
+            "Application was not found in the directory.",
+        ));
+    };
+    let bad_signature = || {
+        aad_error(
+            StatusCode::UNAUTHORIZED,
+            "invalid_client",
+            700027,
+            "Client assertion failed signature validation.",
+        )
+    };
+    let json = |p: &str| -> Option<serde_json::Value> {
+        serde_json::from_slice(&URL_SAFE_NO_PAD.decode(p).ok()?).ok()
+    };
+    let mut parts = assertion.trim().split('.');
+    let (Some(h), Some(c), Some(sig), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(bad_signature());
+    };
+    let (Some(header), Some(claims), Ok(sig)) = (json(h), json(c), URL_SAFE_NO_PAD.decode(sig))
+    else {
+        return Err(bad_signature());
+    };
+    let alg: &dyn ring::signature::VerificationAlgorithm = match header["alg"].as_str() {
+        Some("PS256") => &ring::signature::RSA_PSS_2048_8192_SHA256,
+        Some("RS256") => &ring::signature::RSA_PKCS1_2048_8192_SHA256,
+        _ => return Err(bad_signature()),
+    };
+    let named = header["x5t#S256"].as_str().or(header["x5t"].as_str());
+    if named != Some(thumbprint.as_str()) {
+        return Err(aad_error(
+            StatusCode::UNAUTHORIZED,
+            "invalid_client",
+            700027,
+            "Client assertion contains an invalid signature. The key was not found.",
+        ));
+    }
+    let input = &assertion.trim()[..h.len() + 1 + c.len()];
+    if ring::signature::UnparsedPublicKey::new(alg, &public_key)
+        .verify(input.as_bytes(), &sig)
+        .is_err()
+    {
+        return Err(bad_signature());
+    }
+    let aud_path = format!("/{}/oauth2/v2.0/token", state.cfg.tenant_id);
+    if !claims["aud"]
+        .as_str()
+        .is_some_and(|a| a.ends_with(&aud_path))
+    {
+        return Err(aad_error(
+            StatusCode::UNAUTHORIZED,
+            "invalid_client",
+            700021,
+            "Client assertion audience claim does not match Realm issuer.",
+        ));
+    }
+    if claims["iss"].as_str() != Some(client_id) || claims["sub"].as_str() != Some(client_id) {
+        return Err(aad_error(
+            StatusCode::UNAUTHORIZED,
+            "invalid_client",
+            700023,
+            "Client assertion issuer and subject must be the client id.",
+        ));
+    }
+    let now = unix_now();
+    let (Some(nbf), Some(exp)) = (claims["nbf"].as_u64(), claims["exp"].as_u64()) else {
+        return Err(bad_signature());
+    };
+    if nbf > now + 300 || exp <= now || exp.saturating_sub(nbf) > 600 {
+        return Err(aad_error(
+            StatusCode::UNAUTHORIZED,
+            "invalid_client",
+            700024,
+            "Client assertion is not within its valid time range.",
+        ));
+    }
+    Ok(())
+}
+
 fn aad_token(state: &State, body: &[u8]) -> Response<SimBody> {
     if let Some(status) = take_failure(state) {
         let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
@@ -732,6 +846,13 @@ fn aad_token(state: &State, body: &[u8]) -> Response<SimBody> {
             }
             Some(_) => {}
         },
+        (None, Some(JWT_BEARER), Some(assertion))
+            if lock(&state.certificates).contains_key(client_id) =>
+        {
+            if let Err(refused) = check_certificate_assertion(state, client_id, assertion) {
+                return refused;
+            }
+        }
         (None, Some(JWT_BEARER), Some(assertion)) => match lock(&state.assertions).get(client_id) {
             None => {
                 return aad_error(
