@@ -7,9 +7,10 @@
 //! syscall for its log line; the access line is written straight into that
 //! buffer ([`crate::log::AccessRecord::write_json`]), with no intermediate
 //! copy or serde tree. The writer wakes every few milliseconds (or at once
-//! when a buffer grows large), collects every thread's pending lines in
-//! the order the threads first logged, and writes them in one go; a
-//! thread's own lines keep their order. Buffers are reused from batch to
+//! when a buffer grows large), collects every thread's pending lines, puts
+//! them back in the order they were written (each line takes a number
+//! from one atomic counter), and writes them in one go: a line logged
+//! after another, on any thread, is never written before it. Buffers are reused from batch to
 //! batch and a finished thread's buffer is dropped after its last lines
 //! are written. [`LogGuard`] drains every buffer on drop, so a graceful
 //! exit loses nothing.
@@ -84,7 +85,15 @@ const TICK: Duration = Duration::from_millis(20);
 /// One thread's pending lines.
 #[derive(Default)]
 struct Shard {
-    pending: Mutex<Vec<u8>>,
+    pending: Mutex<Pending>,
+}
+
+/// Lines not yet written: their bytes, and where each line ends with the
+/// sequence number it got when it was written.
+#[derive(Default)]
+struct Pending {
+    bytes: Vec<u8>,
+    ends: Vec<(u64, usize)>,
 }
 
 struct Sink {
@@ -100,6 +109,10 @@ struct Sink {
     wake: Condvar,
     stop: AtomicBool,
     dropped: AtomicU64,
+    /// Numbers every line in the order lines are written, across threads:
+    /// the writer puts each batch in this order, so a line logged after
+    /// another (on any thread) is never written before it.
+    seq: AtomicU64,
     format: LogFormat,
 }
 
@@ -118,6 +131,7 @@ impl Sink {
             wake: Condvar::new(),
             stop: AtomicBool::new(false),
             dropped: AtomicU64::new(0),
+            seq: AtomicU64::new(0),
             format,
         }
     }
@@ -164,18 +178,24 @@ impl Sink {
     }
 
     fn write_into(&self, shard: &Shard, write: impl FnOnce(&mut Vec<u8>)) {
-        let Ok(mut buf) = shard.pending.lock() else {
+        let Ok(mut pending) = shard.pending.lock() else {
             return;
         };
-        let before = buf.len();
-        write(&mut buf);
-        if buf.len() > MAX_PENDING_BYTES {
-            buf.truncate(before);
+        let before = pending.bytes.len();
+        write(&mut pending.bytes);
+        let after = pending.bytes.len();
+        if after > MAX_PENDING_BYTES {
+            pending.bytes.truncate(before);
             self.dropped.fetch_add(1, Ordering::Relaxed);
             return;
         }
-        let wake = before < WAKE_AT_BYTES && buf.len() >= WAKE_AT_BYTES;
-        drop(buf);
+        if after == before {
+            return;
+        }
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+        pending.ends.push((seq, after));
+        let wake = before < WAKE_AT_BYTES && after >= WAKE_AT_BYTES;
+        drop(pending);
         if wake {
             if let Ok(mut woken) = self.woken.lock() {
                 *woken = true;
@@ -184,25 +204,42 @@ impl Sink {
         }
     }
 
-    /// Moves every thread's pending lines into `batch`, and forgets the
-    /// buffers of threads that have ended once they are drained.
+    /// Moves every thread's pending lines into `batch`, in the order they
+    /// were written, and forgets the buffers of threads that have ended
+    /// once they are drained.
     fn collect(&self, batch: &mut Vec<u8>) {
-        let Ok(mut all) = self.shards.lock() else {
-            return;
-        };
-        all.retain(|shard| {
-            // Read before draining: a thread that is gone now cannot add
-            // lines after the drain below.
-            let alive = Arc::strong_count(shard) > 1;
-            if let Ok(mut pending) = shard.pending.lock() {
-                batch.extend_from_slice(&pending);
-                pending.clear();
-                if pending.capacity() > KEEP_CAPACITY {
-                    pending.shrink_to(KEEP_CAPACITY / 16);
+        // Each buffer is copied out under its lock, so a request thread
+        // waits for a copy at most; the ordering happens afterwards.
+        let mut staged: Vec<u8> = Vec::new();
+        let mut lines: Vec<(u64, usize, usize)> = Vec::new();
+        if let Ok(mut all) = self.shards.lock() {
+            all.retain(|shard| {
+                // Read before draining: a thread that is gone now cannot
+                // add lines after the drain below.
+                let alive = Arc::strong_count(shard) > 1;
+                if let Ok(mut pending) = shard.pending.lock() {
+                    let base = staged.len();
+                    staged.extend_from_slice(&pending.bytes);
+                    let mut start = base;
+                    for &(seq, end) in &pending.ends {
+                        lines.push((seq, start, base + end));
+                        start = base + end;
+                    }
+                    pending.bytes.clear();
+                    pending.ends.clear();
+                    if pending.bytes.capacity() > KEEP_CAPACITY {
+                        pending.bytes.shrink_to(KEEP_CAPACITY / 16);
+                        pending.ends.shrink_to(64);
+                    }
                 }
-            }
-            alive
-        });
+                alive
+            });
+        }
+        lines.sort_unstable_by_key(|&(seq, _, _)| seq);
+        batch.reserve(staged.len());
+        for (_, start, end) in lines {
+            batch.extend_from_slice(&staged[start..end]);
+        }
     }
 
     /// The writer thread: collect every thread's lines, write them out,
@@ -540,6 +577,9 @@ mod tests {
     #[test]
     fn keeps_each_threads_lines_in_order_and_forgets_ended_threads_after_draining() {
         let sink = Arc::new(Sink::new(LogFormat::Json));
+        // This thread's buffer comes first in the sink's list, yet its
+        // second line, written after the others', must come out last.
+        sink.append(b"first\n");
         let threads: Vec<_> = (0..4)
             .map(|t| {
                 let sink = sink.clone();
@@ -557,7 +597,8 @@ mod tests {
         let mut batch = Vec::new();
         sink.collect(&mut batch);
         let text = String::from_utf8(batch).unwrap();
-        assert_eq!(text.lines().count(), 4001);
+        assert_eq!(text.lines().count(), 4002);
+        assert_eq!(text.lines().next(), Some("first"));
         for t in 0..4 {
             let mine: Vec<usize> = text
                 .lines()
@@ -566,6 +607,9 @@ mod tests {
                 .collect();
             assert_eq!(mine, (0..1000).collect::<Vec<_>>(), "thread {t}");
         }
+        // Lines from different threads come out in the order written.
+        let last_line = text.lines().last().unwrap();
+        assert_eq!(last_line, "main");
         // The four ended threads' buffers are gone; this thread's stays.
         assert_eq!(sink.shards.lock().unwrap().len(), 1);
         let mut again = Vec::new();
