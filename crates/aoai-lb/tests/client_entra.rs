@@ -321,12 +321,28 @@ async fn an_entra_principal_gets_its_named_clients_permissions_rate_and_accounti
         "{body}"
     );
     assert_eq!(sims[0].request_count(), 4);
+    // ... unless a known key comes with it, which then names the client.
+    let (s, _, _) = send(
+        Method::POST,
+        &format!("{}{}", gw.url(), chat_path("gpt-4o")),
+        &[
+            (
+                "authorization",
+                format!("Bearer {}", token_for(&id, other_oid, unlisted_app, 1)),
+            ),
+            ("api-key", "batch-key".to_owned()),
+            ("content-type", "application/json".to_owned()),
+        ],
+        chat_body(false),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
 
     // Accounting under the client's name, the same as for a key caller.
     let metrics = admin_get(&gw, "/metrics").await;
     for want in [
         r#"code="2xx",client="mapped-team"} 2"#,
-        r#"code="2xx",client="mapped-batch"} 2"#,
+        r#"code="2xx",client="mapped-batch"} 3"#,
         r#"aoai_lb_client_rejections_total{client="mapped-team",reason="deployment"} 1"#,
     ] {
         assert!(metrics.contains(want), "{want} not in {metrics}");

@@ -32,10 +32,14 @@ use super::RequestCtx;
 /// [`ProxyError::InvalidToken`] when an Entra ID token is refused.
 pub async fn identify(gw: &GatewayState, ctx: &mut RequestCtx) -> Result<(), ProxyError> {
     let client = match (&gw.entra, entra::bearer_jwt(&ctx.parts.headers)) {
-        (Some(validator), Some(token)) => match validator.validate(token).await {
-            Ok(principal) => principal_client(gw, &principal)?,
-            // A known key in `api-key` next to a refused token still
-            // identifies the client.
+        (Some(validator), Some(token)) => match validator
+            .validate(token)
+            .await
+            .and_then(|principal| principal_client(gw, &principal))
+        {
+            Ok(client) => client,
+            // A known key in `api-key` next to a refused token (or a valid
+            // token no client lists) still identifies the client.
             Err(rejection) => match ctx.parts.headers.get("api-key") {
                 Some(_) => gw
                     .clients
@@ -56,9 +60,12 @@ pub async fn identify(gw: &GatewayState, ctx: &mut RequestCtx) -> Result<(), Pro
 /// failing both, client `default` under `allow_any_principal`.
 ///
 /// # Errors
-/// [`TokenRejection::UnknownPrincipal`] as a 401: a token of the right
+/// [`TokenRejection::UnknownPrincipal`] (a 401): a token of the right
 /// tenant is not by itself a permission to spend the backends' quota.
-fn principal_client(gw: &GatewayState, principal: &Principal) -> Result<Arc<Client>, ProxyError> {
+fn principal_client(
+    gw: &GatewayState,
+    principal: &Principal,
+) -> Result<Arc<Client>, TokenRejection> {
     if let Some(c) = gw.clients.for_principal(principal) {
         return Ok(c);
     }
@@ -68,5 +75,5 @@ fn principal_client(gw: &GatewayState, principal: &Principal) -> Result<Arc<Clie
         .is_some_and(|v| v.config.allow_any_principal);
     any.then(|| gw.clients.default_client())
         .flatten()
-        .ok_or(ProxyError::InvalidToken(TokenRejection::UnknownPrincipal))
+        .ok_or(TokenRejection::UnknownPrincipal)
 }
