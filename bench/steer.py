@@ -42,9 +42,12 @@ VENV = sys.argv[2]
 OUT = sys.argv[3]
 OFFERED = [float(x) for x in os.environ.get("OFFERED", "0.8,1.0,1.3").split(",")]
 DURATION = float(os.environ.get("DURATION", "180"))
-TPM = int(os.environ.get("TPM", "60000"))
-RPM = int(os.environ.get("RPM", str(TPM * 6 // 1000)))
-INSTANCES = 3
+# Per-instance quotas: TPMS="90000,60000,30000" gives unequal deployments
+# (RPM follows Azure's 6 per 1,000 TPM unless RPM is set); else TPM each.
+TPMS = [int(x) for x in os.environ.get("TPMS", os.environ.get("TPM", "60000")).split(",")]
+INSTANCES = int(os.environ.get("INSTANCES", "3")) if len(TPMS) == 1 else len(TPMS)
+TPMS = TPMS * INSTANCES if len(TPMS) == 1 else TPMS
+RPMS = [int(os.environ["RPM"]) if "RPM" in os.environ else t * 6 // 1000 for t in TPMS]
 CLIENTS = int(os.environ.get("CLIENTS", "32"))
 SEED = int(os.environ.get("SEED", "10"))
 SKIP_LITELLM = os.environ.get("SKIP_LITELLM", "0") == "1"
@@ -144,7 +147,7 @@ def gateway_doc(sim_port, lanes, aware):
     for i in range(INSTANCES):
         inst = {"name": f"sim{i}", "url": f"http://127.0.0.1:{sim_port + i}", "api_key": SIM_KEY}
         if lanes:
-            inst["deployments"] = {DEPLOYMENT: {"name": DEPLOYMENT, "tpm": TPM, "rpm": RPM}}
+            inst["deployments"] = {DEPLOYMENT: {"name": DEPLOYMENT, "tpm": TPMS[i], "rpm": RPMS[i]}}
         instances.append(inst)
     return json.dumps({"instances": instances, "routing": {"rate_limit_aware": aware}})
 
@@ -159,8 +162,8 @@ def litellm_config(sim_port, path):
             f"      api_base: http://127.0.0.1:{sim_port + i}",
             f"      api_key: {SIM_KEY}",
             f'      api_version: "{API_VERSION}"',
-            f"      tpm: {TPM}",
-            f"      rpm: {RPM}",
+            f"      tpm: {TPMS[i]}",
+            f"      rpm: {RPMS[i]}",
             "    model_info:",
             "      base_model: azure/gpt-4o-mini",
         ]
@@ -182,11 +185,15 @@ def start_config(name, idx, level_idx):
     and simulator base port."""
     base = BASE_PORT + level_idx * 100 + idx * 20
     sim_port, lb_port, admin_port = base, base + 10, base + 11
+    sim_cfg = os.path.join(OUT, f"{name}-{level_idx}-sims.json")
+    with open(sim_cfg, "w") as f:
+        json.dump([{"name": f"sim{i}", "rate_limit": {"rpm": RPMS[i], "tpm": TPMS[i]}}
+                   for i in range(INSTANCES)], f)
     start(
         f"{name}-{level_idx}-sim",
         [
-            f"{BIN}/aoai-sim", "--instances", str(INSTANCES), "--base-port", str(sim_port),
-            "--api-key", SIM_KEY, "--tpm", str(TPM), "--rpm", str(RPM), "--admin",
+            f"{BIN}/aoai-sim", "--config", sim_cfg, "--base-port", str(sim_port),
+            "--api-key", SIM_KEY, "--admin",
             "--ttft-ms", TTFT_MS, "--token-ms", TOKEN_MS, "--reply-tokens", REPLY_TOKENS,
             "--threads", "1",
         ],
@@ -264,7 +271,7 @@ def pct(xs, q):
 
 
 async def level(level_idx, offered, configs, est):
-    rate = offered * INSTANCES * TPM / est / 60.0
+    rate = offered * sum(TPMS) / est / 60.0
     schedule = workload(rate, SEED + level_idx)
     log(f"level {offered}x: {len(schedule)} requests over {DURATION:.0f} s ({rate:.2f}/s)")
     started = {name: start_config(name, i, level_idx) for i, name in enumerate(configs)}
@@ -299,8 +306,8 @@ def main():
     os.makedirs(os.path.join(OUT, "logs"), exist_ok=True)
     configs = ["steer", "steer-learned", "plain"] + ([] if SKIP_LITELLM else ["litellm"])
     est = mean_estimate(SEED)
-    log(f"{INSTANCES} instances x {TPM} TPM / {RPM} RPM; mean Azure-style estimate {est:.0f} tokens")
-    out = {"tpm": TPM, "rpm": RPM, "instances": INSTANCES, "duration_s": DURATION,
+    log(f"{INSTANCES} instances, TPM {TPMS}, RPM {RPMS}; mean Azure-style estimate {est:.0f} tokens")
+    out = {"tpm": TPMS, "rpm": RPMS, "instances": INSTANCES, "duration_s": DURATION,
            "mean_estimate": round(est), "clients": CLIENTS, "seed": SEED, "levels": []}
     try:
         for i, o in enumerate(OFFERED):

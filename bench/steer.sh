@@ -8,6 +8,8 @@
 #   OFFERED=1.3 DURATION=120 bench/steer.sh
 #   SKIP_LITELLM=1 bench/steer.sh          without the LiteLLM venv
 #   PROFILE=release bench/steer.sh         release binaries (slow first build)
+#   TPMS=90000,60000,30000 bench/steer.sh  unequal quotas (one per instance)
+#   OUT_DIR=... BASE_PORT=... bench/steer.sh   a second run beside the first
 #
 # The load is a few requests per second, so the gateway's own speed does not
 # matter here and the debug binaries are the default. Results go to
@@ -29,7 +31,7 @@ if ! "$HERE/.venv/bin/litellm" --version 2>/dev/null | grep -q "$LITELLM_VERSION
   python3 -m venv "$HERE/.venv"
   "$HERE/.venv/bin/pip" install -q "litellm[proxy]==$LITELLM_VERSION"
 fi
-OUT="$HERE/out/steer"
+OUT=${OUT_DIR:-$HERE/out/steer}
 rm -rf "$OUT"
 mkdir -p "$OUT"
 exec "$HERE/.venv/bin/python" "$HERE/steer.py" "$TARGET/$PROFILE" "$HERE/.venv" "$OUT"

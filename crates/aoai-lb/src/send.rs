@@ -236,6 +236,8 @@ pub async fn failover(
     // room) until one such attempt meets a 429: that confirms the
     // prediction, and the lanes with even less room are not tried.
     let mut allow_fallback = true;
+    // Picks that found nothing, redone in case a lane gained room since.
+    let mut repicks = 0;
     let serves = |b: &Backend| {
         !out.excluded.contains(b.index)
             && dep.is_none_or(|d| b.config.backend_deployment(d).is_some())
@@ -322,6 +324,10 @@ pub async fn failover(
             },
         };
         let Some(i) = next else {
+            if steering.is_some() && repicks < 1 {
+                repicks += 1;
+                continue;
+            }
             break;
         };
         exclude.insert(i);

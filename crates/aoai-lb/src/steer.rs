@@ -34,13 +34,15 @@ pub const LANE_REMAINING_TOKENS: &str = "aoai_lb_lane_remaining_tokens";
 /// Prometheus name: lanes skipped for lack of predicted room.
 pub const STEER_SKIPS_TOTAL: &str = "aoai_lb_steer_skips_total";
 
-/// The estimate Azure reserves for a request, computed cheaply: a
-/// quarter of the body's bytes for the prompt (Azure's own estimate is
-/// character-based; the JSON framing makes this err on the high side)
-/// plus the most it may generate (`max_completion_tokens`, `max_tokens`
-/// or `max_output_tokens`, else [`DEFAULT_MAX_TOKENS`]) times `n` or
-/// `best_of`. Embeddings generate nothing. A body that is not a JSON
-/// object reserves 0 (it still counts as a request).
+/// The estimate Azure reserves for a request, as Azure makes it: the
+/// prompt by characters, a quarter of the characters of its text
+/// (message contents, tool-call arguments, `prompt`, `input`,
+/// `instructions`; not roles, names or the JSON around them) plus one
+/// per token of a token array and [`IMAGE_TOKENS`] per image part, at
+/// least 1; plus the most it may generate (`max_completion_tokens`,
+/// `max_tokens` or `max_output_tokens`, else [`DEFAULT_MAX_TOKENS`]) times
+/// `n` or `best_of`. Embeddings generate nothing. A body that is not a
+/// JSON object reserves 0 (it still counts as a request).
 pub fn estimate(path: &str, body: &[u8]) -> u64 {
     #[derive(serde::Deserialize, Default)]
     #[serde(default)]
@@ -50,6 +52,10 @@ pub fn estimate(path: &str, body: &[u8]) -> u64 {
         max_output_tokens: Option<u64>,
         n: Option<u64>,
         best_of: Option<u64>,
+        messages: Option<serde_json::Value>,
+        prompt: Option<serde_json::Value>,
+        input: Option<serde_json::Value>,
+        instructions: Option<serde_json::Value>,
     }
     if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
         return 0;
@@ -57,7 +63,19 @@ pub fn estimate(path: &str, body: &[u8]) -> u64 {
     let Ok(caps) = serde_json::from_slice::<Caps>(body) else {
         return 0;
     };
-    let prompt = (body.len() as u64).div_ceil(4);
+    let mut text = Text::default();
+    for v in [
+        &caps.messages,
+        &caps.prompt,
+        &caps.input,
+        &caps.instructions,
+    ]
+    .into_iter()
+    .flatten()
+    {
+        text.add(v, 0);
+    }
+    let prompt = (text.chars.div_ceil(4) + text.tokens).max(1);
     if crate::usage::Endpoint::from_path(path) == Some(crate::usage::Endpoint::Embeddings) {
         return prompt;
     }
@@ -68,6 +86,61 @@ pub fn estimate(path: &str, body: &[u8]) -> u64 {
         .unwrap_or(DEFAULT_MAX_TOKENS);
     let times = caps.n.unwrap_or(1).max(caps.best_of.unwrap_or(1)).max(1);
     prompt.saturating_add(out.saturating_mul(times))
+}
+
+/// Tokens counted for an image part in the estimate (one low-detail tile).
+pub const IMAGE_TOKENS: u64 = 85;
+
+/// Nesting followed when counting text (deeper parts are ignored).
+const MAX_TEXT_DEPTH: usize = 16;
+
+/// Text of a prompt, for the character-based estimate.
+#[derive(Default)]
+struct Text {
+    chars: u64,
+    tokens: u64,
+}
+
+impl Text {
+    fn add(&mut self, v: &serde_json::Value, depth: usize) {
+        use serde_json::Value;
+        if depth > MAX_TEXT_DEPTH {
+            return;
+        }
+        match v {
+            Value::String(s) => self.chars += s.chars().count() as u64,
+            Value::Number(_) => self.tokens += 1,
+            Value::Array(items) => {
+                for i in items {
+                    self.add(i, depth + 1);
+                }
+            }
+            Value::Object(o) => {
+                if matches!(
+                    o.get("type").and_then(Value::as_str),
+                    Some("image_url" | "input_image")
+                ) {
+                    self.tokens += IMAGE_TOKENS;
+                    return;
+                }
+                for (k, v) in o {
+                    if matches!(
+                        k.as_str(),
+                        "content"
+                            | "text"
+                            | "arguments"
+                            | "input"
+                            | "output"
+                            | "tool_calls"
+                            | "function"
+                    ) {
+                        self.add(v, depth + 1);
+                    }
+                }
+            }
+            Value::Bool(_) | Value::Null => {}
+        }
+    }
 }
 
 /// Reads Azure's rate-limit headers. Absent, unparsable or negative
@@ -137,7 +210,9 @@ pub fn headroom(backend: &Backend, dep: &str, estimate: u64, now: u64) -> Option
 /// after a 429, or has no predicted room and its shortage was confirmed
 /// by a 429 within the last minute (so it is no fallback) — the time
 /// (ms from `now`) until the first one is free or predicted to have room.
-/// `None` when some candidate could still be tried (or none serves).
+/// A lane that has room again (a reservation left since the pick) counts
+/// as free in 1 ms. `None` when some candidate could still be tried as a
+/// fallback, has an open breaker or no token (or none serves).
 pub fn out_of_room_wait(
     health: &dyn HealthView,
     backends: &[Arc<Backend>],
@@ -155,8 +230,11 @@ pub fn out_of_room_wait(
                 let (lane, limits) = lane(b, dep)?;
                 let wait = lane.with(|s| {
                     let h = s.headroom(now, estimate, &limits);
-                    (h.fits.is_err() && !h.fallback)
-                        .then(|| s.time_until_room(now, estimate, &limits))
+                    if h.fits.is_ok() {
+                        Some(1)
+                    } else {
+                        (!h.fallback).then(|| s.time_until_room(now, estimate, &limits))
+                    }
                 });
                 wait?
             }
@@ -241,25 +319,35 @@ mod tests {
         m
     }
 
+    const CHAT: &str = "/openai/deployments/d/chat/completions";
+
     #[test]
-    fn estimates_like_azure_prompt_plus_max_tokens_times_n() {
-        let body = br#"{"messages":[{"role":"user","content":"hi"}],"max_tokens":100,"n":2}"#;
-        let prompt = (body.len() as u64).div_ceil(4);
-        assert_eq!(
-            estimate("/openai/deployments/d/chat/completions", body),
-            prompt + 200
-        );
+    fn estimates_like_azure_prompt_characters_plus_max_tokens_times_n() {
+        // 11 characters of text: 3 tokens; roles and framing do not count.
+        let body = br#"{"messages":[{"role":"system","content":"be"},{"role":"user","content":"brief pls"}],"max_tokens":100,"n":2}"#;
+        assert_eq!(estimate(CHAT, body), 3 + 200);
         let body = br#"{"messages":[]}"#;
-        assert_eq!(
-            estimate("/openai/deployments/d/chat/completions", body),
-            4 + DEFAULT_MAX_TOKENS
-        );
+        assert_eq!(estimate(CHAT, body), 1 + DEFAULT_MAX_TOKENS);
         let body = br#"{"input":"some text"}"#;
-        assert_eq!(estimate("/openai/deployments/d/embeddings", body), 6);
+        assert_eq!(estimate("/openai/deployments/d/embeddings", body), 3);
+        let body = br#"{"input":[[1,2,3],[4]]}"#;
+        assert_eq!(estimate("/openai/deployments/d/embeddings", body), 4);
         assert_eq!(
             estimate("/openai/deployments/d/audio/transcriptions", b"--x"),
             0
         );
+    }
+
+    #[test]
+    fn counts_text_parts_tool_arguments_and_images_but_not_image_data() {
+        let data = "A".repeat(40_000);
+        let body = format!(
+            r#"{{"messages":[{{"role":"user","content":[{{"type":"text","text":"abcdefgh"}},{{"type":"image_url","image_url":{{"url":"data:image/png;base64,{data}"}}}}]}},{{"role":"assistant","content":null,"tool_calls":[{{"id":"c1","type":"function","function":{{"name":"f","arguments":"{{}}1234"}}}}]}}],"max_completion_tokens":10}}"#
+        );
+        // "abcdefgh" + "{}1234": 14 characters, 4 tokens; one image.
+        assert_eq!(estimate(CHAT, body.as_bytes()), 4 + IMAGE_TOKENS + 10);
+        let body = br#"{"model":"m","instructions":"abcd","input":[{"role":"user","content":[{"type":"input_text","text":"efgh"}]}],"max_output_tokens":5}"#;
+        assert_eq!(estimate("/openai/v1/responses", body), 2 + 5);
     }
 
     #[test]
