@@ -216,15 +216,17 @@ fn throttle_once(sim: &SimHandle, retry_after_ms: u64) {
     });
 }
 
-/// A 429 on replica A; then replica B, within `within` of it, must keep
-/// off the throttled instance for 20 requests.
+/// A 429 on replica A; then replicas B and C, within `within` of it, must
+/// keep off the throttled instance for 20 requests each.
 async fn propagation(redis_extra: serde_json::Value, within: Duration) -> serde_json::Value {
     let redis = Redis::start();
     let (sims, doc) = setup(&redis, redis_extra).await;
     let a = replica(&doc);
     let b = replica(&doc);
-    a.wait_state("up", Duration::from_secs(5)).await;
-    b.wait_state("up", Duration::from_secs(5)).await;
+    let c = replica(&doc);
+    for r in [&a, &b, &c] {
+        r.wait_state("up", Duration::from_secs(5)).await;
+    }
 
     throttle_once(&sims[0], 10_000);
     let (s, h) = a.chat().await;
@@ -235,15 +237,26 @@ async fn propagation(redis_extra: serde_json::Value, within: Duration) -> serde_
 
     tokio::time::sleep(within).await;
     for _ in 0..20 {
-        let (s, h) = b.chat().await;
-        assert_eq!(s, StatusCode::OK);
-        assert_eq!(served_by(&h), "sim1", "B must skip sim0");
+        for r in [&b, &c] {
+            let (s, h) = r.chat().await;
+            assert_eq!(s, StatusCode::OK);
+            assert_eq!(served_by(&h), "sim1", "B and C must skip sim0");
+        }
     }
     assert_eq!(
         sims[0].request_count(),
         1,
-        "B never sent sim0 a request (first B request {:?} after A's 429)",
+        "neither B nor C sent sim0 a request (first one {:?} after A's 429)",
         within
+    );
+    assert!(
+        c.redis_status().await["cooldowns_applied"]
+            .as_object()
+            .unwrap()
+            .values()
+            .filter_map(serde_json::Value::as_u64)
+            .sum::<u64>()
+            >= 1
     );
     assert!(
         seen.elapsed() < Duration::from_secs(10),
