@@ -217,6 +217,15 @@ pub struct Backend {
     /// `scheme://host[:port]` followed by the URL's path prefix, no
     /// trailing slash: request paths are appended to it.
     pub base: String,
+    /// The URL's scheme and authority, parsed once: each attempt's URI is
+    /// put together from them and the path ([`crate::rewrite::upstream_uri`])
+    /// instead of parsing the whole URI string again.
+    pub scheme: http::uri::Scheme,
+    /// See `scheme`.
+    pub authority: http::uri::Authority,
+    /// The URL's path prefix, no trailing slash (empty for none): the end
+    /// of `base`.
+    pub prefix: String,
     /// The `Host` header for this instance.
     pub host: HeaderValue,
     /// The `api-key` header of a key credential, marked sensitive so
@@ -288,6 +297,9 @@ impl Backend {
         };
         let prefix = url.path().trim_end_matches('/');
         let base = format!("{}://{}{}", url.scheme(), host, prefix);
+        let scheme = http::uri::Scheme::try_from(url.scheme()).map_err(|_| "url")?;
+        let authority = http::uri::Authority::try_from(host.as_str()).map_err(|_| "url")?;
+        let prefix = prefix.to_owned();
         let host = HeaderValue::from_str(&host).map_err(|_| "url")?;
         let api_key = match &config.credential {
             BackendCredential::ApiKey(k) => {
@@ -301,6 +313,9 @@ impl Backend {
             index,
             config,
             base,
+            scheme,
+            authority,
+            prefix,
             host,
             api_key,
             token: None,

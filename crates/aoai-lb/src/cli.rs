@@ -18,6 +18,9 @@ use crate::config::{Config, ConfigError};
 use crate::logging::LogFormat;
 use crate::secret::Secret;
 
+/// The most worker threads `--workers` / `AOAI_LB_WORKERS` accepts.
+pub const MAX_WORKERS: usize = 1024;
+
 /// The client key the demo uses when `API_KEY` is not set.
 pub const DEMO_CLIENT_KEY: &str = "demo-key";
 
@@ -32,6 +35,8 @@ Environment (flags override):
   HOST, PORT             public listener (default 0.0.0.0:8000)
   ADMIN_HOST, ADMIN_PORT admin listener: status page at /, /metrics, /admin/* (default HOST:8001)
   LOG_FORMAT             json (default) or text
+  AOAI_LB_WORKERS        threads serving the public port (default: one per usable CPU, cgroup quota
+                         included)
   RUST_LOG, LOG_LEVEL    log filter (RUST_LOG wins; default info)";
 
 /// A load-balancing gateway for Azure OpenAI.
@@ -67,6 +72,11 @@ pub struct Cli {
     /// it only on SIGHUP [env: CONFIG_POLL_MS] [default: 2000].
     #[arg(long, value_name = "MS")]
     pub config_poll_ms: Option<u64>,
+    /// Threads serving the public port, each with its own listener on it
+    /// [env: AOAI_LB_WORKERS] [default: one per CPU the process may use,
+    /// the cgroup CPU quota included].
+    #[arg(long, value_name = "N")]
+    pub workers: Option<usize>,
 }
 
 /// Where the configuration document comes from.
@@ -101,6 +111,9 @@ pub struct Settings {
     /// How often a configuration file is read for changes; `None` only on
     /// SIGHUP. Default 2 s.
     pub config_poll: Option<std::time::Duration>,
+    /// Threads serving the public port (`--workers`, `AOAI_LB_WORKERS`);
+    /// `None`: one per usable CPU ([`crate::cpus::usable`]).
+    pub workers: Option<usize>,
 }
 
 /// A start-up problem, on one line, never containing a secret.
@@ -244,6 +257,28 @@ impl Settings {
             },
         };
         let config_poll = (poll_ms > 0).then(|| std::time::Duration::from_millis(poll_ms));
+        let workers = match cli.workers {
+            Some(n) => Some(n),
+            None => match non_empty(env("AOAI_LB_WORKERS")) {
+                None => None,
+                Some(v) => Some(v.trim().parse().map_err(|_| CliError::Env {
+                    var: "AOAI_LB_WORKERS",
+                    reason: format!("must be a number of threads (1-{MAX_WORKERS}), got {v:?}"),
+                })?),
+            },
+        };
+        if let Some(n) = workers
+            && !(1..=MAX_WORKERS).contains(&n)
+        {
+            return Err(CliError::Env {
+                var: if cli.workers.is_some() {
+                    "--workers"
+                } else {
+                    "AOAI_LB_WORKERS"
+                },
+                reason: format!("must be a number of threads (1-{MAX_WORKERS}), got {n}"),
+            });
+        }
         Ok(Settings {
             source,
             host,
@@ -258,6 +293,7 @@ impl Settings {
             demo: cli.demo,
             ignored_env_document,
             config_poll,
+            workers,
         })
     }
 
@@ -402,6 +438,34 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.starts_with("ALLOW_UNAUTHENTICATED: "), "{e}");
+    }
+
+    #[test]
+    fn reads_the_worker_count_from_the_flag_or_the_environment() {
+        let s = resolve(&[], &[("OPENAI_INSTANCES", DOC)]).unwrap();
+        assert_eq!(s.workers, None, "automatic by default");
+        let s = resolve(
+            &[],
+            &[("OPENAI_INSTANCES", DOC), ("AOAI_LB_WORKERS", " 3 ")],
+        )
+        .unwrap();
+        assert_eq!(s.workers, Some(3));
+        let s = resolve(
+            &["--workers", "2"],
+            &[("OPENAI_INSTANCES", DOC), ("AOAI_LB_WORKERS", "3")],
+        )
+        .unwrap();
+        assert_eq!(s.workers, Some(2), "the flag wins");
+        for bad in ["0", "many", "-1", "100000"] {
+            let e = resolve(&[], &[("OPENAI_INSTANCES", DOC), ("AOAI_LB_WORKERS", bad)])
+                .unwrap_err()
+                .to_string();
+            assert!(e.starts_with("AOAI_LB_WORKERS: "), "{e}");
+        }
+        let e = resolve(&["--workers", "0"], &[("OPENAI_INSTANCES", DOC)])
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("--workers: "), "{e}");
     }
 
     #[test]

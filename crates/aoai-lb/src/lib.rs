@@ -15,6 +15,7 @@ pub mod cli;
 pub mod client_cert;
 pub mod clients;
 pub mod config;
+pub mod cpus;
 pub mod credential;
 pub mod demo;
 pub mod entra;

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use http::{HeaderValue, Method};
 use serde::{Serialize, Serializer};
+use serde_json::ser::{CompactFormatter, Formatter};
 
 use crate::backend::Backend;
 
@@ -166,6 +167,131 @@ impl AccessRecord {
         }
     }
 
+    /// Appends the record as one JSON object, without a newline: the same
+    /// bytes `serde_json::to_writer` writes for the derived `Serialize`
+    /// (field order, string escaping, number formatting, `null` for absent
+    /// values and non-finite floats), written field by field with
+    /// serde_json's own escaping and number routines instead of through the
+    /// serde data model. This runs once per request on the request's
+    /// thread; a unit test holds it to the derived serialisation.
+    pub fn write_json(&self, out: &mut Vec<u8>) {
+        // Every field by name, no `..`: a field added to the record does
+        // not compile until it is written here too (or explicitly not).
+        let AccessRecord {
+            timestamp: _,
+            level: _,
+            target: _,
+            message: _,
+            request_id: _,
+            apim_request_id: _,
+            method: _,
+            path: _,
+            deployment: _,
+            client: _,
+            attempts: _,
+            skipped,
+            instance: _,
+            status: _,
+            ttfb_ms: _,
+            total_ms: _,
+            bytes: _,
+            streamed: _,
+            error: _,
+            usage: _,
+            trace: _,
+        } = self;
+        out.extend_from_slice(b"{\"timestamp\":");
+        json_str(out, &self.timestamp);
+        out.extend_from_slice(b",\"level\":");
+        json_str(out, self.level);
+        out.extend_from_slice(b",\"target\":");
+        json_str(out, self.target);
+        out.extend_from_slice(b",\"message\":");
+        json_str(out, self.message);
+        out.extend_from_slice(b",\"request_id\":");
+        json_str(out, self.request_id.to_str().unwrap_or("-"));
+        out.extend_from_slice(b",\"apim_request_id\":");
+        match &self.apim_request_id {
+            Some(v) => json_str(out, v.to_str().unwrap_or("-")),
+            None => out.extend_from_slice(b"null"),
+        }
+        out.extend_from_slice(b",\"method\":");
+        json_str(out, self.method.as_str());
+        out.extend_from_slice(b",\"path\":");
+        json_str(out, &self.path);
+        out.extend_from_slice(b",\"deployment\":");
+        json_opt_str(out, self.deployment.as_deref());
+        out.extend_from_slice(b",\"client\":");
+        json_opt_str(out, self.client.as_deref());
+        out.extend_from_slice(b",\"attempts\":[");
+        for (i, a) in self.attempts.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            out.extend_from_slice(b"{\"instance\":");
+            json_str(out, a.instance.as_str());
+            out.extend_from_slice(b",\"outcome\":");
+            json_str(out, a.outcome);
+            out.extend_from_slice(b",\"status\":");
+            json_opt_u64(out, a.status.map(u64::from));
+            out.extend_from_slice(b",\"ms\":");
+            json_f64(out, a.ms);
+            out.push(b'}');
+        }
+        out.push(b']');
+        if !skipped.is_empty() {
+            out.extend_from_slice(b",\"skipped\":[");
+            for (i, skip) in skipped.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                out.extend_from_slice(b"{\"instance\":");
+                json_str(out, skip.instance.as_str());
+                out.extend_from_slice(b",\"reason\":");
+                json_str(out, skip.reason);
+                out.push(b'}');
+            }
+            out.push(b']');
+        }
+        out.extend_from_slice(b",\"instance\":");
+        json_opt_str(out, self.instance.as_ref().map(InstanceName::as_str));
+        out.extend_from_slice(b",\"status\":");
+        json_u64(out, u64::from(self.status));
+        out.extend_from_slice(b",\"ttfb_ms\":");
+        match self.ttfb_ms {
+            Some(v) => json_f64(out, v),
+            None => out.extend_from_slice(b"null"),
+        }
+        out.extend_from_slice(b",\"total_ms\":");
+        json_f64(out, self.total_ms);
+        out.extend_from_slice(b",\"bytes\":");
+        json_u64(out, self.bytes);
+        out.extend_from_slice(if self.streamed {
+            b",\"streamed\":true,\"error\":"
+        } else {
+            b",\"streamed\":false,\"error\":"
+        });
+        json_opt_str(out, self.error);
+        out.extend_from_slice(b",\"usage\":");
+        match &self.usage {
+            Some(u) => {
+                out.extend_from_slice(b"{\"prompt\":");
+                json_u64(out, u.prompt);
+                out.extend_from_slice(b",\"completion\":");
+                json_u64(out, u.completion);
+                out.extend_from_slice(b",\"cached\":");
+                json_u64(out, u.cached);
+                out.extend_from_slice(b",\"reasoning\":");
+                json_u64(out, u.reasoning);
+                out.extend_from_slice(b",\"source\":");
+                json_str(out, u.source.as_str());
+                out.push(b'}');
+            }
+            None => out.extend_from_slice(b"null"),
+        }
+        out.push(b'}');
+    }
+
     /// Writes the record as one line and, while tracing is on, turns it
     /// into the request's spans ([`crate::otel::RequestTrace::export`]).
     pub fn emit(&self) {
@@ -173,6 +299,73 @@ impl AccessRecord {
         if let Some(t) = &self.trace {
             t.export(self);
         }
+    }
+}
+
+/// A JSON string with serde_json's escaping: `"`, `\` and the control
+/// characters below U+0020 (the short forms where JSON has them, else
+/// `\u00xx` in lower case); everything else, U+007F and non-ASCII
+/// included, as is.
+fn json_str(out: &mut Vec<u8>, s: &str) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let bytes = s.as_bytes();
+    out.reserve(bytes.len() + 2);
+    out.push(b'"');
+    let mut start = 0;
+    for (i, &b) in bytes.iter().enumerate() {
+        let short: &[u8] = match b {
+            b'"' => b"\\\"",
+            b'\\' => b"\\\\",
+            b'\n' => b"\\n",
+            b'\r' => b"\\r",
+            b'\t' => b"\\t",
+            0x08 => b"\\b",
+            0x0c => b"\\f",
+            0..=0x1f => {
+                out.extend_from_slice(&bytes[start..i]);
+                out.extend_from_slice(b"\\u00");
+                out.push(HEX[usize::from(b >> 4)]);
+                out.push(HEX[usize::from(b & 0xf)]);
+                start = i + 1;
+                continue;
+            }
+            _ => continue,
+        };
+        out.extend_from_slice(&bytes[start..i]);
+        out.extend_from_slice(short);
+        start = i + 1;
+    }
+    out.extend_from_slice(&bytes[start..]);
+    out.push(b'"');
+}
+
+// Writing into a Vec cannot fail, so the io::Result of serde_json's
+// number routines carries nothing.
+
+fn json_opt_str(out: &mut Vec<u8>, s: Option<&str>) {
+    match s {
+        Some(s) => json_str(out, s),
+        None => out.extend_from_slice(b"null"),
+    }
+}
+
+fn json_u64(out: &mut Vec<u8>, v: u64) {
+    let _ = CompactFormatter.write_u64(out, v);
+}
+
+fn json_opt_u64(out: &mut Vec<u8>, v: Option<u64>) {
+    match v {
+        Some(v) => json_u64(out, v),
+        None => out.extend_from_slice(b"null"),
+    }
+}
+
+/// serde_json writes NaN and infinities as `null`.
+fn json_f64(out: &mut Vec<u8>, v: f64) {
+    if v.is_finite() {
+        let _ = CompactFormatter.write_f64(out, v);
+    } else {
+        out.extend_from_slice(b"null");
     }
 }
 
@@ -246,6 +439,109 @@ mod tests {
         let t = UNIX_EPOCH + Duration::from_millis(253_402_300_799_999);
         assert_eq!(rfc3339_ms(t), "9999-12-31T23:59:59.999Z");
         assert_eq!(rfc3339_ms(UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
+    }
+
+    fn backend(name: &str) -> Arc<Backend> {
+        let doc = serde_json::json!({
+            "instances": [{"name": name, "url": "https://127.0.0.1:9", "api_key": "k"}],
+        });
+        let c = crate::config::Config::from_json(&doc.to_string()).unwrap();
+        Arc::new(Backend::new(0, c.instances[0].clone(), &c.circuit_breaker).unwrap())
+    }
+
+    fn tricky_record(text: &str, ms: f64) -> AccessRecord {
+        let mut r = AccessRecord::placeholder();
+        r.timestamp = rfc3339_ms(UNIX_EPOCH + Duration::from_millis(1_767_225_600_123));
+        r.request_id = HeaderValue::from_str(&text.replace(['\n', '\r', '\u{7f}'], "_"))
+            .unwrap_or(HeaderValue::from_static("x"));
+        r.apim_request_id = Some(HeaderValue::from_bytes(b"\xff\xfeopaque").unwrap());
+        r.method = Method::from_bytes(b"PATCH").unwrap();
+        r.path = format!("/openai/{text}");
+        r.deployment = Some(text.to_owned());
+        r.client = Some(Arc::from(text));
+        r.attempts = vec![
+            Attempt {
+                instance: InstanceName(backend("east-1")),
+                outcome: "throttled",
+                status: Some(429),
+                ms,
+                started: Instant::now(),
+            },
+            Attempt {
+                instance: InstanceName(backend("west")),
+                outcome: "connect_error",
+                status: None,
+                ms: f64::NAN,
+                started: Instant::now(),
+            },
+        ];
+        r.skipped = vec![
+            crate::steer::Skip {
+                instance: InstanceName(backend("ptu-east")),
+                reason: "tokens",
+            },
+            crate::steer::Skip {
+                instance: InstanceName(backend("north")),
+                reason: "utilization",
+            },
+        ];
+        r.instance = Some(InstanceName(backend("west")));
+        r.status = 200;
+        r.ttfb_ms = Some(ms / 3.0);
+        r.total_ms = ms * 1e6;
+        r.bytes = u64::MAX;
+        r.streamed = true;
+        r.error = Some("client_disconnected");
+        r.usage = Some(crate::usage::Usage {
+            prompt: 12,
+            completion: 0,
+            cached: 7,
+            reasoning: 1,
+            source: crate::usage::Source::Reported,
+        });
+        r
+    }
+
+    #[test]
+    fn writes_the_same_bytes_as_the_derived_serialisation() {
+        let texts = [
+            "plain",
+            "",
+            "quote \" backslash \\ slash /",
+            "controls \u{0}\u{1}\u{8}\u{9}\n\u{c}\r\u{1b}\u{1f}\u{7f}",
+            "unicode é ü 漢字 \u{2028}\u{2029} 🦀",
+            "</script><!-- & ' %22",
+        ];
+        let floats = [
+            0.0,
+            -0.0,
+            1.5,
+            2.0,
+            0.1 + 0.2,
+            1e-7,
+            123_456_789.123,
+            1e21,
+            f64::MIN_POSITIVE,
+            f64::INFINITY,
+        ];
+        for text in texts {
+            for ms in floats {
+                let r = tricky_record(text, ms);
+                let mut ours = Vec::new();
+                r.write_json(&mut ours);
+                let derived = serde_json::to_vec(&r).unwrap();
+                assert_eq!(
+                    String::from_utf8_lossy(&ours),
+                    String::from_utf8_lossy(&derived),
+                    "text {text:?}, ms {ms}"
+                );
+            }
+        }
+        // The plainest record too: every optional field absent.
+        let r = AccessRecord::placeholder();
+        let mut ours = Vec::new();
+        r.write_json(&mut ours);
+        assert_eq!(ours, serde_json::to_vec(&r).unwrap());
     }
 
     #[test]

@@ -1,12 +1,19 @@
 //! Log output: the tracing subscriber and the per-request access line.
 //!
-//! Every line, start-up and access alike, goes through one in-process
-//! buffer that a dedicated writer thread drains to stdout. A request thread
-//! only appends bytes under a short, uncontended lock; it never makes a
-//! syscall for its log line. The writer thread wakes every few milliseconds
-//! (or at once when the buffer grows large) and writes everything pending
-//! in one go. [`LogGuard`] drains the buffer on drop, so a graceful exit
-//! loses nothing.
+//! Every line, start-up and access alike, goes into a buffer of the thread
+//! that logs it, which a dedicated writer thread drains to stdout in
+//! batches. A request thread appends under its own buffer's lock, which
+//! only the writer takes otherwise (once per batch), and never makes a
+//! syscall for its log line; the access line is written straight into that
+//! buffer ([`crate::log::AccessRecord::write_json`]), with no intermediate
+//! copy or serde tree. The writer wakes every few milliseconds (or at once
+//! when a buffer grows large), collects every thread's pending lines, puts
+//! them back in the order they were written (each line takes a number
+//! from one atomic counter), and writes them in one go: a line logged
+//! after another, on any thread, is never written before it. Buffers are reused from batch to
+//! batch and a finished thread's buffer is dropped after its last lines
+//! are written. [`LogGuard`] drains every buffer on drop, so a graceful
+//! exit loses nothing.
 //!
 //! Formats: JSON by default (one flat object per line: `timestamp`,
 //! `level`, `target`, `message` and the event's fields), or a human line
@@ -18,7 +25,7 @@ use std::cell::RefCell;
 use std::fmt::Write as _;
 use std::io::Write as _;
 use std::str::FromStr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -65,67 +72,206 @@ pub enum LogInitError {
 /// Above this many pending bytes the writer thread is woken at once rather
 /// than at its next tick.
 const WAKE_AT_BYTES: usize = 64 * 1024;
-/// Pending bytes beyond which new lines are dropped (and counted) instead of
-/// growing memory without bound while stdout is blocked.
+/// Pending bytes of one thread beyond which its new lines are dropped (and
+/// counted) instead of growing memory without bound while stdout is
+/// blocked.
 const MAX_PENDING_BYTES: usize = 16 * 1024 * 1024;
+/// A thread's buffer keeps up to this much capacity between batches (what
+/// a busy thread writes in one tick); a larger one is shrunk after a burst.
+const KEEP_CAPACITY: usize = 256 * 1024;
 /// How long a line may wait in the buffer under light load.
 const TICK: Duration = Duration::from_millis(20);
 
+/// One thread's pending lines.
+#[derive(Default)]
+struct Shard {
+    pending: Mutex<Pending>,
+}
+
+/// Lines not yet written: their bytes, and where each line ends with the
+/// sequence number it got when it was written.
+#[derive(Default)]
+struct Pending {
+    bytes: Vec<u8>,
+    ends: Vec<(u64, usize)>,
+}
+
 struct Sink {
-    pending: Mutex<Vec<u8>>,
+    /// Tells this sink's thread buffers from another's (unit tests make
+    /// sinks of their own next to the global one).
+    id: usize,
+    /// Every logging thread's buffer, in the order the threads first
+    /// logged. The thread holds the other reference; once it is gone the
+    /// writer drops the buffer after writing what it held.
+    shards: Mutex<Vec<Arc<Shard>>>,
+    /// Set (under its lock) to wake the writer before its tick.
+    woken: Mutex<bool>,
     wake: Condvar,
     stop: AtomicBool,
     dropped: AtomicU64,
+    /// Numbers every line in the order lines are written, across threads:
+    /// the writer puts each batch in this order, so a line logged after
+    /// another (on any thread) is never written before it.
+    seq: AtomicU64,
     format: LogFormat,
 }
 
+thread_local! {
+    /// This thread's buffer, and the id of the sink it belongs to.
+    static SHARD: RefCell<Option<(usize, Arc<Shard>)>> = const { RefCell::new(None) };
+}
+
 impl Sink {
+    fn new(format: LogFormat) -> Self {
+        static NEXT_ID: AtomicUsize = AtomicUsize::new(0);
+        Self {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            shards: Mutex::new(Vec::new()),
+            woken: Mutex::new(false),
+            wake: Condvar::new(),
+            stop: AtomicBool::new(false),
+            dropped: AtomicU64::new(0),
+            seq: AtomicU64::new(0),
+            format,
+        }
+    }
+
     fn append(&self, bytes: &[u8]) {
-        let Ok(mut buf) = self.pending.lock() else {
+        self.write_line(|buf| buf.extend_from_slice(bytes));
+    }
+
+    /// Lets `write` append one line to this thread's buffer (registering
+    /// the buffer on the thread's first line). A line that would take the
+    /// buffer over [`MAX_PENDING_BYTES`] is taken back and counted.
+    fn write_line(&self, write: impl FnOnce(&mut Vec<u8>)) {
+        let id = self.id;
+        let mut write = Some(write);
+        let _ = SHARD.try_with(|cell| {
+            let Ok(mut slot) = cell.try_borrow_mut() else {
+                return;
+            };
+            let shard = match &*slot {
+                Some((owner, shard)) if *owner == id => shard.clone(),
+                _ => {
+                    let shard = Arc::new(Shard::default());
+                    if let Ok(mut all) = self.shards.lock() {
+                        all.push(shard.clone());
+                    }
+                    *slot = Some((id, shard.clone()));
+                    shard
+                }
+            };
+            drop(slot);
+            if let Some(w) = write.take() {
+                self.write_into(&shard, w);
+            }
+        });
+        // No thread-local buffer (the thread is exiting, or logging from
+        // inside a line): a buffer of its own for this one line.
+        if let Some(w) = write {
+            let shard = Arc::new(Shard::default());
+            self.write_into(&shard, w);
+            if let Ok(mut all) = self.shards.lock() {
+                all.push(shard);
+            }
+        }
+    }
+
+    fn write_into(&self, shard: &Shard, write: impl FnOnce(&mut Vec<u8>)) {
+        let Ok(mut pending) = shard.pending.lock() else {
             return;
         };
-        if buf.len() + bytes.len() > MAX_PENDING_BYTES {
+        let before = pending.bytes.len();
+        write(&mut pending.bytes);
+        let after = pending.bytes.len();
+        if after > MAX_PENDING_BYTES {
+            pending.bytes.truncate(before);
             self.dropped.fetch_add(1, Ordering::Relaxed);
             return;
         }
-        let was_small = buf.len() < WAKE_AT_BYTES;
-        buf.extend_from_slice(bytes);
-        let now_big = buf.len() >= WAKE_AT_BYTES;
-        drop(buf);
-        if was_small && now_big {
+        if after == before {
+            return;
+        }
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+        pending.ends.push((seq, after));
+        let wake = before < WAKE_AT_BYTES && after >= WAKE_AT_BYTES;
+        drop(pending);
+        if wake {
+            if let Ok(mut woken) = self.woken.lock() {
+                *woken = true;
+            }
             self.wake.notify_one();
         }
     }
 
-    /// The writer thread: swap the pending buffer for an empty one, write it
-    /// out without holding the lock, repeat until told to stop and drained.
+    /// Moves every thread's pending lines into `batch`, in the order they
+    /// were written, and forgets the buffers of threads that have ended
+    /// once they are drained.
+    fn collect(&self, batch: &mut Vec<u8>) {
+        // Each buffer is copied out under its lock, so a request thread
+        // waits for a copy at most; the ordering happens afterwards.
+        let mut staged: Vec<u8> = Vec::new();
+        let mut lines: Vec<(u64, usize, usize)> = Vec::new();
+        if let Ok(mut all) = self.shards.lock() {
+            all.retain(|shard| {
+                // Read before draining: a thread that is gone now cannot
+                // add lines after the drain below.
+                let alive = Arc::strong_count(shard) > 1;
+                if let Ok(mut pending) = shard.pending.lock() {
+                    let base = staged.len();
+                    staged.extend_from_slice(&pending.bytes);
+                    let mut start = base;
+                    for &(seq, end) in &pending.ends {
+                        lines.push((seq, start, base + end));
+                        start = base + end;
+                    }
+                    pending.bytes.clear();
+                    pending.ends.clear();
+                    if pending.bytes.capacity() > KEEP_CAPACITY {
+                        pending.bytes.shrink_to(KEEP_CAPACITY / 16);
+                        pending.ends.shrink_to(64);
+                    }
+                }
+                alive
+            });
+        }
+        lines.sort_unstable_by_key(|&(seq, _, _)| seq);
+        batch.reserve(staged.len());
+        for (_, start, end) in lines {
+            batch.extend_from_slice(&staged[start..end]);
+        }
+    }
+
+    /// The writer thread: collect every thread's lines, write them out,
+    /// repeat until told to stop and drained.
     fn run(&self) {
         let mut out = std::io::stdout();
-        let mut spare: Vec<u8> = Vec::with_capacity(WAKE_AT_BYTES * 2);
+        let mut batch: Vec<u8> = Vec::with_capacity(WAKE_AT_BYTES * 2);
         let mut reported_dropped = 0;
         loop {
-            let stopping;
             {
-                let Ok(mut buf) = self.pending.lock() else {
+                let Ok(mut woken) = self.woken.lock() else {
                     return;
                 };
-                if buf.is_empty() && !self.stop.load(Ordering::Acquire) {
-                    buf = match self.wake.wait_timeout(buf, TICK) {
-                        Ok((b, _)) => b,
+                if !*woken && !self.stop.load(Ordering::Acquire) {
+                    woken = match self.wake.wait_timeout(woken, TICK) {
+                        Ok((w, _)) => w,
                         Err(_) => return,
                     };
                 }
-                stopping = self.stop.load(Ordering::Acquire);
-                std::mem::swap(&mut *buf, &mut spare);
+                *woken = false;
             }
-            if !spare.is_empty() {
+            let stopping = self.stop.load(Ordering::Acquire);
+            self.collect(&mut batch);
+            let wrote = !batch.is_empty();
+            if wrote {
                 // Nothing sensible can be done if stdout is gone; keep
                 // draining so request threads never block on us.
-                let _ = out.write_all(&spare);
+                let _ = out.write_all(&batch);
                 let _ = out.flush();
-                spare.clear();
-                if spare.capacity() > WAKE_AT_BYTES * 16 {
-                    spare.shrink_to(WAKE_AT_BYTES * 2);
+                batch.clear();
+                if batch.capacity() > WAKE_AT_BYTES * 16 {
+                    batch.shrink_to(WAKE_AT_BYTES * 2);
                 }
             }
             let dropped = self.dropped.load(Ordering::Relaxed);
@@ -137,11 +283,8 @@ impl Sink {
                 let _ = out.flush();
                 reported_dropped = dropped;
             }
-            if stopping {
-                let empty = self.pending.lock().map(|b| b.is_empty()).unwrap_or(true);
-                if empty {
-                    return;
-                }
+            if stopping && !wrote {
+                return;
             }
         }
     }
@@ -166,6 +309,9 @@ impl LogGuard {
 
     fn stop(&mut self) {
         self.sink.stop.store(true, Ordering::Release);
+        if let Ok(mut woken) = self.sink.woken.lock() {
+            *woken = true;
+        }
         self.sink.wake.notify_one();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
@@ -233,13 +379,7 @@ pub fn filter(rust_log: Option<&str>, log_level: Option<&str>) -> Result<EnvFilt
 /// [`LogInitError`] if a subscriber is already installed or the thread
 /// cannot start.
 pub fn init(format: LogFormat, filter: EnvFilter) -> Result<LogGuard, LogInitError> {
-    let sink = Arc::new(Sink {
-        pending: Mutex::new(Vec::with_capacity(WAKE_AT_BYTES * 2)),
-        wake: Condvar::new(),
-        stop: AtomicBool::new(false),
-        dropped: AtomicU64::new(0),
-        format,
-    });
+    let sink = Arc::new(Sink::new(format));
     if SINK.set(sink.clone()).is_err() {
         return Err(LogInitError::AlreadySet);
     }
@@ -274,47 +414,35 @@ pub fn init(format: LogFormat, filter: EnvFilter) -> Result<LogGuard, LogInitErr
     })
 }
 
-thread_local! {
-    static SCRATCH: RefCell<Vec<u8>> = RefCell::new(Vec::with_capacity(1024));
-}
-
 /// Writes one access record as one line: the record's JSON, or in text
 /// mode a human rendering of it.
 ///
-/// Cheap on the request path: the record is serialised into a reused
-/// thread-local buffer and appended to the shared log buffer; no syscall.
-/// Dropped when logging is not initialised (library and test use) or when
-/// the `aoai_lb::access` target is filtered out below `info`.
-pub fn access<R: serde::Serialize + ?Sized>(record: &R) {
+/// Cheap on the request path: the JSON is written straight into this
+/// thread's log buffer, which the writer thread drains in batches; no
+/// syscall and no intermediate allocation. Dropped when logging is not
+/// initialised (library and test use) or when the `aoai_lb::access` target
+/// is filtered out below `info`.
+pub fn access(record: &crate::log::AccessRecord) {
     let Some(sink) = SINK.get() else {
         return;
     };
     if !tracing::enabled!(target: "aoai_lb::access", tracing::Level::INFO) {
         return;
     }
-    SCRATCH.with(|cell| {
-        let Ok(mut buf) = cell.try_borrow_mut() else {
-            return;
-        };
-        buf.clear();
-        let ok = match sink.format {
-            LogFormat::Json => serde_json::to_writer(&mut *buf, record).is_ok(),
-            LogFormat::Text => match serde_json::to_value(record) {
-                Ok(v) => {
-                    buf.extend_from_slice(render_text(&v).as_bytes());
-                    true
-                }
-                Err(_) => false,
-            },
-        };
-        if ok {
+    match sink.format {
+        LogFormat::Json => sink.write_line(|buf| {
+            record.write_json(buf);
             buf.push(b'\n');
-            sink.append(&buf);
+        }),
+        // For terminals; not the path to make fast.
+        LogFormat::Text => {
+            if let Ok(v) = serde_json::to_value(record) {
+                let mut line = render_text(&v);
+                line.push('\n');
+                sink.append(line.as_bytes());
+            }
         }
-        if buf.capacity() > 64 * 1024 {
-            buf.shrink_to(1024);
-        }
-    });
+    }
 }
 
 /// `timestamp LEVEL target: message key=value ...`, close to what the
@@ -435,18 +563,57 @@ mod tests {
 
     #[test]
     fn drops_lines_beyond_the_pending_cap_instead_of_growing() {
-        let sink = Sink {
-            pending: Mutex::new(Vec::new()),
-            wake: Condvar::new(),
-            stop: AtomicBool::new(false),
-            dropped: AtomicU64::new(0),
-            format: LogFormat::Json,
-        };
+        let sink = Sink::new(LogFormat::Json);
         let line = vec![b'x'; 1024 * 1024];
         for _ in 0..20 {
             sink.append(&line);
         }
-        assert!(sink.pending.lock().unwrap().len() <= MAX_PENDING_BYTES);
+        let mut batch = Vec::new();
+        sink.collect(&mut batch);
+        assert_eq!(batch.len(), MAX_PENDING_BYTES);
         assert_eq!(sink.dropped.load(Ordering::Relaxed), 4);
+    }
+
+    #[test]
+    fn keeps_each_threads_lines_in_order_and_forgets_ended_threads_after_draining() {
+        let sink = Arc::new(Sink::new(LogFormat::Json));
+        // This thread's buffer comes first in the sink's list, yet its
+        // second line, written after the others', must come out last.
+        sink.append(b"first\n");
+        let threads: Vec<_> = (0..4)
+            .map(|t| {
+                let sink = sink.clone();
+                std::thread::spawn(move || {
+                    for i in 0..1000 {
+                        sink.append(format!("{t}:{i}\n").as_bytes());
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        sink.append(b"main\n");
+        let mut batch = Vec::new();
+        sink.collect(&mut batch);
+        let text = String::from_utf8(batch).unwrap();
+        assert_eq!(text.lines().count(), 4002);
+        assert_eq!(text.lines().next(), Some("first"));
+        for t in 0..4 {
+            let mine: Vec<usize> = text
+                .lines()
+                .filter_map(|l| l.strip_prefix(&format!("{t}:")))
+                .map(|i| i.parse().unwrap())
+                .collect();
+            assert_eq!(mine, (0..1000).collect::<Vec<_>>(), "thread {t}");
+        }
+        // Lines from different threads come out in the order written.
+        let last_line = text.lines().last().unwrap();
+        assert_eq!(last_line, "main");
+        // The four ended threads' buffers are gone; this thread's stays.
+        assert_eq!(sink.shards.lock().unwrap().len(), 1);
+        let mut again = Vec::new();
+        sink.collect(&mut again);
+        assert!(again.is_empty());
     }
 }

@@ -72,18 +72,11 @@ fn main() -> ExitCode {
 }
 
 fn run(settings: Settings) -> anyhow::Result<()> {
-    // With one CPU to run on (pinned, or a one-CPU container quota) a
-    // single-threaded scheduler does the same work without cross-thread
-    // wake-ups or work stealing. `TOKIO_WORKER_THREADS`, when
-    // set, asks for the multi-threaded one with that many workers.
-    let one_cpu = std::env::var_os("TOKIO_WORKER_THREADS").is_none()
-        && std::thread::available_parallelism().is_ok_and(|n| n.get() == 1);
-    let mut builder = if one_cpu {
-        tokio::runtime::Builder::new_current_thread()
-    } else {
-        tokio::runtime::Builder::new_multi_thread()
-    };
-    let runtime = builder
+    // One single-threaded runtime per CPU the process may use (this one,
+    // plus one per extra worker thread the server starts): a connection
+    // stays on the thread that accepted it, with no work stealing or
+    // cross-thread wake-ups. See `aoai_lb::server` and `aoai_lb::cpus`.
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| anyhow::anyhow!("cannot start the async runtime: {e}"))?;
@@ -188,6 +181,7 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
             _ => None,
         },
         config_poll: settings.config_poll,
+        workers: settings.workers.unwrap_or_else(aoai_lb::cpus::usable),
     };
     let mut term = signal(SignalKind::terminate())
         .map_err(|e| anyhow::anyhow!("cannot watch SIGTERM: {e}"))?;

@@ -253,22 +253,24 @@ pub fn attempt_headers(
 }
 
 /// The upstream URI for `backend`: base URL + path (prefixed, deployment
-/// segment renamed) + `?query`.
+/// segment renamed) + `?query`. The scheme and authority are the
+/// backend's, parsed once at start-up; only the path and query are checked
+/// here.
 ///
 /// # Errors
-/// When the result is not a valid URI (it cannot be for a path that passed
-/// routing and a validated base URL, but the parser has the last word).
+/// When the path and query are not valid in a URI (they cannot be for a
+/// path that passed routing, but the parser has the last word).
 pub fn upstream_uri(
     backend: &Backend,
     path: &str,
     query: Option<&str>,
     route: &Route,
     backend_deployment: Option<&str>,
-) -> Result<Uri, http::uri::InvalidUri> {
+) -> Result<Uri, http::Error> {
     let mut s = String::with_capacity(
-        backend.base.len() + path.len() + 8 + query.map_or(0, |q| q.len() + 1) + 16,
+        backend.prefix.len() + path.len() + 8 + query.map_or(0, |q| q.len() + 1) + 16,
     );
-    s.push_str(&backend.base);
+    s.push_str(&backend.prefix);
     if route.add_prefix {
         s.push_str("/openai");
     }
@@ -297,7 +299,14 @@ pub fn upstream_uri(
         };
         push_query(&mut s, q, rename);
     }
-    Uri::from_maybe_shared(Bytes::from(s))
+    let path_and_query = http::uri::PathAndQuery::from_maybe_shared(Bytes::from(s))?;
+    Ok(Uri::from_parts({
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(backend.scheme.clone());
+        parts.authority = Some(backend.authority.clone());
+        parts.path_and_query = Some(path_and_query);
+        parts
+    })?)
 }
 
 /// Appends `?query` to `s` with every `api-key` parameter removed and, with
@@ -430,6 +439,30 @@ mod tests {
             format!(r#"{{"instances":[{{"name":"a","url":"{url}","api_key":"backend-key"}}]}}"#);
         let c = Config::from_json(&doc).unwrap();
         Backend::new(0, c.instances[0].clone(), &BreakerConfig::default()).unwrap()
+    }
+
+    #[test]
+    fn builds_the_same_uri_as_parsing_the_whole_string() {
+        let p = "/openai/deployments/gpt-4o/chat/completions";
+        let r = classify(&Method::POST, p).unwrap();
+        for url in [
+            "https://my-res.openai.azure.com",
+            "https://apim.example.com/aoai/",
+            "http://127.0.0.1:9000",
+            "http://[::1]:8080/x/y",
+            "https://EXAMPLE.com:443",
+        ] {
+            let b = backend(url);
+            for q in [None, Some("api-version=2024-10-21&x=%2F"), Some("")] {
+                let u = upstream_uri(&b, p, q, &r, Some("gpt-4o")).unwrap();
+                let whole: Uri = u.to_string().parse().unwrap();
+                assert_eq!(u, whole, "{url} {q:?}");
+                assert_eq!(u.scheme(), whole.scheme());
+                assert_eq!(u.authority(), whole.authority());
+                assert_eq!(u.path_and_query(), whole.path_and_query());
+                assert!(u.to_string().starts_with(&b.base), "{u} {url}");
+            }
+        }
     }
 
     #[test]

@@ -4,6 +4,15 @@
 //! Each accepted connection is served by hyper (HTTP/1.1 with keep-alive,
 //! or HTTP/2 with prior knowledge). This module owns everything that is
 //! about connections rather than requests:
+//! - the runtime shape: with `workers` > 1 ([`ServeOptions::workers`]) the
+//!   public port is served by that many threads, each running its own
+//!   single-threaded Tokio runtime and accepting on its own listener bound
+//!   to the same address with `SO_REUSEPORT`. The kernel spreads new
+//!   connections over the listeners, and a connection then lives on one
+//!   thread from accept to close: no work stealing and no cross-thread
+//!   wake-ups on the request path. The first listener is served by the
+//!   runtime that called [`serve`], which also runs the admin listener,
+//!   the configuration reloader and the shutdown sequence;
 //! - a cap on open connections: one over the cap is closed at once, so an
 //!   overload sheds new clients instead of slowing everyone;
 //! - a deadline for the first request head of a connection (slowloris), a
@@ -130,6 +139,12 @@ pub struct ServeOptions {
     /// The trace exporter, when tracing is on ([`crate::otel`]). Default
     /// `None`: no spans, no `traceparent` rewriting.
     pub tracing: Option<Arc<crate::otel::Tracing>>,
+    /// Threads accepting and serving public connections, each with its own
+    /// single-threaded runtime and `SO_REUSEPORT` listener; the calling
+    /// runtime counts as one of them. Default 1: everything runs on the
+    /// calling runtime with one plain listener. The binary sets it to
+    /// [`crate::cpus::usable`] unless `AOAI_LB_WORKERS` says otherwise.
+    pub workers: usize,
 }
 
 impl Default for ServeOptions {
@@ -147,6 +162,7 @@ impl Default for ServeOptions {
             clock: Clock::new(),
             azure_env: AzureEnv::from_process(),
             tracing: None,
+            workers: 1,
         }
     }
 }
@@ -167,6 +183,7 @@ impl ServeOptions {
             clock: Clock::new(),
             azure_env: AzureEnv::from_process(),
             tracing: None,
+            workers: 1,
         }
     }
 }
@@ -192,6 +209,12 @@ pub enum ServeError {
     /// The metrics recorder could not be installed.
     #[error(transparent)]
     Metrics(#[from] crate::metrics::MetricsError),
+    /// A worker thread or its runtime could not be started.
+    #[error("cannot start worker thread {index}: {source}")]
+    Worker {
+        index: usize,
+        source: std::io::Error,
+    },
 }
 
 /// State shared by the accept loop and every connection.
@@ -224,9 +247,16 @@ pub struct ServerHandle {
     shared: Arc<Shared>,
     admin_stop: CancellationToken,
     driver: Option<JoinHandle<()>>,
+    workers: usize,
 }
 
 impl ServerHandle {
+    /// How many threads serve the public port (see
+    /// [`ServeOptions::workers`]).
+    pub fn workers(&self) -> usize {
+        self.workers
+    }
+
     /// The public listener's address.
     pub fn local_addr(&self) -> SocketAddr {
         self.local
@@ -414,7 +444,12 @@ pub async fn serve<H: Handler>(
     config_info: Arc<arc_swap::ArcSwap<crate::status::ConfigInfo>>,
 ) -> Result<ServerHandle, ServeError> {
     let prometheus = crate::metrics::install()?;
-    let listener = bind("public", &opts.host, opts.port).await?;
+    let workers = opts.workers.max(1);
+    let (listener, extra) = if workers == 1 {
+        (bind("public", &opts.host, opts.port).await?, Vec::new())
+    } else {
+        bind_shared(&opts.host, opts.port, workers).await?
+    };
     let admin_host = opts.admin_host.as_deref().unwrap_or(&opts.host);
     let admin_listener = bind("admin", admin_host, opts.admin_port).await?;
     let local = local_addr("public", &listener, &opts.host)?;
@@ -452,6 +487,17 @@ pub async fn serve<H: Handler>(
         reload: Arc::new(tokio::sync::Notify::new()),
         reloadable: AtomicBool::new(false),
     });
+    let tracker = TaskTracker::new();
+    let mut stopped = Vec::with_capacity(extra.len());
+    for (i, std_listener) in extra.into_iter().enumerate() {
+        stopped.push(start_worker(
+            i + 1,
+            std_listener,
+            handler.clone(),
+            shared.clone(),
+            tracker.clone(),
+        )?);
+    }
     let admin_stop = CancellationToken::new();
     let admin_task = tokio::spawn(crate::admin::run(
         admin_listener,
@@ -468,12 +514,15 @@ pub async fn serve<H: Handler>(
         listener,
         handler,
         shared.clone(),
+        tracker,
         admin_stop.clone(),
         admin_task,
+        stopped,
     ));
     tracing::info!(
         address = %local,
         admin_address = %admin,
+        workers,
         "listening"
     );
     Ok(ServerHandle {
@@ -482,6 +531,7 @@ pub async fn serve<H: Handler>(
         shared,
         admin_stop,
         driver: Some(driver),
+        workers,
     })
 }
 
@@ -501,6 +551,146 @@ async fn bind(listener: &'static str, host: &str, port: u16) -> Result<TcpListen
         })
 }
 
+/// Binds `count` listeners to the same address with `SO_REUSEPORT`: the
+/// first on the calling runtime, the others as std listeners for the worker
+/// threads to register with their own runtimes.
+///
+/// `SO_REUSEPORT` would also let a second process of the same user bind the
+/// port and silently take a share of the connections; a plain bind first
+/// checks that the port is free, so a port in use fails start-up as it does
+/// with one listener.
+async fn bind_shared(
+    host: &str,
+    port: u16,
+    count: usize,
+) -> Result<(TcpListener, Vec<std::net::TcpListener>), ServeError> {
+    let addr = if host.contains(':') && !host.starts_with('[') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    };
+    let fail = |source| ServeError::Bind {
+        listener: "public",
+        addr: addr.clone(),
+        source,
+    };
+    let resolved: Vec<SocketAddr> = tokio::net::lookup_host(&addr)
+        .await
+        .map_err(fail)?
+        .collect();
+    let mut last = std::io::Error::new(
+        std::io::ErrorKind::AddrNotAvailable,
+        "the host name resolves to no address",
+    );
+    for sa in resolved {
+        match bind_group(sa, count) {
+            Ok(group) => return Ok(group),
+            Err(e) => last = e,
+        }
+    }
+    Err(fail(last))
+}
+
+fn bind_group(
+    sa: SocketAddr,
+    count: usize,
+) -> std::io::Result<(TcpListener, Vec<std::net::TcpListener>)> {
+    if sa.port() != 0 {
+        drop(std::net::TcpListener::bind(sa)?);
+    }
+    let first = reuseport_listener(sa)?;
+    // With port 0 the first bind picks the port; the others join it.
+    let sa = first.local_addr()?;
+    let mut rest = Vec::with_capacity(count.saturating_sub(1));
+    for _ in 1..count {
+        rest.push(reuseport_listener(sa)?.into_std()?);
+    }
+    Ok((first, rest))
+}
+
+fn reuseport_listener(sa: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if sa.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.set_reuseport(true)?;
+    socket.bind(sa)?;
+    // The backlog Tokio's own `TcpListener::bind` uses.
+    socket.listen(1024)
+}
+
+/// Starts worker thread `index`: a single-threaded runtime accepting on
+/// its own listener. The returned receiver completes when the thread has
+/// finished (its connections closed).
+fn start_worker<H: Handler>(
+    index: usize,
+    listener: std::net::TcpListener,
+    handler: H,
+    shared: Arc<Shared>,
+    tracker: TaskTracker,
+) -> Result<tokio::sync::oneshot::Receiver<()>, ServeError> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|source| ServeError::Worker { index, source })?;
+    let (done, stopped) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name(format!("aoai-lb-worker-{index}"))
+        .spawn(move || {
+            runtime.block_on(async move {
+                match TcpListener::from_std(listener) {
+                    Ok(l) => worker_accept(l, handler, shared, tracker).await,
+                    // Dropping the listener takes it out of the port's
+                    // group: the other workers get its share.
+                    Err(e) => tracing::error!(worker = index, error = %e, "worker cannot listen"),
+                }
+            });
+            let _ = done.send(());
+        })
+        .map_err(|source| ServeError::Worker { index, source })?;
+    Ok(stopped)
+}
+
+/// A worker thread's accept loop: accepts until the listener is to close
+/// (the driver on the first runtime decides when, see [`drive`]), then
+/// keeps its runtime running until the connections it serves have ended.
+async fn worker_accept<H: Handler>(
+    listener: TcpListener,
+    handler: H,
+    shared: Arc<Shared>,
+    tracker: TaskTracker,
+) {
+    let mut shed = ShedLog::default();
+    loop {
+        tokio::select! {
+            biased;
+            () = shared.force.cancelled() => break,
+            () = shared.closing.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _peer)) => admit(stream, &handler, &shared, &tracker, &mut shed),
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            },
+        }
+    }
+    drop(listener);
+    // The tracker spans every worker; it completes once the driver has
+    // closed it and all connections are gone. A forced stop whose driver
+    // is gone (the handle dropped with its runtime) must not leave this
+    // thread behind: connections end at once on `force`.
+    tokio::select! {
+        () = tracker.wait() => {}
+        () = async {
+            shared.force.cancelled().await;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        } => {}
+    }
+}
+
 fn local_addr(
     listener: &'static str,
     l: &TcpListener,
@@ -518,10 +708,11 @@ async fn drive<H: Handler>(
     listener: TcpListener,
     handler: H,
     shared: Arc<Shared>,
+    tracker: TaskTracker,
     admin_stop: CancellationToken,
     admin_task: JoinHandle<()>,
+    workers: Vec<tokio::sync::oneshot::Receiver<()>>,
 ) {
-    let tracker = TaskTracker::new();
     let drain_delay = tokio::time::sleep(Duration::ZERO);
     tokio::pin!(drain_delay);
     let mut shutting_down = false;
@@ -571,6 +762,11 @@ async fn drive<H: Handler>(
         );
         shared.force.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(1), tracker.wait()).await;
+    }
+    // The worker threads end once their connections have: at the latest
+    // a second after the forced close above.
+    for w in workers {
+        let _ = tokio::time::timeout(Duration::from_secs(2), w).await;
     }
     admin_stop.cancel();
     let _ = admin_task.await;

@@ -5,8 +5,12 @@
 
 mod common;
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use aoai_lb::config::Config;
+use aoai_lb::secret::Secret;
+use aoai_lb::server::{ServeOptions, ServerHandle};
 use common::*;
 use http::{Method, StatusCode};
 
@@ -79,6 +83,84 @@ async fn readyz_turns_503_while_draining_and_the_stream_still_finishes() {
     assert!(started.elapsed() < Duration::from_secs(2));
 }
 
+async fn start_with_workers(doc: &str, workers: usize, port: u16) -> ServerHandle {
+    let config = Arc::new(Config::from_json(doc).unwrap());
+    let mut opts = ServeOptions::local(Some(Secret::new(CLIENT_KEY)));
+    opts.workers = workers;
+    opts.port = port;
+    aoai_lb::server::spawn(config, opts).await.unwrap()
+}
+
+#[tokio::test]
+async fn with_two_workers_streams_on_either_listener_finish_during_the_drain() {
+    let sims = slow_sim().await;
+    let doc = config_with(
+        &sims,
+        serde_json::json!({"server": {"drain_delay_ms": 300, "shutdown_grace_ms": 10000}}),
+    );
+    let handle = start_with_workers(&doc, 2, 0).await;
+    assert_eq!(handle.workers(), 2);
+    let addr = handle.local_addr();
+    // One connection per stream: the kernel hashes each new connection to
+    // one of the two listeners, so both workers get some of the eight.
+    let streams: Vec<_> = (0..8)
+        .map(|_| {
+            let url = format!("http://{addr}{}", chat_path("gpt-4o"));
+            tokio::spawn(
+                async move { send_stream(Method::POST, &url, &auth(), chat_body(true)).await },
+            )
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    handle.shutdown();
+    let (s, _, _) = send(Method::GET, &format!("http://{addr}/readyz"), NONE, "").await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    for _ in 0..8 {
+        assert!(refused(addr).await, "both listeners closed after the delay");
+    }
+    assert!(
+        streams.iter().all(|s| !s.is_finished()),
+        "the streams outlive the drain delay"
+    );
+    for s in streams {
+        let streamed = s.await.unwrap();
+        assert_eq!(streamed.status, StatusCode::OK);
+        assert!(streamed.error.is_none(), "{:?}", streamed.error);
+        assert_eq!(
+            streamed.sse_data().last().map(String::as_str),
+            Some("[DONE]")
+        );
+    }
+    tokio::time::timeout(Duration::from_secs(10), handle.wait())
+        .await
+        .expect("server stops once the drain is over");
+}
+
+#[tokio::test]
+async fn with_two_workers_a_port_in_use_still_fails_start_up() {
+    let sims = sims(1).await;
+    let doc = config_for(&sims);
+    let first = start_with_workers(&doc, 2, 0).await;
+    let port = first.local_addr().port();
+    let config = Arc::new(Config::from_json(&doc).unwrap());
+    let mut opts = ServeOptions::local(Some(Secret::new(CLIENT_KEY)));
+    opts.workers = 2;
+    opts.port = port;
+    let second = aoai_lb::server::spawn(config, opts).await;
+    let e = second.err().expect("the port is taken").to_string();
+    assert!(e.starts_with("cannot listen on 127.0.0.1:"), "{e}");
+    // The first server still answers on its port.
+    let (s, _, _) = send(
+        Method::GET,
+        &format!("http://127.0.0.1:{port}/healthz"),
+        NONE,
+        "",
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+}
+
 #[tokio::test]
 async fn closes_streams_that_outlive_the_grace_period() {
     let sims = start_sims(vec![
@@ -131,7 +213,9 @@ async fn sigterm_lets_an_in_flight_stream_complete_then_exits_zero() {
             "--admin-port",
             "0",
         ],
-        &[("API_KEY", CLIENT_KEY)],
+        // Two worker threads whatever this machine's CPU count: the drain
+        // must cover the second listener and its connections too.
+        &[("API_KEY", CLIENT_KEY), ("AOAI_LB_WORKERS", "2")],
     );
     let (addr, _) = bin.wait_listening(Duration::from_secs(20));
     let url = format!("http://{addr}{}", chat_path("gpt-4o"));

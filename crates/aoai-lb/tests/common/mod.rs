@@ -306,6 +306,7 @@ pub const GATEWAY_ENV: &[&str] = &[
     "LOG_LEVEL",
     "RUST_LOG",
     "RUST_BACKTRACE",
+    "AOAI_LB_WORKERS",
 ];
 
 /// Which stream a captured line came from.
