@@ -26,6 +26,19 @@ fn keys(text: &str) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// Whether `key` shows up in the error because the message's own wording
+/// contains it (a key such as `priority` is also a field name that the
+/// "expected one of" list names), not because the value was echoed: the same
+/// document with the key's only occurrence masked still gives an error that
+/// contains it.
+fn in_fixed_wording(text: &str, key: &str) -> bool {
+    let masked = text.replacen(key, &"#".repeat(key.len()), 1);
+    match Config::from_json(&masked) {
+        Ok(_) => false,
+        Err(e) => e.to_string().contains(key),
+    }
+}
+
 fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
@@ -51,7 +64,9 @@ fuzz_target!(|data: &[u8]| {
             let line = e.to_string();
             assert!(!line.contains('\n'), "error is not one line: {line:?}");
             for k in &keys {
-                assert!(!line.contains(k.as_str()), "error echoes a key: {line:?}");
+                if line.contains(k.as_str()) && !in_fixed_wording(text, k) {
+                    panic!("error echoes a key: {line:?}");
+                }
             }
         }
     }
