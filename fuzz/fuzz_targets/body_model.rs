@@ -3,8 +3,8 @@
 //! `model` value may change, and the result must still be the same JSON.
 #![no_main]
 
-use aoai_lb::route::{apply_body_model, classify};
 use aoai_lb::rewrite::upstream_body;
+use aoai_lb::route::{apply_body_model, classify};
 use bytes::Bytes;
 use http::Method;
 use libfuzzer_sys::fuzz_target;
@@ -35,21 +35,33 @@ fuzz_target!(|data: &[u8]| {
     assert_eq!(&out[..span.start], &data[..span.start]);
     assert!(out.ends_with(&data[span.end..]));
     let new_quoted = &out[span.start - 1..out.len() - (data.len() - span.end) + 1];
-    assert_eq!(serde_json::from_slice::<String>(new_quoted).unwrap(), RENAMED);
+    assert_eq!(
+        serde_json::from_slice::<String>(new_quoted).unwrap(),
+        RENAMED
+    );
 
     // Where the body is strict JSON (the routing parser, like serde_json,
     // does not check the UTF-8 of strings it skips, so a body can route and
     // still not be strict JSON), it is an object whose `model` is that
     // name, and the rewrite changed nothing else.
     if let Ok(original) = serde_json::from_slice::<Value>(data) {
-        assert!(original.is_object(), "routed on a body that is not a JSON object");
-        assert_eq!(original.get("model").and_then(Value::as_str), Some(dep.as_str()));
+        assert!(
+            original.is_object(),
+            "routed on a body that is not a JSON object"
+        );
+        assert_eq!(
+            original.get("model").and_then(Value::as_str),
+            Some(dep.as_str())
+        );
         let rewritten: Value = serde_json::from_slice(&out).unwrap();
         let mut expected = original;
         expected["model"] = Value::String(RENAMED.to_owned());
         assert_eq!(rewritten, expected, "more than `model` changed");
     }
     // Unmapped: the very same bytes.
-    assert_eq!(upstream_body(&Method::POST, &body, &route, Some(dep.as_str())), body);
+    assert_eq!(
+        upstream_body(&Method::POST, &body, &route, Some(dep.as_str())),
+        body
+    );
     assert!(upstream_body(&Method::GET, &body, &route, Some(RENAMED)).is_empty());
 });

@@ -26,15 +26,15 @@ fn keys(text: &str) -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// Whether `key` shows up in the error because the message's own wording
-/// contains it (a key such as `priority` is also a field name that the
-/// "expected one of" list names), not because the value was echoed: the same
-/// document with the key's only occurrence masked still gives an error that
-/// contains it.
+/// Whether `key` shows up in the output (an error line or a `Debug` dump)
+/// because the output's own wording contains it, not because the value was
+/// echoed: a key such as `priority` is also a field name that an "expected
+/// one of" list or a `Debug` dump names. The test: the same document with the
+/// key's only occurrence masked still gives output that contains it.
 fn in_fixed_wording(text: &str, key: &str) -> bool {
     let masked = text.replacen(key, &"#".repeat(key.len()), 1);
     match Config::from_json(&masked) {
-        Ok(_) => false,
+        Ok(config) => format!("{config:?}").contains(key),
         Err(e) => e.to_string().contains(key),
     }
 }
@@ -57,7 +57,9 @@ fuzz_target!(|data: &[u8]| {
             assert!(config.cooldown.default_ms <= config.cooldown.max_ms);
             let shown = format!("{config:?}");
             for k in &keys {
-                assert!(!shown.contains(k.as_str()), "Debug of Config shows a key");
+                if shown.contains(k.as_str()) && !in_fixed_wording(text, k) {
+                    panic!("Debug of Config shows a key");
+                }
             }
         }
         Err(e) => {

@@ -26,7 +26,9 @@ fuzz_target!(|data: &[u8]| {
     let max_ms = u64::from(u16::from_le_bytes([data[0], data[1]])).max(1) * 100;
     let default_ms = u64::from(u16::from_le_bytes([data[2], data[3]])) * 100 % (max_ms + 1);
     let now = SystemTime::UNIX_EPOCH
-        + Duration::from_secs(u64::from(u32::from_le_bytes([data[4], data[5], data[6], data[7]])) * 8);
+        + Duration::from_secs(
+            u64::from(u32::from_le_bytes([data[4], data[5], data[6], data[7]])) * 8,
+        );
     let cfg = CooldownConfig { default_ms, max_ms };
 
     let mut headers = HeaderMap::new();
@@ -36,7 +38,10 @@ fuzz_target!(|data: &[u8]| {
         }
     }
     let ms = cooldown_ms(&headers, &cfg, now);
-    assert!((1..=max_ms).contains(&ms), "cooldown {ms} outside [1, {max_ms}]");
+    assert!(
+        (1..=max_ms).contains(&ms),
+        "cooldown {ms} outside [1, {max_ms}]"
+    );
     if headers.is_empty() {
         assert_eq!(ms, default_ms.max(1));
     }

@@ -32,7 +32,13 @@ fuzz_target!(|data: &[u8]| {
     let b = Backend::new(0, instance, &BreakerConfig::default()).unwrap();
     let path = "/openai/deployments/gpt-4o/chat/completions";
     let route = classify(&Method::POST, path).unwrap();
-    if let Err(e) = upstream_uri(&b, path, Some("api-version=2024-10-21"), &route, mapped.as_deref()) {
+    if let Err(e) = upstream_uri(
+        &b,
+        path,
+        Some("api-version=2024-10-21"),
+        &route,
+        mapped.as_deref(),
+    ) {
         panic!("accepted deployment name {to:?} gives an invalid upstream URI: {e}");
     }
 });

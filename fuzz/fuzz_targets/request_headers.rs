@@ -62,11 +62,20 @@ fuzz_target!(|data: &[u8]| {
         assert!(!out.contains_key(&h), "{h} survived");
     }
     assert!(!out.contains_key("api-key"), "client api-key survived");
-    for h in ["keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding"] {
+    for h in [
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+    ] {
         assert!(!out.contains_key(h), "{h} survived");
     }
     if websocket {
-        assert_eq!(out.get(header::CONNECTION).map(HeaderValue::as_bytes), Some(&b"upgrade"[..]));
+        assert_eq!(
+            out.get(header::CONNECTION).map(HeaderValue::as_bytes),
+            Some(&b"upgrade"[..])
+        );
     } else {
         assert!(!out.contains_key(header::CONNECTION));
         assert!(!out.contains_key(header::UPGRADE));
@@ -74,13 +83,19 @@ fuzz_target!(|data: &[u8]| {
     for n in &named_by_connection {
         let allowed = websocket && (*n == header::UPGRADE || *n == header::CONNECTION);
         let reinserted = matches!(n.as_str(), "x-ms-client-request-id");
-        assert!(allowed || reinserted || !out.contains_key(n), "{n} named by Connection survived");
+        assert!(
+            allowed || reinserted || !out.contains_key(n),
+            "{n} named by Connection survived"
+        );
     }
     let ids: Vec<_> = out.get_all("x-ms-client-request-id").iter().collect();
     assert_eq!(ids, vec![&id]);
     // Nothing else is invented: every remaining header came from the client.
     for (n, v) in &out {
         let ours = n == "x-ms-client-request-id" || (websocket && n == header::CONNECTION);
-        assert!(ours || headers.get_all(n).iter().any(|x| x == v), "{n} appeared from nowhere");
+        assert!(
+            ours || headers.get_all(n).iter().any(|x| x == v),
+            "{n} appeared from nowhere"
+        );
     }
 });

@@ -63,7 +63,10 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     if let (Some(span), Some(dep)) = (&route.path_span, &route.deployment) {
-        assert_eq!(percent_decode(&path[span.clone()]).ok().as_deref(), Some(dep.as_str()));
+        assert_eq!(
+            percent_decode(&path[span.clone()]).ok().as_deref(),
+            Some(dep.as_str())
+        );
     }
     let b = backend();
     for to in [None, Some("renamed-deployment")] {
@@ -85,7 +88,10 @@ fuzz_target!(|data: &[u8]| {
         assert!(!lower.contains("%2f") && !lower.contains("%5c") && !up_path.contains('\\'));
         for seg in up_path.split('/') {
             let decoded = percent_decode(seg).unwrap_or_default();
-            assert!(decoded != "." && decoded != "..", "dot segment upstream: {up_path:?}");
+            assert!(
+                decoded != "." && decoded != "..",
+                "dot segment upstream: {up_path:?}"
+            );
         }
     }
 });
