@@ -469,6 +469,9 @@ async fn requests_make_no_redis_call_on_the_common_path() {
     assert!(m.contains("aoai_lb_redis_up 1"), "{m}");
 }
 
+/// Requests sent by one load task, and those that failed.
+type Load = (usize, Vec<(String, StatusCode)>);
+
 /// Concurrent load on every replica until `stop` is set (bounded by
 /// `max_each` requests per task as well): returns every status that was
 /// not 200, with the replica it came from.
@@ -477,7 +480,7 @@ fn spawn_load(
     tasks: usize,
     max_each: usize,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-) -> Vec<tokio::task::JoinHandle<(usize, Vec<(String, StatusCode)>)>> {
+) -> Vec<tokio::task::JoinHandle<Load>> {
     (0..tasks)
         .map(|t| {
             let urls = urls.clone();
