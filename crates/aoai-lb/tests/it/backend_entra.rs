@@ -63,13 +63,10 @@ fn aca_env(id: &IdentityHandle) -> Vec<(String, String)> {
 }
 
 async fn start_with_env(config: &str, env: Vec<(String, String)>) -> TestGateway {
-    let config = Arc::new(Config::from_json(config).expect("valid test config"));
-    let mut opts = ServeOptions::local(Some(Secret::new(CLIENT_KEY)));
-    opts.azure_env = AzureEnv::from_pairs(env);
-    let handle = aoai_lb::server::spawn(config.clone(), opts)
-        .await
-        .expect("gateway starts");
-    TestGateway { handle, config }
+    start_gateway_with(config, Some(CLIENT_KEY), |o| {
+        o.azure_env = AzureEnv::from_pairs(env);
+    })
+    .await
 }
 
 async fn chat(gw: &TestGateway) -> (StatusCode, bytes::Bytes) {
@@ -81,18 +78,6 @@ async fn chat(gw: &TestGateway) -> (StatusCode, bytes::Bytes) {
     )
     .await;
     (s, b)
-}
-
-async fn admin_backends(gw: &TestGateway) -> serde_json::Value {
-    let (s, _, b) = send(
-        Method::GET,
-        &format!("{}/admin/backends", gw.admin_url()),
-        &[] as &[(&str, &str)],
-        "",
-    )
-    .await;
-    assert_eq!(s, StatusCode::OK);
-    serde_json::from_slice(&b).unwrap()
 }
 
 /// Waits (bounded) until `f` holds.
@@ -155,7 +140,7 @@ async fn client_secret_credential_fetches_from_the_authority() {
     let gw = start_with_env(&doc(vec![instance(&sims[0], &auth)]), env).await;
     assert_eq!(chat(&gw).await.0, StatusCode::OK);
     assert_eq!(id.counts().aad, 1);
-    let admin = admin_backends(&gw).await.to_string();
+    let admin = gw.admin_json("/admin/backends").await.to_string();
     assert!(!admin.contains("cs-secret-value-41"), "{admin}");
     assert!(admin.contains("client_secret:app-cs"), "{admin}");
     gw.shutdown().await;
@@ -185,7 +170,12 @@ async fn client_certificate_credential_signs_an_assertion_the_authority_accepts(
     eventually(
         "the refused assertion is reported",
         Duration::from_secs(10),
-        async || admin_backends(&gw).await.to_string().contains("700027"),
+        async || {
+            gw.admin_json("/admin/backends")
+                .await
+                .to_string()
+                .contains("700027")
+        },
     )
     .await;
     assert_ne!(chat(&gw).await.0, StatusCode::OK);
@@ -202,7 +192,7 @@ async fn client_certificate_credential_signs_an_assertion_the_authority_accepts(
         async || chat(&gw).await.0 == StatusCode::OK,
     )
     .await;
-    let admin = admin_backends(&gw).await.to_string();
+    let admin = gw.admin_json("/admin/backends").await.to_string();
     assert!(admin.contains("client_certificate:app-cert"), "{admin}");
     assert!(!admin.contains("PRIVATE KEY"), "{admin}");
     gw.shutdown().await;
@@ -274,7 +264,7 @@ async fn workload_identity_rereads_the_token_file_on_every_refresh() {
     )
     .await;
     assert_eq!(chat(&gw).await.0, StatusCode::OK);
-    let admin = admin_backends(&gw).await;
+    let admin = gw.admin_json("/admin/backends").await;
     assert_eq!(admin["backends"][0]["credential"]["state"], "ok", "{admin}");
     gw.shutdown().await;
     std::fs::remove_dir_all(&dir).unwrap();
@@ -403,7 +393,7 @@ async fn token_endpoint_down_at_start_leaves_the_instance_out_until_a_token_arri
         assert_eq!(chat(&gw).await.0, StatusCode::OK);
     }
     assert_eq!(keyless_sims[0].request_count(), 0);
-    let admin = admin_backends(&gw).await;
+    let admin = gw.admin_json("/admin/backends").await;
     let why = admin["backends"][0]["unavailable"]
         .as_str()
         .unwrap_or_default()
@@ -421,7 +411,7 @@ async fn token_endpoint_down_at_start_leaves_the_instance_out_until_a_token_arri
     eventually(
         "the instance has a token",
         Duration::from_secs(10),
-        async || admin_backends(&gw).await["backends"][0]["unavailable"].is_null(),
+        async || gw.admin_json("/admin/backends").await["backends"][0]["unavailable"].is_null(),
     )
     .await;
     assert_eq!(chat(&gw).await.0, StatusCode::OK);
@@ -489,7 +479,7 @@ async fn token_endpoint_down_during_traffic_keeps_the_valid_token_then_fails_ove
     eventually(
         "back on the keyless instance",
         Duration::from_secs(10),
-        async || admin_backends(&gw).await["backends"][0]["unavailable"].is_null(),
+        async || gw.admin_json("/admin/backends").await["backends"][0]["unavailable"].is_null(),
     )
     .await;
     gw.shutdown().await;

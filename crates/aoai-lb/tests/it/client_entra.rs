@@ -9,13 +9,8 @@
 
 use crate::common;
 
-use std::sync::Arc;
-
 use aoai_lb::backend::Clock;
-use aoai_lb::config::Config;
 use aoai_lb::credential::AzureEnv;
-use aoai_lb::secret::Secret;
-use aoai_lb::server::ServeOptions;
 use aoai_sim::identity::SIM_TENANT_ID;
 use aoai_sim::{ClientToken, IdentityConfig, IdentityHandle, SigningKey};
 use common::*;
@@ -30,11 +25,11 @@ async fn setup(allow_any: bool) -> (IdentityHandle, Vec<aoai_sim::SimHandle>, Te
         &sims,
         serde_json::json!({"entra": {"tenant_id": SIM_TENANT_ID, "allow_any_principal": allow_any}}),
     );
-    let config = Arc::new(Config::from_json(&doc).unwrap());
-    let mut opts = ServeOptions::local(Some(Secret::new(CLIENT_KEY)));
-    opts.azure_env = AzureEnv::from_pairs([("AZURE_AUTHORITY_HOST", id.url())]);
-    let handle = aoai_lb::server::spawn(config.clone(), opts).await.unwrap();
-    (id, sims, TestGateway { handle, config })
+    let gw = start_gateway_with(&doc, Some(CLIENT_KEY), |o| {
+        o.azure_env = AzureEnv::from_pairs([("AZURE_AUTHORITY_HOST", id.url())]);
+    })
+    .await;
+    (id, sims, gw)
 }
 
 async fn with_token(gw: &TestGateway, token: &str) -> (StatusCode, http::HeaderMap, String) {
@@ -222,12 +217,11 @@ async fn start_clients(
             "clients": clients,
         }),
     );
-    let config = Arc::new(Config::from_json(&doc).unwrap());
-    let mut opts = ServeOptions::local(key.map(Secret::new));
-    opts.azure_env = AzureEnv::from_pairs([("AZURE_AUTHORITY_HOST", id.url())]);
-    opts.clock = clock.clone();
-    let handle = aoai_lb::server::spawn(config.clone(), opts).await.unwrap();
-    TestGateway { handle, config }
+    start_gateway_with(&doc, key, |o| {
+        o.azure_env = AzureEnv::from_pairs([("AZURE_AUTHORITY_HOST", id.url())]);
+        o.clock = clock.clone();
+    })
+    .await
 }
 
 async fn chat_as(gw: &TestGateway, token: &str, deployment: &str) -> (StatusCode, String) {
@@ -242,18 +236,6 @@ async fn chat_as(gw: &TestGateway, token: &str, deployment: &str) -> (StatusCode
     )
     .await;
     (s, String::from_utf8_lossy(&b).into_owned())
-}
-
-async fn admin_get(gw: &TestGateway, path: &str) -> String {
-    let (s, _, b) = send(
-        Method::GET,
-        &format!("{}{path}", gw.admin_url()),
-        &[] as &[(&str, &str)],
-        "",
-    )
-    .await;
-    assert_eq!(s, StatusCode::OK);
-    String::from_utf8(b.to_vec()).unwrap()
 }
 
 const TEAM_OID: &str = "7e3a0000-0000-4000-8000-0000000000a1";
@@ -339,7 +321,7 @@ async fn an_entra_principal_gets_its_named_clients_permissions_rate_and_accounti
     assert_eq!(s, StatusCode::OK);
 
     // Accounting under the client's name, the same as for a key caller.
-    let metrics = admin_get(&gw, "/metrics").await;
+    let metrics = gw.metrics().await;
     for want in [
         r#"code="2xx",client="mapped-team"} 2"#,
         r#"code="2xx",client="mapped-batch"} 3"#,
@@ -348,7 +330,7 @@ async fn an_entra_principal_gets_its_named_clients_permissions_rate_and_accounti
         assert!(metrics.contains(want), "{want} not in {metrics}");
     }
     let view: serde_json::Value =
-        serde_json::from_str(&admin_get(&gw, "/admin/clients").await).unwrap();
+        serde_json::from_str(&gw.admin_get("/admin/clients").await).unwrap();
     let team_view = view["clients"]
         .as_array()
         .unwrap()

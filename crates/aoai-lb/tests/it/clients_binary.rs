@@ -14,13 +14,6 @@ use http::{Method, StatusCode};
 
 const EXIT_WAIT: Duration = Duration::from_secs(15);
 
-fn key_headers(key: &str) -> Vec<(&'static str, String)> {
-    vec![
-        ("api-key", key.to_owned()),
-        ("content-type", "application/json".to_owned()),
-    ]
-}
-
 #[tokio::test]
 async fn serves_clients_whose_keys_come_from_the_environment_without_api_key() {
     let sims = sims(1).await;

@@ -8,12 +8,7 @@
 
 use crate::common;
 
-use std::sync::Arc;
-
 use aoai_lb::backend::Clock;
-use aoai_lb::config::Config;
-use aoai_lb::secret::Secret;
-use aoai_lb::server::ServeOptions;
 use aoai_sim::SimHandle;
 use common::*;
 use http::{HeaderMap, Method, StatusCode};
@@ -22,20 +17,7 @@ use http::{HeaderMap, Method, StatusCode};
 const T0: u64 = 1_795_996_740_000;
 
 async fn start(config: &str, key: Option<&str>, clock: &Clock) -> TestGateway {
-    let config = Arc::new(Config::from_json(config).expect("valid test config"));
-    let mut opts = ServeOptions::local(key.map(Secret::new));
-    opts.clock = clock.clone();
-    let handle = aoai_lb::server::spawn(config.clone(), opts)
-        .await
-        .expect("gateway starts");
-    TestGateway { handle, config }
-}
-
-fn key_headers(key: &str) -> Vec<(&'static str, String)> {
-    vec![
-        ("api-key", key.to_owned()),
-        ("content-type", "application/json".to_owned()),
-    ]
+    start_gateway_with(config, key, |o| o.clock = clock.clone()).await
 }
 
 /// A chat body asking for at most `max_tokens`.
@@ -66,18 +48,6 @@ async fn chat(
     let (s, h, b) = send(Method::POST, &url, &key_headers(key), body.to_owned()).await;
     let v = serde_json::from_slice(&b).unwrap_or(serde_json::Value::Null);
     (s, h, v)
-}
-
-async fn admin(gw: &TestGateway, path: &str) -> String {
-    let (s, _, b) = send(
-        Method::GET,
-        &format!("{}{path}", gw.admin_url()),
-        &[] as &[(&str, &str)],
-        "",
-    )
-    .await;
-    assert_eq!(s, StatusCode::OK);
-    String::from_utf8(b.to_vec()).unwrap()
 }
 
 fn requests(sims: &[SimHandle]) -> u64 {
@@ -112,7 +82,7 @@ async fn refuses_a_deployment_outside_the_clients_list_without_contacting_an_ins
     let (s, _, _) = send(Method::POST, &url, &key_headers("dep-key"), body(16)).await;
     assert_eq!(s, StatusCode::OK);
 
-    let metrics = admin(&gw, "/metrics").await;
+    let metrics = gw.metrics().await;
     assert!(
         metrics.contains(
             r#"aoai_lb_client_rejections_total{client="dep-limited",reason="deployment"} 1"#
@@ -166,7 +136,7 @@ async fn answers_429_over_rpm_with_the_exact_wait_and_admits_after_it() {
     clock.advance(1);
     assert_eq!(chat(&gw, "rpm-key", &body(16)).await.0, StatusCode::OK);
     assert_eq!(requests(&sims), 3);
-    let metrics = admin(&gw, "/metrics").await;
+    let metrics = gw.metrics().await;
     assert!(
         metrics.contains(r#"aoai_lb_client_rejections_total{client="rpm-team",reason="rpm"} 2"#),
         "{metrics}"
@@ -212,7 +182,7 @@ async fn answers_429_over_tpm_until_the_reservation_leaves_the_window() {
     assert_eq!(requests(&sims), 1);
 
     let view: serde_json::Value =
-        serde_json::from_str(&admin(&gw, "/admin/clients").await).unwrap();
+        serde_json::from_str(&gw.admin_get("/admin/clients").await).unwrap();
     let c = view["clients"]
         .as_array()
         .unwrap()
@@ -275,7 +245,7 @@ async fn refuses_with_quota_exceeded_until_the_day_rolls_over() {
     assert!(h.get("retry-after-ms").is_none());
     assert_eq!(requests(&sims), 1);
 
-    let view = admin(&gw, "/admin/clients").await;
+    let view = gw.admin_get("/admin/clients").await;
     let v: serde_json::Value = serde_json::from_str(&view).unwrap();
     let c = v["clients"]
         .as_array()
@@ -287,7 +257,7 @@ async fn refuses_with_quota_exceeded_until_the_day_rolls_over() {
 
     clock.advance(60_000);
     assert_eq!(chat(&gw, "quota-key", &body(16)).await.0, StatusCode::OK);
-    let metrics = admin(&gw, "/metrics").await;
+    let metrics = gw.metrics().await;
     assert!(
         metrics
             .contains(r#"aoai_lb_client_rejections_total{client="quota-team",reason="quota"} 1"#),
@@ -380,7 +350,7 @@ async fn rotated_keys_and_api_key_each_name_their_client() {
         chat(&gw, "unknown-key", &body(16)).await.0,
         StatusCode::UNAUTHORIZED
     );
-    let metrics = admin(&gw, "/metrics").await;
+    let metrics = gw.metrics().await;
     for client in ["rotating", "hashed", "default"] {
         assert!(
             metrics.contains(&format!(r#"code="2xx",client="{client}"}}"#)),
@@ -415,7 +385,7 @@ async fn admin_clients_shows_limits_and_use_but_no_key_or_hash() {
         chat(&gw, "plain-secret-55", &body(16)).await.0,
         StatusCode::OK
     );
-    let text = admin(&gw, "/admin/clients").await;
+    let text = gw.admin_get("/admin/clients").await;
     for secret in [
         "plain-secret-55",
         "hashed-secret-77",

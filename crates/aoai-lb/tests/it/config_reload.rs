@@ -14,9 +14,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use aoai_lb::config::Config;
-use aoai_lb::secret::Secret;
-use aoai_lb::server::ServeOptions;
 use common::*;
 use http::{Method, StatusCode};
 
@@ -52,15 +49,12 @@ fn replace_file(path: &Path, text: &str) {
 /// Starts the gateway on the document in `path`, reading it every `poll`.
 async fn start_watching(path: &Path, poll: Option<Duration>) -> TestGateway {
     let text = std::fs::read_to_string(path).unwrap();
-    let config = Arc::new(Config::from_json(&text).expect("valid test config"));
-    let mut opts = ServeOptions::local(Some(Secret::new(CLIENT_KEY)));
-    opts.config_file = Some(path.to_owned());
-    opts.config_poll = poll;
-    opts.config_source = format!("file {}", path.display());
-    let handle = aoai_lb::server::spawn(config.clone(), opts)
-        .await
-        .expect("gateway starts");
-    TestGateway { handle, config }
+    start_gateway_with(&text, Some(CLIENT_KEY), |o| {
+        o.config_file = Some(path.to_owned());
+        o.config_poll = poll;
+        o.config_source = format!("file {}", path.display());
+    })
+    .await
 }
 
 async fn status_of(admin_url: &str) -> serde_json::Value {

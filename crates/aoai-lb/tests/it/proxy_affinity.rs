@@ -15,16 +15,6 @@ fn json(b: &[u8]) -> serde_json::Value {
     serde_json::from_slice(b).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(b)))
 }
 
-fn multipart_file(content: &str) -> (String, String) {
-    let boundary = "aoai-lb-test-boundary";
-    let body = format!(
-        "--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n\
-         --{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"in.jsonl\"\r\n\
-         Content-Type: application/octet-stream\r\n\r\n{content}\r\n--{boundary}--\r\n"
-    );
-    (format!("multipart/form-data; boundary={boundary}"), body)
-}
-
 /// How many requests each instance received for paths containing `needle`.
 fn hits(sims: &[SimHandle], needle: &str) -> Vec<usize> {
     sims.iter()

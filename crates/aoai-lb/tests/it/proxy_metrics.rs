@@ -10,20 +10,6 @@ use aoai_sim::Fault;
 use common::*;
 use http::{Method, StatusCode};
 
-/// The value of the series `name` whose labels include every one of
-/// `labels` (`key="value"`), or `None`.
-fn value(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find(|l| {
-            l.strip_prefix(name)
-                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
-                && labels.iter().all(|lab| l.contains(lab))
-        })
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-}
-
 #[tokio::test]
 async fn exports_request_attempt_cooldown_and_error_series() {
     if !alone(
@@ -62,7 +48,7 @@ async fn exports_request_attempt_cooldown_and_error_series() {
     assert_eq!(s, StatusCode::OK);
     let text = String::from_utf8(body.to_vec()).unwrap();
     let v = |name: &str, labels: &[&str]| {
-        value(&text, name, labels).unwrap_or_else(|| panic!("{name} {labels:?} missing:\n{text}"))
+        metric(&text, name, labels).unwrap_or_else(|| panic!("{name} {labels:?} missing:\n{text}"))
     };
     assert_eq!(
         v(

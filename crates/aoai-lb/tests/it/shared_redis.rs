@@ -107,19 +107,7 @@ struct Replica {
 }
 
 fn replica(doc: &str) -> Replica {
-    let port = free_port().to_string();
-    let admin = free_port().to_string();
-    let bin = spawn_binary(
-        &[],
-        &[
-            ("OPENAI_INSTANCES", doc),
-            ("API_KEY", CLIENT_KEY),
-            ("PORT", port.as_str()),
-            ("ADMIN_PORT", admin.as_str()),
-            ("HOST", "127.0.0.1"),
-        ],
-    );
-    let (addr, admin_addr) = bin.wait_listening(Duration::from_secs(20));
+    let (bin, addr, admin_addr) = spawn_gateway_binary_with_admin(doc);
     Replica {
         bin,
         url: format!("http://{addr}"),
@@ -129,15 +117,7 @@ fn replica(doc: &str) -> Replica {
 
 impl Replica {
     async fn redis_status(&self) -> serde_json::Value {
-        let (s, _, b) = send(
-            Method::GET,
-            &format!("{}/admin/redis", self.admin),
-            &[] as &[(&str, &str)],
-            "",
-        )
-        .await;
-        assert_eq!(s, StatusCode::OK);
-        serde_json::from_slice(&b).unwrap()
+        get_json(&format!("{}/admin/redis", self.admin)).await
     }
 
     async fn wait_state(&self, state: &str, within: Duration) -> Duration {
@@ -156,14 +136,7 @@ impl Replica {
     }
 
     async fn metrics(&self) -> String {
-        let (_, _, b) = send(
-            Method::GET,
-            &format!("{}/metrics", self.admin),
-            &[] as &[(&str, &str)],
-            "",
-        )
-        .await;
-        String::from_utf8(b.to_vec()).unwrap()
+        get_ok(&format!("{}/metrics", self.admin)).await
     }
 
     async fn chat(&self) -> (StatusCode, HeaderMap) {
@@ -350,16 +323,6 @@ fn resp(redis: &Redis, args: &[&str]) -> String {
     let mut buf = vec![0u8; 512];
     let n = s.read(&mut buf).unwrap();
     String::from_utf8_lossy(&buf[..n]).into_owned()
-}
-
-fn multipart_file(content: &str) -> (String, String) {
-    let boundary = "aoai-lb-test-boundary";
-    let body = format!(
-        "--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n\
-         --{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"in.jsonl\"\r\n\
-         Content-Type: application/octet-stream\r\n\r\n{content}\r\n--{boundary}--\r\n"
-    );
-    (format!("multipart/form-data; boundary={boundary}"), body)
 }
 
 fn file_hits(sim: &SimHandle) -> usize {

@@ -7,12 +7,9 @@
 
 use crate::common;
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use aoai_lb::backend::Clock;
-use aoai_lb::config::Config;
-use aoai_lb::server::ServeOptions;
 use aoai_sim::{SimClock, SimHandle};
 use common::*;
 use http::{Method, StatusCode};
@@ -57,13 +54,7 @@ async fn limited_sims(prefix: &str, time: &Time, limits: &[(u32, u32)]) -> Vec<S
 }
 
 async fn start(doc: &str, time: &Time) -> TestGateway {
-    let config = Arc::new(Config::from_json(doc).expect("valid test config"));
-    let mut opts = ServeOptions::local(Some(aoai_lb::secret::Secret::new(CLIENT_KEY)));
-    opts.clock = time.gw.clone();
-    let handle = aoai_lb::server::spawn(config.clone(), opts)
-        .await
-        .expect("gateway starts");
-    TestGateway { handle, config }
+    start_gateway_with(doc, Some(CLIENT_KEY), |o| o.clock = time.gw.clone()).await
 }
 
 /// A chat body reserving about `max_tokens` (plus a few prompt tokens).
@@ -101,32 +92,9 @@ fn admitted(sim: &SimHandle) -> usize {
     sim.journal().iter().filter(|e| e.status == 200).count()
 }
 
-async fn admin_json(gw: &TestGateway, path: &str) -> serde_json::Value {
-    let (s, _, b) = send(
-        Method::GET,
-        &format!("{}{path}", gw.admin_url()),
-        &[] as &[(&str, &str)],
-        "",
-    )
-    .await;
-    assert_eq!(s, StatusCode::OK);
-    serde_json::from_slice(&b).unwrap()
-}
-
-async fn metrics(gw: &TestGateway) -> String {
-    let (_, _, b) = send(
-        Method::GET,
-        &format!("{}/metrics", gw.admin_url()),
-        &[] as &[(&str, &str)],
-        "",
-    )
-    .await;
-    String::from_utf8(b.to_vec()).unwrap()
-}
-
 /// The predicted lane of `instance` in `/admin/backends`.
 async fn lane(gw: &TestGateway, instance: &str) -> serde_json::Value {
-    let v = admin_json(gw, "/admin/backends").await;
+    let v = gw.admin_json("/admin/backends").await;
     let b = v["backends"]
         .as_array()
         .unwrap()
@@ -174,7 +142,7 @@ async fn skips_a_lane_without_room_so_no_request_meets_a_429() {
     assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
     assert!(headers.contains_key("retry-after-ms"), "{headers:?}");
     assert_eq!(throttled(&sims), 1, "one fallback attempt");
-    let m = metrics(&gw).await;
+    let m = gw.metrics().await;
     assert!(
         m.contains(r#"aoai_lb_steer_skips_total{instance="skip0",reason="tokens"}"#)
             || m.contains(r#"aoai_lb_steer_skips_total{instance="skip1",reason="tokens"}"#),
@@ -327,18 +295,7 @@ async fn the_access_log_names_lanes_skipped_for_lack_of_room() {
         {"priority": 2},
     ]);
     let doc = config_with(&sims, serde_json::json!({"instances": instances}));
-    let (port, admin) = (free_port().to_string(), free_port().to_string());
-    let bin = spawn_binary(
-        &[],
-        &[
-            ("OPENAI_INSTANCES", doc.as_str()),
-            ("API_KEY", CLIENT_KEY),
-            ("PORT", port.as_str()),
-            ("ADMIN_PORT", admin.as_str()),
-            ("HOST", "127.0.0.1"),
-        ],
-    );
-    let (addr, _) = bin.wait_listening(Duration::from_secs(15));
+    let (bin, addr) = spawn_gateway_binary(&doc);
     let url = format!("http://{addr}{}", chat_path("gpt-4o"));
     for _ in 0..2 {
         let (s, _, _) = send(Method::POST, &url, &auth(), body(3_000)).await;

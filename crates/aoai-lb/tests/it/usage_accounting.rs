@@ -30,24 +30,8 @@ fn tokens(text: &str, instance: &str, deployment: &str, kind: &str, source: &str
         format!("kind=\"{kind}\""),
         format!("source=\"{source}\""),
     ];
-    text.lines()
-        .filter(|l| l.starts_with("aoai_lb_tokens_total{"))
-        .filter(|l| want.iter().all(|w| l.contains(w.as_str())))
-        .filter_map(|l| l.rsplit(' ').next())
-        .map(|v| v.parse::<f64>().unwrap() as u64)
-        .sum()
-}
-
-async fn metrics(gw: &TestGateway) -> String {
-    let (s, _, body) = send(
-        Method::GET,
-        &format!("{}/metrics", gw.admin_url()),
-        &[] as &[(&str, &str)],
-        "",
-    )
-    .await;
-    assert_eq!(s, StatusCode::OK);
-    String::from_utf8(body.to_vec()).unwrap()
+    let want: Vec<&str> = want.iter().map(String::as_str).collect();
+    metric_sum(text, "aoai_lb_tokens_total", &want) as u64
 }
 
 /// The four kinds the gateway counted for (instance, deployment), from one
@@ -95,7 +79,7 @@ async fn named_sims(test: &str, n: usize) -> Vec<SimHandle> {
 async fn settled(gw: &TestGateway, instance: &str, deployment: &str, source: &str) -> Counted {
     let mut last = None;
     for _ in 0..50 {
-        let c = counted(&metrics(gw).await, instance, deployment, source);
+        let c = counted(&gw.metrics().await, instance, deployment, source);
         if last == Some(c) && c != Counted::default() {
             return c;
         }
@@ -146,7 +130,7 @@ async fn non_streamed_chat_counts_exactly_what_the_instance_reports() {
         assert_eq!(got, want, "{dep}");
         assert!(want.prompt > 0 && want.completion > 0);
     }
-    let text = metrics(&gw).await;
+    let text = gw.metrics().await;
     assert!(
         ledger(&sims[0], "o3-mini-ns").reasoning > 0,
         "a reasoning model spends reasoning tokens"
@@ -291,7 +275,7 @@ async fn an_old_api_version_stream_is_estimated_and_sends_no_stream_options() {
     // tolerance for estimates is 2%).
     assert_eq!((got.prompt, got.completion), (want.prompt, want.completion));
     assert_eq!(
-        counted(&metrics(&gw).await, "old-0", "gpt-4o-old", "reported"),
+        counted(&gw.metrics().await, "old-0", "gpt-4o-old", "reported"),
         Counted::default()
     );
 }
@@ -361,7 +345,7 @@ async fn a_throttled_attempt_that_failed_over_costs_nothing() {
     assert_eq!(r.status, StatusCode::OK);
     let got = settled(&gw, "failover-1", "gpt-4o-fo", "reported").await;
     assert_eq!(got, ledger(&sims[1], "gpt-4o-fo"));
-    let text = metrics(&gw).await;
+    let text = gw.metrics().await;
     for source in ["reported", "estimated"] {
         assert_eq!(
             counted(&text, "failover-0", "gpt-4o-fo", source),
@@ -430,19 +414,7 @@ async fn a_client_leaving_mid_stream_is_charged_an_estimate_of_what_was_streamed
 async fn the_real_binary_logs_and_exports_the_usage_of_an_injected_stream() {
     let sims = named_sims("binary", 1).await;
     let doc = config_for(&sims);
-    let port = free_port().to_string();
-    let admin = free_port().to_string();
-    let bin = spawn_binary(
-        &[],
-        &[
-            ("OPENAI_INSTANCES", doc.as_str()),
-            ("API_KEY", CLIENT_KEY),
-            ("PORT", port.as_str()),
-            ("ADMIN_PORT", admin.as_str()),
-            ("HOST", "127.0.0.1"),
-        ],
-    );
-    let (addr, _) = bin.wait_listening(Duration::from_secs(15));
+    let (bin, addr, admin) = spawn_gateway_binary_with_admin(&doc);
     let url = format!("http://{addr}{}", dated("gpt-4o", "chat/completions", NEW));
     let body = r#"{"messages":[{"role":"user","content":"Say hi"}],"stream":true}"#;
     let r = send_stream(Method::POST, &url, &auth(), body).await;
@@ -463,15 +435,7 @@ async fn the_real_binary_logs_and_exports_the_usage_of_an_injected_stream() {
             "source": "reported",
         })
     );
-    let (s, _, text) = send(
-        Method::GET,
-        &format!("http://127.0.0.1:{admin}/metrics"),
-        &[] as &[(&str, &str)],
-        "",
-    )
-    .await;
-    assert_eq!(s, StatusCode::OK);
-    let text = String::from_utf8(text.to_vec()).unwrap();
+    let text = get_ok(&format!("http://{admin}/metrics")).await;
     for l in text
         .lines()
         .filter(|l| l.starts_with("aoai_lb_tokens_total{"))

@@ -52,6 +52,21 @@ impl TestGateway {
         self.handle.local_addr()
     }
 
+    /// GET `path` on the admin listener: asserts 200, returns the body.
+    pub async fn admin_get(&self, path: &str) -> String {
+        get_ok(&format!("{}{path}", self.admin_url())).await
+    }
+
+    /// GET `path` on the admin listener: asserts 200, returns the JSON body.
+    pub async fn admin_json(&self, path: &str) -> serde_json::Value {
+        get_json(&format!("{}{path}", self.admin_url())).await
+    }
+
+    /// The Prometheus text of `/metrics` (see [`metric`] and [`metric_sum`]).
+    pub async fn metrics(&self) -> String {
+        self.admin_get("/metrics").await
+    }
+
     /// Graceful shutdown, waiting (bounded by the grace period) for it to end.
     pub async fn shutdown(self) {
         self.handle.shutdown();
@@ -62,8 +77,19 @@ impl TestGateway {
 /// Starts the real server with `config_json`. `client_key: None` runs in
 /// unauthenticated mode. Panics (failing the test) on a bad document.
 pub async fn start_gateway(config_json: &str, client_key: Option<&str>) -> TestGateway {
+    start_gateway_with(config_json, client_key, |_| {}).await
+}
+
+/// [`start_gateway`], with `tune` setting what a test needs in the server
+/// options first (a test clock, an Azure environment, a watched file).
+pub async fn start_gateway_with(
+    config_json: &str,
+    client_key: Option<&str>,
+    tune: impl FnOnce(&mut ServeOptions),
+) -> TestGateway {
     let config = Arc::new(Config::from_json(config_json).expect("valid test config"));
-    let opts = ServeOptions::local(client_key.map(Secret::new));
+    let mut opts = ServeOptions::local(client_key.map(Secret::new));
+    tune(&mut opts);
     let handle = aoai_lb::server::spawn(config.clone(), opts)
         .await
         .expect("gateway starts");
@@ -149,6 +175,25 @@ pub fn auth() -> Vec<(&'static str, String)> {
         ("authorization", format!("Bearer {CLIENT_KEY}")),
         ("content-type", "application/json".to_owned()),
     ]
+}
+
+/// `api-key: key` and a JSON content type.
+pub fn key_headers(key: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("api-key", key.to_owned()),
+        ("content-type", "application/json".to_owned()),
+    ]
+}
+
+/// A multipart upload of `content` as a batch input file: (content type, body).
+pub fn multipart_file(content: &str) -> (String, String) {
+    let boundary = "aoai-lb-test-boundary";
+    let body = format!(
+        "--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n\
+         --{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"in.jsonl\"\r\n\
+         Content-Type: application/octet-stream\r\n\r\n{content}\r\n--{boundary}--\r\n"
+    );
+    (format!("multipart/form-data; boundary={boundary}"), body)
 }
 
 type TestClient = Client<HttpConnector, Full<Bytes>>;
@@ -288,6 +333,54 @@ pub async fn send_stream<K: AsRef<str>, V: AsRef<str>>(
         .expect("stream finished in time")
 }
 
+/// GETs `url` with no headers: asserts 200, returns the body as text.
+pub async fn get_ok(url: &str) -> String {
+    let (s, _, b) = send(Method::GET, url, &[] as &[(&str, &str)], "").await;
+    let text = String::from_utf8(b.to_vec()).expect("UTF-8 body");
+    assert_eq!(s, StatusCode::OK, "GET {url}: {text}");
+    text
+}
+
+/// GETs `url` with no headers: asserts 200, returns the body as JSON.
+pub async fn get_json(url: &str) -> serde_json::Value {
+    let text = get_ok(url).await;
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("GET {url}: {e}: {text}"))
+}
+
+/// The samples of metric `name` (the series itself, not `name_suffix`)
+/// whose line contains every one of `labels` (`key="value"`), in the
+/// Prometheus text `text`.
+fn samples<'a>(
+    text: &'a str,
+    name: &'a str,
+    labels: &'a [&'a str],
+) -> impl Iterator<Item = f64> + 'a {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(move |l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+                && labels.iter().all(|lab| l.contains(lab))
+        })
+        .map(|l| {
+            let v = l.rsplit(' ').next().unwrap_or_default();
+            v.parse()
+                .unwrap_or_else(|e| panic!("{e}: not a sample value in {l:?}"))
+        })
+}
+
+/// The value of the first series of `name` whose labels include every one
+/// of `labels` (`key="value"`), or `None` when there is none.
+pub fn metric(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
+    samples(text, name, labels).next()
+}
+
+/// The sum over every series of `name` whose labels include all `labels`
+/// (0 when there is none).
+pub fn metric_sum(text: &str, name: &str, labels: &[&str]) -> f64 {
+    samples(text, name, labels).sum()
+}
+
 // ---- The real binary ----------------------------------------------------
 
 /// Environment variables the gateway reads; removed from every spawned
@@ -335,6 +428,12 @@ pub fn free_port() -> u16 {
 /// `API_KEY`, and free loopback ports for traffic and admin; returns it once
 /// it listens, with the traffic address.
 pub fn spawn_gateway_binary(doc: &str) -> (Binary, SocketAddr) {
+    let (bin, addr, _) = spawn_gateway_binary_with_admin(doc);
+    (bin, addr)
+}
+
+/// [`spawn_gateway_binary`], returning the admin address too.
+pub fn spawn_gateway_binary_with_admin(doc: &str) -> (Binary, SocketAddr, SocketAddr) {
     let port = free_port().to_string();
     let admin = free_port().to_string();
     let bin = spawn_binary(
@@ -347,8 +446,8 @@ pub fn spawn_gateway_binary(doc: &str) -> (Binary, SocketAddr) {
             ("HOST", "127.0.0.1"),
         ],
     );
-    let (addr, _) = bin.wait_listening(Duration::from_secs(15));
-    (bin, addr)
+    let (addr, admin) = bin.wait_listening(Duration::from_secs(20));
+    (bin, addr, admin)
 }
 
 /// Spawns the real binary with `args` and exactly the gateway variables in
