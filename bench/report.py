@@ -153,6 +153,8 @@ def summarize(runs):
             "rss_after_close_kib": o["rss_after_close_kib"],
             "rss_after_settle_kib": settle,
             "settle_s": o.get("settle_s"),
+            "cold_idle_rss_kib": o.get("cold_idle_rss_kib"),
+            "warm_streams": o.get("warm_streams"),
             "settle_over_idle": settle / o["idle_rss_kib"] if settle and o["idle_rss_kib"] else None,
             "kib_per_stream": (o["hwm_kib"] - o["idle_rss_kib"]) / n if n else None,
             "nofile": o["nofile"],
@@ -403,7 +405,7 @@ def markdown(res):
             "",
             "## d. Concurrent open streams",
             "",
-            "| Target | requested | open at once | outcomes | idle RSS MiB | all open MiB | peak MiB | "
+            "| Target | requested | open at once | outcomes | cold / idle RSS MiB | all open MiB | peak MiB | "
             "KiB per open stream | 2 s after MiB | settled MiB (s) | settled / idle |",
             "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
@@ -412,12 +414,19 @@ def markdown(res):
             if not o:
                 continue
             lines.append(
-                f"| {t} | {o['streams']} | {o['max_open']} | {o['outcomes']} | {fmt(kib_mib(o['idle_rss_kib']), 1)} | "
+                f"| {t} | {o['streams']} | {o['max_open']} | {o['outcomes']} | "
+                f"{fmt(kib_mib(o.get('cold_idle_rss_kib')), 1)} / {fmt(kib_mib(o['idle_rss_kib']), 1)} | "
                 f"{fmt(kib_mib(o['rss_at_all_open_kib']), 1)} | {fmt(kib_mib(o['peak_rss_kib']), 1)} | "
                 f"**{fmt(o['kib_per_stream'], 2)}** | {fmt(kib_mib(o['rss_after_close_kib']), 1)} | "
                 f"{fmt(kib_mib(o['rss_after_settle_kib']), 1)} ({o['settle_s']}) | {fmt(o['settle_over_idle'], 2)} |"
             )
-        lines += ["", "KiB per open stream = (peak − idle RSS) / streams open at once; nginx: master + worker."]
+        lines += [
+            "",
+            "KiB per open stream = (peak − idle RSS) / streams open at once; nginx: master + worker. "
+            "Cold: RSS of the fresh process; idle: after a warm-up of "
+            f"{next(iter(ops.values())).get('warm_streams')} streams cut the same way, 2 s later "
+            "(the reference for the settled ratio).",
+        ]
     f = res["footprint"]
     lines += [
         "",
