@@ -344,9 +344,10 @@ async fn run(args: Args) -> Result<serde_json::Value> {
             (target.clone(), args.clone(), body.clone(), shared.clone());
         handles.push(tokio::spawn(async move {
             tokio::time::sleep(offset).await;
-            let r = tokio::time::timeout_at(deadline, one_stream(target, args, body, shared.clone()))
-                .await
-                .unwrap_or_else(|_| StreamResult::failed(Outcome::Timeout));
+            let r =
+                tokio::time::timeout_at(deadline, one_stream(target, args, body, shared.clone()))
+                    .await
+                    .unwrap_or_else(|_| StreamResult::failed(Outcome::Timeout));
             if !r.opened {
                 // Without this, one refused stream would keep the others
                 // open until the timeout.
