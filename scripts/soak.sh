@@ -71,7 +71,7 @@ echo "==> gateway $addr (pid $gw), simulators on $SIM_PORT..$((SIM_PORT + 2))"
 echo "==> driving $REQUESTS requests at concurrency $CONCURRENCY"
 SOAK_URL="http://$addr" SOAK_KEY="$KEY" SOAK_PID="$gw" SOAK_SIMS="$sims" \
 SOAK_REQUESTS="$REQUESTS" SOAK_CONCURRENCY="$CONCURRENCY" \
-  timeout 1800 cargo test -p aoai-lb --test reliability_soak -- --ignored --nocapture
+  timeout 1800 cargo test -p aoai-lb --test it -- --ignored --nocapture reliability_soak::
 
 kill -0 "$gw" || { echo "gateway died"; exit 1; }
 if grep -qi 'panicked' "$work/gw.out" "$work/gw.err"; then
