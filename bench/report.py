@@ -20,7 +20,10 @@ TARGETS_NOTE = {
     "cpu": "CPU per request <= nginx",
     "light": "added p50 and p99 <= nginx, at 1 and 16 connections",
     "ttfb": "added time to first byte <= 1 ms",
+    "throughput_log": "req/s >= nginx with its access log on",
+    "cpu_log": "CPU per request <= nginx with its access log on",
     "per_stream": "<= 10 KiB per open stream",
+    "settle": "RSS within 20% of idle, 10 s after the open streams end",
     "idle": "idle RSS <= 15 MB",
     "peak": "peak RSS at max throughput <= 1.5x nginx",
 }
@@ -98,6 +101,8 @@ def summarize(runs):
         "rps_lb_over_litellm": ratio("aoai-lb", "litellm", "rps"),
         "rps_lb_over_direct": ratio("aoai-lb", "direct", "rps"),
         "cpu_lb_over_nginx": ratio("aoai-lb", "nginx", "cpu_us_per_req"),
+        "rps_lb_over_nginx_log": ratio("aoai-lb", "nginx-log", "rps"),
+        "cpu_lb_over_nginx_log": ratio("aoai-lb", "nginx-log", "cpu_us_per_req"),
         "cpu_lb_over_litellm": ratio("aoai-lb", "litellm", "cpu_us_per_req"),
         "peak_rss_lb_over_nginx": ratio("aoai-lb", "nginx", "peak_rss_kib"),
     }
@@ -133,12 +138,12 @@ def summarize(runs):
     res["streams"] = stream_summary(by.get("streams", []))
     res["streams_light"] = stream_summary(by.get("streams_light", []))
 
-    # d. open streams
-    op = by.get("open_streams", [])
-    if op:
-        o = op[0]
+    # d. open streams, one record per proxy
+    res["open_streams"] = {}
+    for o in by.get("open_streams", []):
         n = o["client"]["max_open"] or o["streams"]
-        res["open_streams"] = {
+        settle = o.get("rss_after_settle_kib")
+        res["open_streams"][o.get("target", "aoai-lb")] = {
             "streams": o["streams"],
             "max_open": o["client"]["max_open"],
             "outcomes": o["client"]["outcomes"],
@@ -146,6 +151,11 @@ def summarize(runs):
             "rss_at_all_open_kib": o["rss_at_all_open_kib"],
             "peak_rss_kib": o["hwm_kib"],
             "rss_after_close_kib": o["rss_after_close_kib"],
+            "rss_after_settle_kib": settle,
+            "settle_s": o.get("settle_s"),
+            "cold_idle_rss_kib": o.get("cold_idle_rss_kib"),
+            "warm_streams": o.get("warm_streams"),
+            "settle_over_idle": settle / o["idle_rss_kib"] if settle and o["idle_rss_kib"] else None,
             "kib_per_stream": (o["hwm_kib"] - o["idle_rss_kib"]) / n if n else None,
             "nofile": o["nofile"],
         }
@@ -230,6 +240,16 @@ def targets(res):
         f"{fmt(tpv.get('nginx', {}).get('cpu_us_per_req'), 1)} µs (ratio {fmt(r, 2)})",
         r is not None and r <= 1.0,
     )
+    if "nginx-log" in tpv:
+        r = ra.get("rps_lb_over_nginx_log")
+        add("throughput_log", f"aoai-lb/nginx-log req/s = {fmt(r, 2)}", r is not None and r >= 1.0)
+        r = ra.get("cpu_lb_over_nginx_log")
+        add(
+            "cpu_log",
+            f"{fmt(tpv.get('aoai-lb', {}).get('cpu_us_per_req'), 1)} µs vs "
+            f"{fmt(tpv.get('nginx-log', {}).get('cpu_us_per_req'), 1)} µs (ratio {fmt(r, 2)})",
+            r is not None and r <= 1.0,
+        )
     parts, ok = [], True
     for c, rows in lt.items():
         lb, ng = rows.get("aoai-lb", {}), rows.get("nginx", {})
@@ -249,9 +269,22 @@ def targets(res):
         f"light: p50 +{fmt(sl.get('added_ttfb_p50_us'), 0)} µs",
         a50 is not None and a50 <= 1000,
     )
-    o = res.get("open_streams", {})
+    o = res.get("open_streams", {}).get("aoai-lb", {})
+    on = res.get("open_streams", {}).get("nginx", {})
     k = o.get("kib_per_stream")
-    add("per_stream", f"{fmt(k, 1)} KiB at {o.get('max_open')} open", k is not None and k <= 10)
+    add(
+        "per_stream",
+        f"{fmt(k, 1)} KiB at {o.get('max_open')} open (nginx {fmt(on.get('kib_per_stream'), 1)} KiB "
+        f"at {on.get('max_open')} open)",
+        k is not None and k <= 10,
+    )
+    q = o.get("settle_over_idle")
+    add(
+        "settle",
+        f"{fmt(kib_mib(o.get('rss_after_settle_kib')), 1)} MiB vs {fmt(kib_mib(o.get('idle_rss_kib')), 1)} MiB idle "
+        f"(ratio {fmt(q, 2)}; nginx {fmt(on.get('settle_over_idle'), 2)})",
+        q is not None and q <= 1.2,
+    )
     i = res["footprint"].get("idle_rss_kib")
     add("idle", f"{fmt(i / 1024 if i else None, 1)} MiB", i is not None and i <= IDLE_LIMIT_KIB)
     r = ra.get("peak_rss_lb_over_nginx")
@@ -300,7 +333,7 @@ def markdown(res):
         "| Target | req/s | p50 ms | p99 ms | server CPU µs/req | of which user | server CPU use | sim CPU µs/req | peak RSS MiB | valid rounds |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for t in ("direct", "aoai-lb", "nginx", "litellm"):
+    for t in ("direct", "aoai-lb", "nginx", "nginx-log", "litellm"):
         r = res["throughput"].get(t)
         if not r:
             continue
@@ -316,10 +349,13 @@ def markdown(res):
         f"Ratios (median of per-round ratios): req/s aoai-lb/nginx **{fmt(ra['rps_lb_over_nginx'], 2)}**, "
         f"aoai-lb/LiteLLM **{fmt(ra['rps_lb_over_litellm'], 1)}**, aoai-lb/direct {fmt(ra['rps_lb_over_direct'], 2)}; "
         f"CPU per request aoai-lb/nginx **{fmt(ra['cpu_lb_over_nginx'], 2)}**, "
+        f"against nginx with its access log on: req/s **{fmt(ra.get('rps_lb_over_nginx_log'), 2)}**, "
+        f"CPU per request **{fmt(ra.get('cpu_lb_over_nginx_log'), 2)}**; "
         f"aoai-lb/LiteLLM {fmt(ra['cpu_lb_over_litellm'], 3)}; "
         f"peak RSS aoai-lb/nginx {fmt(ra['peak_rss_lb_over_nginx'], 2)}.",
         "",
-        "For direct, 'server' is the simulator process itself.",
+        "For direct, 'server' is the simulator process itself; nginx-log is nginx with "
+        "`access_log` to a file in the `combined` format.",
         "",
         "## b. Light load: latency added over going direct",
         "",
@@ -363,17 +399,33 @@ def markdown(res):
                 f"{fmt(r['gap_dev_p99_us'] / 1000, 2)} | {fmt(kib_mib(r['peak_rss_kib']), 1)} | "
                 f"{fmt(r['cpu_us_per_stream'], 0)} |"
             )
-    o = res.get("open_streams")
-    if o:
+    ops = res.get("open_streams") or {}
+    if ops:
         lines += [
             "",
-            "## d. Concurrent open streams through aoai-lb",
+            "## d. Concurrent open streams",
             "",
-            f"- Streams requested {o['streams']}, open at once {o['max_open']}, outcomes {o['outcomes']}",
-            f"- RSS idle {fmt(o['idle_rss_kib'] / 1024, 1)} MiB, with all open "
-            f"{fmt(kib_mib(o['rss_at_all_open_kib']), 1)} MiB, peak {fmt(o['peak_rss_kib'] / 1024, 1)} MiB, "
-            f"2 s after close {fmt(o['rss_after_close_kib'] / 1024, 1)} MiB",
-            f"- **{fmt(o['kib_per_stream'], 2)} KiB per open stream** ((peak - idle) / open)",
+            "| Target | requested | open at once | outcomes | cold / idle RSS MiB | all open MiB | peak MiB | "
+            "KiB per open stream | 2 s after MiB | settled MiB (s) | settled / idle |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for t in ("aoai-lb", "nginx"):
+            o = ops.get(t)
+            if not o:
+                continue
+            lines.append(
+                f"| {t} | {o['streams']} | {o['max_open']} | {o['outcomes']} | "
+                f"{fmt(kib_mib(o.get('cold_idle_rss_kib')), 1)} / {fmt(kib_mib(o['idle_rss_kib']), 1)} | "
+                f"{fmt(kib_mib(o['rss_at_all_open_kib']), 1)} | {fmt(kib_mib(o['peak_rss_kib']), 1)} | "
+                f"**{fmt(o['kib_per_stream'], 2)}** | {fmt(kib_mib(o['rss_after_close_kib']), 1)} | "
+                f"{fmt(kib_mib(o['rss_after_settle_kib']), 1)} ({o['settle_s']}) | {fmt(o['settle_over_idle'], 2)} |"
+            )
+        lines += [
+            "",
+            "KiB per open stream = (peak − idle RSS) / streams open at once; nginx: master + worker. "
+            "Cold: RSS of the fresh process; idle: after a warm-up of "
+            f"{next(iter(ops.values())).get('warm_streams')} streams cut the same way, 2 s later "
+            "(the reference for the settled ratio).",
         ]
     f = res["footprint"]
     lines += [

@@ -5,14 +5,18 @@
 #   bench/run.sh            full run (about 10-12 minutes after the first build)
 #   QUICK=1 bench/run.sh    one round, short runs: a smoke test of the harness
 #
-# What it measures (see bench/README.md for the method):
+# What it measures (see bench/README.md for the method), by default as a user
+# runs it: no pinning, aoai-lb with its defaults, nginx with one worker:
 #   a. non-streaming chat at concurrency 64: req/s, p50/p99, CPU per request,
-#      peak RSS; direct, aoai-lb, nginx, LiteLLM
+#      peak RSS; direct, aoai-lb, nginx (access log off, and on: nginx-log),
+#      LiteLLM
 #   b. light load (1 and 16 connections): latency added over going direct
 #   c. 1,000 concurrent SSE streams, 100 events 20 ms apart: added time to
 #      first byte, inter-event gap deviation, RSS; and the same at light load
 #      (50 streams started over 5 s)
-#   d. 10,000 concurrent open streams through aoai-lb: peak RSS per stream
+#   d. 10,000 concurrent open streams (or as many as the open-files limit
+#      allows) through aoai-lb and through nginx, one after the other: KiB per
+#      open stream, and RSS 2 s and 10 s after the burst against idle RSS
 #   e. footprint: idle RSS, binary size, start-to-ready time
 #
 # Everything listens on 127.0.0.1 only. Every load step is bounded in time
@@ -39,8 +43,11 @@ STREAMS_LIGHT_RAMP_MS=${STREAMS_LIGHT_RAMP_MS:-5000}
 STREAM_EVENTS=${STREAM_EVENTS:-100}
 STREAM_GAP_MS=${STREAM_GAP_MS:-20}
 OPEN_STREAMS=${OPEN_STREAMS:-10000}
+SETTLE_S=${SETTLE_S:-10}          # RSS is read this long after the open streams end
+WARM_STREAMS=${WARM_STREAMS:-100} # streams through each proxy before its idle RSS is read
 FOOTPRINT_STARTS=${FOOTPRINT_STARTS:-5}
-PIN=${PIN:-1}                     # 1: servers under test on CPU_PROXY, load on CPU_LOAD
+PIN=${PIN:-0}                     # 1: servers under test on CPU_PROXY, load on CPU_LOAD
+                                  # (0, the default: no pinning, as a user runs it)
 BENCH_NICE=${BENCH_NICE:--20}     # priority of every process the benchmark starts
 CPU_PROXY=${CPU_PROXY:-0}
 CPU_LOAD=${CPU_LOAD:-1}
@@ -72,6 +79,8 @@ P_LB_OPEN=$((BASE_PORT + 120))
 P_LB_FOOT=$((BASE_PORT + 130))
 P_NGX_FAST=$((BASE_PORT + 200))
 P_NGX_STREAM=$((BASE_PORT + 210))
+P_NGX_LOG=$((BASE_PORT + 220))
+P_NGX_OPEN=$((BASE_PORT + 230))
 P_LITELLM=$((BASE_PORT + 300))
 
 RAW=$OUT/raw
@@ -252,13 +261,18 @@ start_gateway() {
   LB_READY_JSON=$(pinned "$CPU_LOAD" "$BIN/aoai-bench" ready --url "http://127.0.0.1:$port/readyz" --since-ns "$t0" --timeout-s 30)
 }
 
-# start_nginx NAME PORT SIM_PORT BUFFERING: one nginx (master + one worker)
-# over the pair at SIM_PORT; sets NGX_PID (the master).
+# start_nginx NAME PORT SIM_PORT BUFFERING [ACCESS_LOG] [CONNECTIONS]: one
+# nginx (master + one worker) over the pair at SIM_PORT; sets NGX_PID (the
+# master). ACCESS_LOG is `off` (default) or `on`: a file in the run
+# directory, nginx's default `combined` format, written per request as a
+# user's default configuration does.
 start_nginx() {
-  local name=$1 port=$2 sim=$3 buffering=$4 dir="$RUN/nginx-$1"
+  local name=$1 port=$2 sim=$3 buffering=$4 access=${5:-off} conns=${6:-4096} dir="$RUN/nginx-$1"
   mkdir -p "$dir"
+  if [[ $access == on ]]; then access="$dir/access.log combined"; fi
   sed -e "s|@RUN@|$dir|g" -e "s|@PORT@|$port|g" -e "s|@BUFFERING@|$buffering|g" \
     -e "s|@SIM_A@|$sim|g" -e "s|@SIM_B@|$((sim + 1))|g" -e "s|@SIM_KEY@|$SIM_KEY|g" \
+    -e "s|@ACCESS_LOG@|$access|g" -e "s|@CONNECTIONS@|$conns|g" -e "s|@NOFILE@|$(ulimit -n)|g" \
     "$HERE/nginx.conf.in" >"$dir/nginx.conf"
   start "nginx-$name" "$CPU_PROXY" "$LOGS/nginx-$name.out" \
     nginx -p "$dir" -c "$dir/nginx.conf" -e "$LOGS/nginx-$name-error.log"
@@ -354,6 +368,52 @@ streams() {
   log "  $test $target: $(python3 -c 'import json,sys; d=json.loads(sys.argv[1]); print(d["outcomes"], "ttfb p50", d["ttfb_us"].get("p50"), "us, gap dev p99", d["gap_dev_us"].get("p99"), "us")' "$out")"
 }
 
+# open_streams TARGET URL PIDS...: OPEN_STREAMS long streams through the
+# proxy, held until every one is open at the same time, then closed by the
+# client. Records idle RSS (before), RSS with all open, the peak, and RSS 2 s
+# and SETTLE_S seconds after the streams ended. The proxy is fresh: started
+# for this step only, so its idle RSS is its own. Before the idle reading,
+# WARM_STREAMS streams go through it and are cut the same way, so that
+# one-time set-up a first burst triggers (aoai-lb builds its tokenizers when
+# the first cut stream needs a token estimate) counts as idle, not as memory
+# kept from the burst; the cold reading is recorded too.
+open_streams() {
+  local target=$1 url=$2; shift 2
+  local pids=("$@") idle cold marker="$RUN/all-open-$target" at_open="$RUN/rss-at-open-$target"
+  sleep 0.5
+  cold=$(mem_kib VmRSS "${pids[@]}")
+  if ((WARM_STREAMS > 0)); then
+    pinned "$CPU_LOAD" "$BIN/aoai-bench" streams --url "$url" --key "$CLIENT_KEY" \
+      --streams "$WARM_STREAMS" --ramp-ms 200 --close-after-open-ms 200 \
+      --expected-gap-ms 1000 --timeout-s 30 >/dev/null
+    sleep 2
+  fi
+  idle=$(mem_kib VmRSS "${pids[@]}")
+  reset_peak "${pids[@]}"
+  rm -f "$marker"; : >"$at_open"
+  (
+    for ((i = 0; i < 1200; i++)); do
+      if [[ -f $marker ]]; then mem_kib VmRSS "${pids[@]}" >"$at_open"; break; fi
+      sleep 0.05
+    done
+  ) &
+  local sampler=$!
+  local out
+  out=$(pinned "$CPU_LOAD" "$BIN/aoai-bench" streams --url "$url" \
+    --key "$CLIENT_KEY" --streams "$OPEN_STREAMS" --ramp-ms 5000 --close-after-open-ms 1000 \
+    --open-marker "$marker" --expected-gap-ms 1000 --timeout-s 90)
+  wait "$sampler" || true
+  local hwm after2 after
+  hwm=$(mem_kib VmHWM "${pids[@]}")
+  sleep 2
+  after2=$(mem_kib VmRSS "${pids[@]}")
+  sleep "$((SETTLE_S > 2 ? SETTLE_S - 2 : 0))"
+  after=$(mem_kib VmRSS "${pids[@]}")
+  record "open-streams-$target" "$(printf '{"test":"open_streams","target":"%s","streams":%d,"idle_rss_kib":%d,"rss_at_all_open_kib":%s,"hwm_kib":%d,"rss_after_close_kib":%d,"rss_after_settle_kib":%d,"settle_s":%d,"cold_idle_rss_kib":%d,"warm_streams":%d,"nofile":%d,"client":%s}' \
+    "$target" "$OPEN_STREAMS" "$idle" "$(grep . "$at_open" || echo null)" "$hwm" "$after2" "$after" "$SETTLE_S" "$cold" "$WARM_STREAMS" "$(ulimit -n)" "$out")"
+  log "  open streams $target: $(python3 -c 'import json,sys; d=json.loads(sys.argv[1]); print(d["outcomes"], "max open", d["max_open"])' "$out"), idle $idle KiB, peak $hwm KiB, ${SETTLE_S}s after $after KiB"
+}
+
 machine_json() {
   python3 - "$@" <<'EOF'
 import json, platform, subprocess, sys, os, datetime
@@ -424,7 +484,7 @@ main() {
   ports_free "$P_SIM_FAST" "$((P_SIM_FAST + 1))" "$P_SIM_STREAM" "$((P_SIM_STREAM + 1))" \
     "$P_SIM_OPEN" "$((P_SIM_OPEN + 1))" "$P_LB_FAST" "$((P_LB_FAST + 1))" "$P_LB_STREAM" \
     "$((P_LB_STREAM + 1))" "$P_LB_OPEN" "$((P_LB_OPEN + 1))" "$P_LB_FOOT" "$((P_LB_FOOT + 1))" \
-    "$P_NGX_FAST" "$P_NGX_STREAM" "$P_LITELLM"
+    "$P_NGX_FAST" "$P_NGX_STREAM" "$P_NGX_LOG" "$P_NGX_OPEN" "$P_LITELLM"
 
   log "starting simulators"
   start_sims fast "$P_SIM_FAST" --ttft-ms 0 --token-ms 0 --reply-tokens 16
@@ -452,6 +512,8 @@ main() {
   NGX_FAST_PID=$NGX_PID
   start_nginx stream "$P_NGX_STREAM" "$P_SIM_STREAM" off
   NGX_STREAM_PID=$NGX_PID
+  start_nginx fast-log "$P_NGX_LOG" "$P_SIM_FAST" on on
+  NGX_LOG_PID=$NGX_PID
   record "idle-nginx" "$(printf '{"test":"idle","target":"nginx","rss_kib":%d,"processes":%d}' \
     "$(mem_kib VmRSS $(tree "$NGX_FAST_PID"))" "$(tree "$NGX_FAST_PID" | wc -l)")"
   if [[ $SKIP_LITELLM != 1 ]]; then
@@ -461,6 +523,7 @@ main() {
   local direct="http://127.0.0.1:$P_SIM_FAST$CHAT_PATH"
   local via_lb="http://127.0.0.1:$P_LB_FAST$CHAT_PATH"
   local via_ngx="http://127.0.0.1:$P_NGX_FAST$CHAT_PATH"
+  local via_ngx_log="http://127.0.0.1:$P_NGX_LOG$CHAT_PATH"
   local via_llm="http://127.0.0.1:$P_LITELLM$CHAT_PATH"
   local s_direct="http://127.0.0.1:$P_SIM_STREAM$CHAT_PATH"
   local s_lb="http://127.0.0.1:$P_LB_STREAM$CHAT_PATH"
@@ -478,6 +541,7 @@ main() {
     throughput direct "$r" "$direct" "$SIM_KEY" "$SIM_FAST_PID"
     throughput aoai-lb "$r" "$via_lb" "$CLIENT_KEY" "$LB_FAST_PID"
     throughput nginx "$r" "$via_ngx" "$CLIENT_KEY" $(tree "$NGX_FAST_PID")
+    throughput nginx-log "$r" "$via_ngx_log" "$CLIENT_KEY" $(tree "$NGX_LOG_PID")
     [[ $SKIP_LITELLM == 1 ]] || throughput litellm "$r" "$via_llm" "$CLIENT_KEY" $(tree "$LITELLM_PID")
     log "round $r/$ROUNDS: $STREAMS concurrent streams"
     streams streams "$STREAMS" 1000 direct "$r" "$s_direct" "$SIM_KEY"
@@ -490,39 +554,26 @@ main() {
   done
 
   # Free the CPU and memory of everything but what the open-streams test needs.
-  stop "$LB_FAST_PID"; stop "$LB_STREAM_PID"; stop "$NGX_FAST_PID"; stop "$NGX_STREAM_PID"
+  stop "$LB_FAST_PID"; stop "$LB_STREAM_PID"; stop "$NGX_FAST_PID"; stop "$NGX_STREAM_PID"; stop "$NGX_LOG_PID"
   [[ -z ${LITELLM_PID:-} ]] || stop "$LITELLM_PID"
   stop "$SIM_FAST_PID"; stop "$SIM_STREAM_PID"
 
-  log "open streams: $OPEN_STREAMS through aoai-lb"
+  log "open streams: $OPEN_STREAMS through aoai-lb, then through nginx"
   # Long streams (an event a second for 10 minutes) that the client closes
-  # once every one of them is open at the same time.
+  # once every one of them is open at the same time. Each proxy gets its own
+  # fresh process; the simulators are restarted in between so that neither
+  # proxy finds the other's half-closed streams still being written to.
   start_sims open "$P_SIM_OPEN" --ttft-ms 0 --token-ms 1000 --reply-tokens 600
   SIM_OPEN_PID=$SIM_PID
   start_gateway open "$P_LB_OPEN" "$P_SIM_OPEN"
-  local idle; sleep 0.5; idle=$(mem_kib VmRSS "$LB_PID")
-  local marker="$RUN/all-open"; rm -f "$marker"
-  local at_open="$RUN/rss-at-open"; : >"$at_open"
-  (
-    for ((i = 0; i < 1200; i++)); do
-      if [[ -f $marker ]]; then mem_kib VmRSS "$LB_PID" >"$at_open"; break; fi
-      sleep 0.05
-    done
-  ) &
-  local sampler=$!
-  local out
-  out=$(pinned "$CPU_LOAD" "$BIN/aoai-bench" streams --url "http://127.0.0.1:$P_LB_OPEN$CHAT_PATH" \
-    --key "$CLIENT_KEY" --streams "$OPEN_STREAMS" --ramp-ms 5000 --close-after-open-ms 1000 \
-    --open-marker "$marker" --expected-gap-ms 1000 --timeout-s 90)
-  wait "$sampler" || true
-  local hwm after
-  hwm=$(mem_kib VmHWM "$LB_PID")
-  sleep 2
-  after=$(mem_kib VmRSS "$LB_PID")
-  record "open-streams" "$(printf '{"test":"open_streams","target":"aoai-lb","streams":%d,"idle_rss_kib":%d,"rss_at_all_open_kib":%s,"hwm_kib":%d,"rss_after_close_kib":%d,"nofile":%d,"client":%s}' \
-    "$OPEN_STREAMS" "$idle" "$(cat "$at_open" | grep . || echo null)" "$hwm" "$after" "$nofile" "$out")"
-  log "  open streams: $(python3 -c 'import json,sys; d=json.loads(sys.argv[1]); print(d["outcomes"], "max open", d["max_open"])' "$out"), peak $hwm KiB, idle $idle KiB"
+  open_streams aoai-lb "http://127.0.0.1:$P_LB_OPEN$CHAT_PATH" "$LB_PID"
   stop "$LB_PID"; stop "$SIM_OPEN_PID"
+  start_sims open "$P_SIM_OPEN" --ttft-ms 0 --token-ms 1000 --reply-tokens 600
+  SIM_OPEN_PID=$SIM_PID
+  start_nginx open "$P_NGX_OPEN" "$P_SIM_OPEN" off off "$((2 * OPEN_STREAMS + 100))"
+  NGX_OPEN_PID=$NGX_PID
+  open_streams nginx "http://127.0.0.1:$P_NGX_OPEN$CHAT_PATH" $(tree "$NGX_OPEN_PID")
+  stop "$NGX_OPEN_PID"; stop "$SIM_OPEN_PID"
 
   python3 "$HERE/report.py" "$RAW" "$OUT"
   log "done in $(($(date +%s) - begin)) s: $OUT/results.md"

@@ -133,6 +133,8 @@ struct StreamResult {
     events: u32,
     done: bool,
     gaps_us: Vec<u64>,
+    /// Counted among the open streams (a 200 head arrived).
+    opened: bool,
 }
 
 impl StreamResult {
@@ -145,6 +147,7 @@ impl StreamResult {
             events: 0,
             done: false,
             gaps_us: Vec::new(),
+            opened: false,
         }
     }
 }
@@ -153,6 +156,10 @@ impl StreamResult {
 /// close early.
 struct Shared {
     open: AtomicUsize,
+    /// Streams that ended before they were open (refused, cut before the
+    /// head, timed out): they will never be open, so "every stream open"
+    /// means open + these.
+    failed_early: AtomicUsize,
     max_open: AtomicUsize,
     all_open: watch::Sender<bool>,
     close: watch::Receiver<bool>,
@@ -239,8 +246,9 @@ async fn one_stream(
     }
 
     let now_open = shared.open.fetch_add(1, Ordering::SeqCst) + 1;
+    res.opened = true;
     shared.max_open.fetch_max(now_open, Ordering::SeqCst);
-    if now_open >= args.streams {
+    if now_open + shared.failed_early.load(Ordering::SeqCst) >= args.streams {
         shared.all_open.send_replace(true);
     }
 
@@ -320,6 +328,7 @@ async fn run(args: Args) -> Result<serde_json::Value> {
     let (close_tx, close_rx) = watch::channel(false);
     let shared = Arc::new(Shared {
         open: AtomicUsize::new(0),
+        failed_early: AtomicUsize::new(0),
         max_open: AtomicUsize::new(0),
         all_open: all_open_tx,
         close: close_rx,
@@ -335,9 +344,19 @@ async fn run(args: Args) -> Result<serde_json::Value> {
             (target.clone(), args.clone(), body.clone(), shared.clone());
         handles.push(tokio::spawn(async move {
             tokio::time::sleep(offset).await;
-            tokio::time::timeout_at(deadline, one_stream(target, args, body, shared))
-                .await
-                .unwrap_or_else(|_| StreamResult::failed(Outcome::Timeout))
+            let r =
+                tokio::time::timeout_at(deadline, one_stream(target, args, body, shared.clone()))
+                    .await
+                    .unwrap_or_else(|_| StreamResult::failed(Outcome::Timeout));
+            if !r.opened {
+                // Without this, one refused stream would keep the others
+                // open until the timeout.
+                let failed = shared.failed_early.fetch_add(1, Ordering::SeqCst) + 1;
+                if shared.open.load(Ordering::SeqCst) + failed >= n {
+                    shared.all_open.send_replace(true);
+                }
+            }
+            r
         }));
     }
 

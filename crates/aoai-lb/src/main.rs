@@ -15,10 +15,14 @@ use aoai_lb::server::{ServeError, ServeOptions, spawn};
 use clap::Parser;
 use tokio::signal::unix::{SignalKind, signal};
 
-// A faster allocator for the many small, short-lived allocations of each
-// proxied request (header maps, records, body frames).
+// jemalloc: fast for the many small, short-lived allocations of each proxied
+// request (header maps, records, body frames), and it gives memory back to
+// the OS after a burst of streams on its own background thread, while the
+// worker threads sit idle (mimalloc and glibc only purge on later allocator
+// calls, so an idle gateway kept its peak RSS). The decay times are baked in
+// at build time (`.cargo/config.toml`).
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 fn main() -> ExitCode {
     install_panic_hook();
