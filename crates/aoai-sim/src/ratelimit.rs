@@ -36,6 +36,8 @@ pub(crate) struct Remaining {
     pub tokens: u64,
     /// `(requests per 10 s, tokens per minute)`, sent only when configured.
     pub limits: Option<(u64, u64)>,
+    /// A PTU deployment's utilization, sent instead of the remaining pair.
+    pub utilization: Option<crate::ptu::Utilization>,
 }
 
 impl Remaining {
@@ -43,7 +45,16 @@ impl Remaining {
         requests: UNLIMITED_REMAINING_REQUESTS,
         tokens: UNLIMITED_REMAINING_TOKENS,
         limits: None,
+        utilization: None,
     };
+
+    /// What a PTU deployment reports: its utilization only.
+    pub(crate) fn ptu(u: crate::ptu::Utilization) -> Remaining {
+        Remaining {
+            utilization: Some(u),
+            ..Remaining::UNLIMITED
+        }
+    }
 }
 
 /// Why and for how long a request is refused.
@@ -104,6 +115,7 @@ impl Lane {
                 u64::from(rl.tpm).saturating_sub(self.reserved)
             },
             limits: rl.limit_headers.then_some((rlim, u64::from(rl.tpm))),
+            utilization: None,
         }
     }
 
