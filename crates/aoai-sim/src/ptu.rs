@@ -26,11 +26,10 @@
 //! Time comes from the instance's [`crate::SimClock`], so a manual clock moves
 //! the drain too.
 
-use std::collections::HashMap;
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use crate::config::Ptu;
+use crate::ratelimit::PerDeployment;
 
 /// A deployment's utilization in tenths of a percent (so it compares
 /// exactly); sent as `azure-openai-deployment-utilization: 73.5%`.
@@ -92,21 +91,10 @@ fn full(ptu: Ptu) -> u128 {
 /// Per-deployment buckets of one instance.
 #[derive(Default)]
 pub(crate) struct PtuLimiter {
-    deps: Mutex<HashMap<String, Bucket>>,
+    deps: PerDeployment<Bucket>,
 }
 
 impl PtuLimiter {
-    fn bucket<R>(&self, deployment: &str, f: impl FnOnce(&mut Bucket) -> R) -> R {
-        let mut deps = self
-            .deps
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        match deps.get_mut(deployment) {
-            Some(b) => f(b),
-            None => f(deps.entry(deployment.to_owned()).or_default()),
-        }
-    }
-
     /// Adds `cost` tokens to `deployment`'s bucket and returns the
     /// utilization with them, or refuses while utilization is over 100%.
     pub(crate) fn charge(
@@ -116,7 +104,7 @@ impl PtuLimiter {
         cost: u64,
         now: Instant,
     ) -> Result<Utilization, PtuRefusal> {
-        self.bucket(deployment, |b| {
+        self.deps.with(deployment, |b| {
             b.drain(ptu, now);
             if b.level > full(ptu) {
                 let ms = (b.level - full(ptu)).div_ceil(rate(ptu));
@@ -133,7 +121,7 @@ impl PtuLimiter {
     /// The utilization now, without adding anything (for answers that cost
     /// nothing).
     pub(crate) fn peek(&self, deployment: &str, ptu: Ptu, now: Instant) -> Utilization {
-        self.bucket(deployment, |b| {
+        self.deps.with(deployment, |b| {
             b.drain(ptu, now);
             Utilization::of(b.level, ptu)
         })
