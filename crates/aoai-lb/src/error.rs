@@ -190,6 +190,10 @@ pub enum RateLimit {
     Requests(u64),
     /// `tpm`, with its value.
     Tokens(u64),
+    /// The `token_quota` (its tokens) has some left across replicas, but
+    /// this replica's lease of it is empty until the next top-up (shared
+    /// through Redis).
+    QuotaLease(u64),
 }
 
 impl ProxyError {
@@ -262,13 +266,17 @@ impl ProxyError {
                 limit: RateLimit::Tokens(_),
                 ..
             } => "client_tpm",
+            ProxyError::ClientRateLimited {
+                limit: RateLimit::QuotaLease(_),
+                ..
+            } => "client_quota_lease",
             ProxyError::RequestTooLarge { .. } => "client_request_too_large",
             ProxyError::QuotaExceeded { .. } => "quota_exceeded",
         }
     }
 
     /// The client and `reason` label of `aoai_lb_client_rejections_total`
-    /// (`deployment`, `rpm`, `tpm`, `too_large`, `quota`), for the refusals
+    /// (`deployment`, `rpm`, `tpm`, `too_large`, `quota`, `quota_lease`), for the refusals
     /// that come from a client's own permissions and limits.
     pub fn rejection(&self) -> Option<(&Arc<str>, &'static str)> {
         match self {
@@ -283,6 +291,11 @@ impl ProxyError {
                 limit: RateLimit::Tokens(_),
                 ..
             } => Some((client, "tpm")),
+            ProxyError::ClientRateLimited {
+                client,
+                limit: RateLimit::QuotaLease(_),
+                ..
+            } => Some((client, "quota_lease")),
             ProxyError::RequestTooLarge { client, .. } => Some((client, "too_large")),
             ProxyError::QuotaExceeded { client, .. } => Some((client, "quota")),
             _ => None,
@@ -364,6 +377,12 @@ impl ProxyError {
                 let (kind, value, unit) = match limit {
                     RateLimit::Requests(v) => ("call rate limit", v, "requests"),
                     RateLimit::Tokens(v) => ("token rate limit", v, "tokens"),
+                    RateLimit::QuotaLease(v) => {
+                        return format!(
+                            "Client '{client}' has tokens left in its token quota of {v}, but this gateway replica is still fetching its share of them. Please retry after {} seconds.",
+                            retry_after_ms.div_ceil(1000)
+                        );
+                    }
                 };
                 format!(
                     "Requests from client '{client}' have exceeded its {kind} of {value} {unit} per minute. Please retry after {} seconds.",

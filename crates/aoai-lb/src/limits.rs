@@ -205,6 +205,8 @@ pub struct Reservation {
     estimate: u64,
     /// The quota period it was counted in, if the client has a quota.
     period: Option<u64>,
+    /// The quota lease shared between replicas it was also charged to.
+    shared_quota: Option<Arc<crate::shared::quota::QuotaLease>>,
 }
 
 impl Reservation {
@@ -213,9 +215,19 @@ impl Reservation {
         self.estimate
     }
 
+    /// Charges the request to `lease` too (shared token quota), so that
+    /// settling gives back to it what the response did not use.
+    pub fn share_quota(&mut self, lease: Arc<crate::shared::quota::QuotaLease>) {
+        self.shared_quota = Some(lease);
+    }
+
     /// Replaces the estimate with the `tokens` really used, in the window
-    /// entry of the admission time and in the quota period of admission.
+    /// entry of the admission time and in the quota period of admission
+    /// (and in the shared quota lease, if any).
     pub fn settle(self, tokens: u64) {
+        if let Some(lease) = &self.shared_quota {
+            lease.settle(self.estimate, tokens);
+        }
         let mut l = self.client.state.lock();
         if self.client.limits.tpm.is_some() {
             l.tokens.adjust(self.at, self.estimate, tokens);
@@ -316,6 +328,7 @@ pub fn admit(
         at: now,
         estimate,
         period,
+        shared_quota: None,
     }))
 }
 
@@ -375,7 +388,7 @@ pub fn prompt_tokens(endpoint: Option<Endpoint>, model: &str, body: &[u8]) -> u6
 const DAY_MS: u64 = 86_400_000;
 
 /// A number that changes exactly when the period rolls over.
-fn period_id(p: QuotaPeriod, unix_ms: u64) -> u64 {
+pub(crate) fn period_id(p: QuotaPeriod, unix_ms: u64) -> u64 {
     let day = unix_ms / DAY_MS;
     match p {
         QuotaPeriod::Day => day,

@@ -248,6 +248,8 @@ pub struct ServerHandle {
     admin_stop: CancellationToken,
     driver: Option<JoinHandle<()>>,
     workers: usize,
+    /// Redis shared state, whose leases are given back once stopped.
+    redis: Option<Arc<crate::shared::Shared>>,
 }
 
 impl ServerHandle {
@@ -288,10 +290,23 @@ impl ServerHandle {
     }
 
     /// Waits until the server has stopped (after [`ServerHandle::shutdown`],
-    /// once in-flight work finished or the grace period ran out).
+    /// once in-flight work finished or the grace period ran out). With a
+    /// `redis` block it then gives the unused part of this replica's
+    /// quota leases back, bounded by `redis.op_timeout_ms`: shutdown is
+    /// never longer than that because of Redis.
     pub async fn wait(mut self) {
         if let Some(driver) = self.driver.take() {
             let _ = driver.await;
+        }
+        if let Some(redis) = self.redis.take() {
+            match crate::shared::quota::release(&redis).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(leases = n, "gave unused quota leases back to Redis"),
+                Err(e) => tracing::warn!(
+                    error = %e,
+                    "could not give unused quota leases back to Redis; they expire on their own"
+                ),
+            }
         }
     }
 }
@@ -374,7 +389,8 @@ pub async fn spawn(config: Arc<Config>, opts: ServeOptions) -> Result<ServerHand
     let info = Arc::new(arc_swap::ArcSwap::from_pointee(info));
     let file = opts.config_file.clone();
     let poll = opts.config_poll;
-    let handle = serve(gateway.clone(), config.server, opts, info.clone()).await?;
+    let mut handle = serve(gateway.clone(), config.server, opts, info.clone()).await?;
+    handle.redis = gateway.state().shared.clone();
     if let Some(path) = file {
         let reloader = crate::reload::Reloader::new(path, gateway, info, config.digest.clone());
         handle.shared.reloadable.store(true, Ordering::Release);
@@ -532,6 +548,7 @@ pub async fn serve<H: Handler>(
         admin_stop,
         driver: Some(driver),
         workers,
+        redis: None,
     })
 }
 

@@ -67,15 +67,22 @@ pub fn admit(gw: &GatewayState, ctx: &mut RequestCtx) -> Result<(), ProxyError> 
     let now = gw.clock.now_ms();
     let too_large = client.limits.tpm.is_some_and(|t| estimate > t);
     let taken = match &gw.shared {
-        Some(s) if !too_large && (s.quotas.leases() || (s.quotas.strict() && !s.is_up())) => Some(
-            s.quotas
-                .take(client, estimate, now)
-                .map_err(|r| shared_refused(client, r))?,
-        ),
+        Some(s) if !too_large => {
+            let up = s.is_up();
+            let rates = s.quotas.leases() || (s.quotas.strict() && !up);
+            Some(
+                s.quotas
+                    .take(client, estimate, now, gw.clock.unix_ms(), rates, up)
+                    .map_err(|r| shared_refused(client, r))?,
+            )
+        }
         _ => None,
     };
     match limits::admit(client, estimate, now, gw.clock.unix_ms()) {
-        Ok(r) => {
+        Ok(mut r) => {
+            if let (Some(r), Some(lease)) = (&mut r, taken.as_ref().and_then(|t| t.quota_lease())) {
+                r.share_quota(lease);
+            }
             ctx.reservation = r;
             Ok(())
         }
@@ -88,7 +95,9 @@ pub fn admit(gw: &GatewayState, ctx: &mut RequestCtx) -> Result<(), ProxyError> 
     }
 }
 
-/// With a `redis` block in `strict` quota mode: one atomic take of the
+/// With a `redis` block: when the client's token-quota lease is empty but
+/// Redis has tokens left, waits for one top-up (at most
+/// `redis.op_timeout_ms`). In `strict` quota mode: one atomic take of the
 /// request and its estimate from the shared limits, bounded by
 /// `redis.op_timeout_ms`. When Redis cannot decide in time the request
 /// goes on to [`admit`] (the replica's own windows).
@@ -99,6 +108,14 @@ pub async fn admit_strict(gw: &GatewayState, ctx: &mut RequestCtx) -> Result<(),
     let (Some(client), Some(shared)) = (&ctx.client, &gw.shared) else {
         return Ok(());
     };
+    if client.limits.token_quota.is_some() && shared.is_up() {
+        // An empty quota lease while Redis has tokens left: wait for the
+        // top-up rather than refuse (rare: a lease lasts many requests).
+        shared
+            .quotas
+            .wait_for_quota(client, shared.config().op_timeout)
+            .await;
+    }
     if !shared.quotas.strict() || !shared.is_up() {
         return Ok(());
     }
@@ -140,6 +157,22 @@ fn shared_refused(client: &Client, r: crate::shared::quota::SharedRefusal) -> Pr
             limit,
             retry_after_ms,
         } => (RateLimit::Tokens(limit), retry_after_ms),
+        SharedRefusal::QuotaLeaseShort {
+            tokens,
+            retry_after_ms,
+        } => (RateLimit::QuotaLease(tokens), retry_after_ms),
+        SharedRefusal::Quota {
+            tokens,
+            renews_at_unix_ms,
+        } => {
+            return refused(
+                client,
+                Refusal::Quota {
+                    tokens,
+                    renews_at_unix_ms,
+                },
+            );
+        }
     };
     ProxyError::ClientRateLimited {
         client: client.name.clone(),

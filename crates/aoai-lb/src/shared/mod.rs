@@ -665,7 +665,7 @@ pub fn describe() {
     describe_counter!(
         REDIS_OPS_TOTAL,
         Unit::Count,
-        "Redis commands by op (poll, ping, publish_cooldown, affinity_set, affinity_del, lookup, lease, strict_take, heartbeat) and outcome (ok, error, timeout); only lookup and strict_take run on a request's path"
+        "Redis commands by op (poll, ping, publish_cooldown, affinity_set, affinity_del, lookup, lease, quota_lease, release, strict_take, heartbeat) and outcome (ok, error, timeout); only lookup and strict_take run on a request's path"
     );
     describe_histogram!(
         REDIS_OP_SECONDS,

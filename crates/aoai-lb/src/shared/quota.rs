@@ -39,11 +39,35 @@
 //! near the limit. Strict mode falls back the same way. Before Redis has
 //! ever answered, only the replica's own windows apply.
 //!
-//! Token quotas (`token_quota`, per day or month) are not shared yet: each
-//! replica counts its own.
+//! **Token quotas** (`token_quota`, per UTC day or month) use leases too,
+//! whatever `quota_mode` says (a quota is spent over a day or a month: a
+//! round trip per request would buy nothing). Redis keeps one hash per
+//! client (`{tag}:quota`: the period id and the tokens granted in it);
+//! [`QUOTA_SCRIPT`] works out the period from Redis time, so the period
+//! rolls over at 00:00 UTC of Redis' clock for every replica at once, and
+//! grants `min(want, tokens - used)`. A replica admits a request while its
+//! lease ([`quota_lease_size`]: `tokens / (64 × replicas)`, at least 1) is
+//! above zero and charges the request's estimate; the account phase gives
+//! back what the response did not use ([`QuotaLease::settle`]). A lease may
+//! so go below zero by at most one request (an *overdraft*, admitted only
+//! while the lease was positive); the next top-up reports it to Redis
+//! before asking for more. The bound, stated: together the replicas use at
+//! most `tokens` plus one request's estimate per replica (plus whatever
+//! responses used beyond their estimate), and once every replica has seen
+//! traffic past the quota, no more than that is left unused. A request
+//! that finds the lease empty while Redis still has tokens waits for one
+//! top-up (at most `op_timeout_ms`), then is admitted or refused with a
+//! short `retry-after-ms` (429); once Redis says the period is used up, it
+//! is refused like the local quota (403 `QuotaExceeded`, renewing at the
+//! next period of Redis time).
+//!
+//! While degraded, a replica keeps charging its lease and may go below
+//! zero by its share (`1 / replicas`) of what Redis last said was left;
+//! on recovery the whole overdraft is reported. A clean shutdown returns
+//! what is left of every lease ([`release`]).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -52,6 +76,7 @@ use tokio::sync::Notify;
 
 use super::{QuotaMode, RedisConfig, Shared};
 use crate::clients::Client;
+use crate::config::{QuotaPeriod, TokenQuota};
 use crate::state::GatewayState;
 
 /// How often leases are checked and topped up.
@@ -149,6 +174,206 @@ redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]) * 2)
 return redis.call('ZCARD', KEYS[1])
 ";
 
+/// KEYS[1]: a client's quota hash (fields `p`: the period id, `used`: the
+/// tokens granted or reported in it). ARGV: `day` or `month`, the quota,
+/// tokens wanted, a signed amount to add to `used` first (an overdraft to
+/// report, or a lease given back), and the period that amount belongs to
+/// (`0`: the current one). The period comes from Redis time, numbered as
+/// [`crate::limits`] does (days since 1970, or `year × 12 + month`).
+/// Returns `{period, granted, used, renews_at_unix_ms}`.
+pub const QUOTA_SCRIPT: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local day = math.floor(now / 86400000)
+local period = day
+local renews = (day + 1) * 86400000
+if ARGV[1] == 'month' then
+  local z = day + 719468
+  local era = math.floor(z / 146097)
+  local doe = z - era * 146097
+  local yoe = math.floor((doe - math.floor(doe / 1460) + math.floor(doe / 36524) - math.floor(doe / 146096)) / 365)
+  local doy = doe - (365 * yoe + math.floor(yoe / 4) - math.floor(yoe / 100))
+  local mp = math.floor((5 * doy + 2) / 153)
+  local m = mp < 10 and mp + 3 or mp - 9
+  local y = yoe + era * 400
+  if m <= 2 then y = y + 1 end
+  period = y * 12 + m
+  local ny, nm = y, m + 1
+  if nm == 13 then ny, nm = y + 1, 1 end
+  if nm <= 2 then ny = ny - 1 end
+  local era2 = math.floor(ny / 400)
+  local yoe2 = ny - era2 * 400
+  local mp2 = nm > 2 and nm - 3 or nm + 9
+  local doy2 = math.floor((153 * mp2 + 2) / 5)
+  local doe2 = yoe2 * 365 + math.floor(yoe2 / 4) - math.floor(yoe2 / 100) + doy2
+  renews = (era2 * 146097 + doe2 - 719468) * 86400000
+end
+local limit = tonumber(ARGV[2])
+local want = tonumber(ARGV[3])
+local charge = tonumber(ARGV[4])
+local used = 0
+if tonumber(redis.call('HGET', KEYS[1], 'p') or '-1') == period then
+  used = tonumber(redis.call('HGET', KEYS[1], 'used') or '0')
+end
+if charge ~= 0 and (ARGV[5] == '0' or tonumber(ARGV[5]) == period) then
+  used = math.max(0, used + charge)
+end
+local g = math.min(want, math.max(0, limit - used))
+used = used + g
+redis.call('HSET', KEYS[1], 'p', string.format('%d', period), 'used', string.format('%d', used))
+redis.call('PEXPIRE', KEYS[1], renews - now + 86400000)
+return {period, g, used, renews}
+";
+
+/// KEYS[1]: a `rpm` or `tpm` hash; gives back up to ARGV[2] of what was
+/// granted in second ARGV[1] (an unused lease at shutdown). Returns what
+/// was given back.
+const RELEASE_SCRIPT: &str = r"
+local had = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
+local back = math.min(had, tonumber(ARGV[2]))
+if back > 0 then
+  if had - back > 0 then
+    redis.call('HSET', KEYS[1], ARGV[1], had - back)
+  else
+    redis.call('HDEL', KEYS[1], ARGV[1])
+  end
+end
+return back
+";
+
+/// The token-quota lease for `tokens` shared by `replicas`: a 64th of each
+/// replica's share, at least 1. Small, because what a replica holds at
+/// the end of a period is lost; a request larger than the lease is still
+/// admitted (an overdraft), so the size only sets how often it is topped
+/// up.
+pub fn quota_lease_size(tokens: u64, replicas: u64) -> u64 {
+    (tokens / (64 * replicas.max(1))).max(1)
+}
+
+/// One client's lease of its `token_quota`.
+#[derive(Debug)]
+pub struct QuotaLease {
+    quota: TokenQuota,
+    /// Tokens this replica may still charge; below zero is an overdraft
+    /// not reported to Redis yet.
+    balance: AtomicI64,
+    /// The period (Redis' numbering) the balance belongs to; 0 = Redis
+    /// has not answered yet.
+    period: AtomicU64,
+    /// When that period ends, Unix ms (Redis time).
+    renews_at: AtomicU64,
+    /// Tokens granted or reported in the period at the last top-up.
+    last_used: AtomicU64,
+    /// Redis said the period is used up.
+    exhausted: AtomicBool,
+    /// Woken after each top-up, for requests that found the lease empty.
+    topped: Notify,
+}
+
+impl QuotaLease {
+    fn new(quota: TokenQuota) -> Self {
+        Self {
+            quota,
+            balance: AtomicI64::new(0),
+            period: AtomicU64::new(0),
+            renews_at: AtomicU64::new(0),
+            last_used: AtomicU64::new(0),
+            exhausted: AtomicBool::new(false),
+            topped: Notify::new(),
+        }
+    }
+
+    fn kind(&self) -> &'static str {
+        match self.quota.period {
+            QuotaPeriod::Day => "day",
+            QuotaPeriod::Month => "month",
+        }
+    }
+
+    /// Charges `n` tokens if this replica may admit them: while Redis
+    /// answers, when the lease is above zero (before Redis ever answered:
+    /// always, the replica's own quota decides); while degraded, also
+    /// below zero down to `1 / replicas` of what Redis last said was left.
+    fn take(&self, n: u64, up: bool, replicas: u64, unix_ms: u64) -> Result<(), SharedRefusal> {
+        let period = self.period.load(Ordering::Acquire);
+        let floor = if period == 0 {
+            i64::MIN
+        } else if up {
+            0
+        } else {
+            if crate::limits::period_id(self.quota.period, unix_ms) != period {
+                // A new period began on this replica's clock while Redis
+                // was away: nothing of the old one carries over.
+                self.period.store(
+                    crate::limits::period_id(self.quota.period, unix_ms),
+                    Ordering::Release,
+                );
+                self.balance.store(0, Ordering::Release);
+                self.last_used.store(0, Ordering::Release);
+                self.exhausted.store(false, Ordering::Release);
+                self.renews_at.store(
+                    crate::limits::next_period_start(self.quota.period, unix_ms),
+                    Ordering::Release,
+                );
+            }
+            let left = self
+                .quota
+                .tokens
+                .saturating_sub(self.last_used.load(Ordering::Acquire));
+            -i64::try_from(left / replicas.max(1)).unwrap_or(i64::MAX)
+        };
+        let n = i64::try_from(n).unwrap_or(i64::MAX);
+        let mut cur = self.balance.load(Ordering::Acquire);
+        loop {
+            if cur <= floor {
+                return Err(if self.exhausted.load(Ordering::Acquire) || !up {
+                    SharedRefusal::Quota {
+                        tokens: self.quota.tokens,
+                        renews_at_unix_ms: self.renews_at.load(Ordering::Acquire),
+                    }
+                } else {
+                    SharedRefusal::QuotaLeaseShort {
+                        tokens: self.quota.tokens,
+                        retry_after_ms: retry_ms(),
+                    }
+                });
+            }
+            match self.balance.compare_exchange_weak(
+                cur,
+                cur.saturating_sub(n),
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return Ok(()),
+                Err(seen) => cur = seen,
+            }
+        }
+    }
+
+    /// Replaces the charged `estimate` with the `tokens` the response
+    /// really used.
+    pub fn settle(&self, estimate: u64, tokens: u64) {
+        let diff = i128::from(estimate) - i128::from(tokens);
+        self.balance.fetch_add(
+            i64::try_from(diff).unwrap_or(if diff > 0 { i64::MAX } else { i64::MIN }),
+            Ordering::AcqRel,
+        );
+    }
+
+    fn give_back(&self, n: u64) {
+        self.balance
+            .fetch_add(i64::try_from(n).unwrap_or(i64::MAX), Ordering::AcqRel);
+    }
+
+    /// Whether a request that found the lease empty should wait for a
+    /// top-up: Redis answers and has not said the period is used up.
+    fn worth_waiting(&self) -> bool {
+        self.period.load(Ordering::Acquire) != 0
+            && self.balance.load(Ordering::Acquire) <= 0
+            && !self.exhausted.load(Ordering::Acquire)
+    }
+}
+
 /// The lease for `limit` shared by `replicas`: an eighth of each replica's
 /// share, at least 1.
 pub fn lease_size(limit: u64, replicas: u64) -> u64 {
@@ -226,6 +451,7 @@ pub struct ClientPools {
     tag: String,
     rpm: Option<Pool>,
     tpm: Option<Pool>,
+    quota: Option<Arc<QuotaLease>>,
 }
 
 /// What admission took from the leases; given back if the request is then
@@ -235,6 +461,7 @@ pub struct Taken {
     pools: Option<Arc<ClientPools>>,
     requests: u64,
     tokens: u64,
+    quota_tokens: u64,
 }
 
 impl Taken {
@@ -247,7 +474,18 @@ impl Taken {
             if let Some(tpm) = &p.tpm {
                 tpm.give_back(self.tokens);
             }
+            if let Some(q) = &p.quota {
+                q.give_back(self.quota_tokens);
+            }
         }
+    }
+
+    /// The quota lease charged, for settling with the real usage.
+    pub fn quota_lease(&self) -> Option<Arc<QuotaLease>> {
+        self.pools
+            .as_ref()
+            .and_then(|p| p.quota.clone())
+            .filter(|_| self.quota_tokens > 0)
     }
 }
 
@@ -258,6 +496,10 @@ pub enum SharedRefusal {
     Rpm { limit: u64, retry_after_ms: u64 },
     /// Tokens per minute; retry after this many ms.
     Tpm { limit: u64, retry_after_ms: u64 },
+    /// The token quota of the period is used up across replicas.
+    Quota { tokens: u64, renews_at_unix_ms: u64 },
+    /// The quota lease is empty and its top-up did not come in time.
+    QuotaLeaseShort { tokens: u64, retry_after_ms: u64 },
 }
 
 /// The replica's leases, by client name.
@@ -311,20 +553,38 @@ impl Quotas {
     }
 
     /// Takes one request and `tokens` from `client`'s leases at `now`
-    /// (gateway clock). A client with no `rpm`/`tpm`, or unknown to the
-    /// leases yet (Redis never answered), passes untouched. Never waits.
+    /// (gateway clock): from the `rpm`/`tpm` leases when `rates` (lease
+    /// mode, or strict mode while Redis is away), and from the token-quota
+    /// lease always. `up` says whether Redis answers; `unix_ms` is the
+    /// replica's wall clock, used only while degraded. A client with no
+    /// limits, or unknown to the leases yet (Redis never answered), passes
+    /// untouched. Never waits.
     ///
     /// # Errors
     /// The dimension whose lease is short; nothing is taken then.
-    pub fn take(&self, client: &Client, tokens: u64, now: u64) -> Result<Taken, SharedRefusal> {
-        if !self.ever_up.load(Ordering::Acquire) {
+    pub fn take(
+        &self,
+        client: &Client,
+        tokens: u64,
+        now: u64,
+        unix_ms: u64,
+        rates: bool,
+        up: bool,
+    ) -> Result<Taken, SharedRefusal> {
+        if !self.enabled {
             return Ok(Taken::default());
         }
         let Some(pools) = self.pools.load().get(&client.name).cloned() else {
             return Ok(Taken::default());
         };
-        let requests = u64::from(pools.rpm.is_some());
-        if let Some(rpm) = &pools.rpm
+        // Before Redis ever answered, only the replica's own windows apply.
+        let (rpm, tpm) = if rates && self.ever_up.load(Ordering::Acquire) {
+            (pools.rpm.as_ref(), pools.tpm.as_ref())
+        } else {
+            (None, None)
+        };
+        let requests = u64::from(rpm.is_some());
+        if let Some(rpm) = rpm
             && !rpm.take(1, now)
         {
             self.wanted.notify_one();
@@ -333,11 +593,11 @@ impl Quotas {
                 retry_after_ms: retry_ms(),
             });
         }
-        let tokens = if pools.tpm.is_some() { tokens } else { 0 };
-        if let Some(tpm) = &pools.tpm
-            && !tpm.take(tokens, now)
+        let rate_tokens = if tpm.is_some() { tokens } else { 0 };
+        if let Some(tpm) = tpm
+            && !tpm.take(rate_tokens, now)
         {
-            if let Some(rpm) = &pools.rpm {
+            if let Some(rpm) = rpm {
                 rpm.give_back(1);
             }
             self.wanted.notify_one();
@@ -346,14 +606,57 @@ impl Quotas {
                 retry_after_ms: retry_ms(),
             });
         }
+        let mut quota_tokens = 0;
+        if let Some(q) = &pools.quota {
+            if let Err(e) = q.take(tokens, up, self.replicas(), unix_ms) {
+                if let Some(rpm) = rpm {
+                    rpm.give_back(1);
+                }
+                if let Some(tpm) = tpm {
+                    tpm.give_back(rate_tokens);
+                }
+                self.wanted.notify_one();
+                return Err(e);
+            }
+            quota_tokens = tokens;
+        }
         Ok(Taken {
             pools: Some(pools),
             requests,
-            tokens,
+            tokens: rate_tokens,
+            quota_tokens,
         })
     }
 
-    /// Forgets every lease: after an outage the shared window moved on.
+    /// Waits (at most `limit`) for a top-up of `client`'s quota lease when
+    /// it is empty while Redis still has tokens: the rare request that
+    /// finds it so pays one background round trip rather than a refusal.
+    /// Returns at once otherwise.
+    pub async fn wait_for_quota(&self, client: &Client, limit: Duration) {
+        if !self.enabled {
+            return;
+        }
+        let Some(q) = self
+            .pools
+            .load()
+            .get(&client.name)
+            .and_then(|p| p.quota.clone())
+        else {
+            return;
+        };
+        if !q.worth_waiting() {
+            return;
+        }
+        let topped = q.topped.notified();
+        tokio::pin!(topped);
+        topped.as_mut().enable();
+        self.wanted.notify_one();
+        let _ = tokio::time::timeout(limit, topped).await;
+    }
+
+    /// Forgets every `rpm`/`tpm` lease: after an outage the shared window
+    /// moved on. Quota leases stay: their overdraft is reported at the
+    /// next top-up, and a lease of a period that ended is dropped then.
     pub fn reset_leases(&self) {
         for p in self.pools.load().values() {
             for pool in [&p.rpm, &p.tpm].into_iter().flatten() {
@@ -372,13 +675,14 @@ impl Quotas {
         let mut changed = false;
         let mut next = HashMap::new();
         for c in gw.clients.all() {
-            let (rpm, tpm) = (c.limits.rpm, c.limits.tpm);
-            if rpm.is_none() && tpm.is_none() {
+            let (rpm, tpm, quota) = (c.limits.rpm, c.limits.tpm, c.limits.token_quota);
+            if rpm.is_none() && tpm.is_none() && quota.is_none() {
                 continue;
             }
             let keep = current.get(&c.name).filter(|p| {
                 p.rpm.as_ref().map(|x| x.limit.load(Ordering::Relaxed)) == rpm
                     && p.tpm.as_ref().map(|x| x.limit.load(Ordering::Relaxed)) == tpm
+                    && p.quota.as_ref().map(|x| x.quota) == quota
             });
             let pools = match keep {
                 Some(p) => Arc::clone(p),
@@ -388,6 +692,7 @@ impl Quotas {
                         tag: self.tag(&c.name),
                         rpm: rpm.map(Pool::new),
                         tpm: tpm.map(Pool::new),
+                        quota: quota.map(|q| Arc::new(QuotaLease::new(q))),
                     })
                 }
             };
@@ -435,9 +740,18 @@ impl Quotas {
                     })
                 })
             };
+            let quota = p.quota.as_ref().map(|q| {
+                serde_json::json!({
+                    "tokens": q.quota.tokens,
+                    "period": q.kind(),
+                    "lease_left": q.balance.load(Ordering::Relaxed),
+                    "used_in_redis": q.last_used.load(Ordering::Relaxed),
+                    "used_up": q.exhausted.load(Ordering::Relaxed),
+                })
+            });
             clients.insert(
                 name.to_string(),
-                serde_json::json!({"rpm": dim(&p.rpm), "tpm": dim(&p.tpm)}),
+                serde_json::json!({"rpm": dim(&p.rpm), "tpm": dim(&p.tpm), "token_quota": quota}),
             );
         }
         serde_json::json!({
@@ -495,6 +809,7 @@ pub(crate) async fn top_up(shared: &Shared, gw: &GatewayState, elapsed_ms: u64, 
             q.replicas.store(n.max(1), Ordering::Relaxed);
         }
     }
+    top_up_quotas(shared, gw, beat).await;
     if !q.leases() {
         return;
     }
@@ -557,6 +872,138 @@ pub(crate) async fn top_up(shared: &Shared, gw: &GatewayState, elapsed_ms: u64, 
         }
     }
     q.ever_up.store(true, Ordering::Release);
+}
+
+/// Tops up the token-quota leases that are low, reports overdrafts, and
+/// re-reads the used-up ones at each beat (a new period may have begun).
+async fn top_up_quotas(shared: &Shared, gw: &GatewayState, beat: bool) {
+    let q = &shared.quotas;
+    let Ok(conn) = shared.connection() else {
+        return;
+    };
+    let replicas = q.replicas();
+    let unix_now = gw.clock.unix_ms();
+    let script = redis::Script::new(QUOTA_SCRIPT);
+    for p in q.pools.load().values() {
+        let Some(lease) = &p.quota else { continue };
+        let size = quota_lease_size(lease.quota.tokens, replicas);
+        let period = lease.period.load(Ordering::Acquire);
+        let bal = lease.balance.load(Ordering::Acquire);
+        let exhausted = lease.exhausted.load(Ordering::Acquire);
+        let rolled = period != 0 && unix_now >= lease.renews_at.load(Ordering::Acquire);
+        let low = bal.saturating_mul(2) < i64::try_from(size).unwrap_or(i64::MAX);
+        let due = period == 0 || rolled || bal < 0 || (exhausted && beat) || (!exhausted && low);
+        if !due {
+            continue;
+        }
+        let charge = (-bal).max(0);
+        let want = if exhausted && !rolled && period != 0 {
+            0
+        } else {
+            size
+        };
+        let mut inv = script.prepare_invoke();
+        inv.key(format!("{}:quota", p.tag))
+            .arg(lease.kind())
+            .arg(lease.quota.tokens)
+            .arg(want)
+            .arg(charge)
+            .arg(period);
+        let mut c = conn.clone();
+        let reply = shared
+            .timed("quota_lease", shared.config().op_timeout, async move {
+                inv.invoke_async::<Vec<i64>>(&mut c).await
+            })
+            .await;
+        if let Ok(r) = reply
+            && let [new_period, granted, used, renews] = r[..]
+        {
+            let new_period = u64::try_from(new_period).unwrap_or(0);
+            if new_period != period && period != 0 {
+                // A new period: what was left of the old one is void.
+                lease.balance.store(granted, Ordering::Release);
+            } else {
+                // The reported overdraft is settled; takes since the read
+                // stay charged.
+                lease
+                    .balance
+                    .fetch_add(charge.saturating_add(granted), Ordering::AcqRel);
+            }
+            let used = u64::try_from(used).unwrap_or(0);
+            lease.last_used.store(used, Ordering::Release);
+            lease
+                .renews_at
+                .store(u64::try_from(renews).unwrap_or(0), Ordering::Release);
+            lease
+                .exhausted
+                .store(used >= lease.quota.tokens, Ordering::Release);
+            lease.period.store(new_period, Ordering::Release);
+        }
+        lease.topped.notify_waiters();
+    }
+}
+
+/// Gives back to Redis what is left of every lease (at shutdown, once no
+/// request is in flight), and reports quota overdrafts: the other
+/// replicas may use it at once rather than after the leases expire.
+/// Bounded by `op_timeout_ms` altogether; the leases are empty afterwards
+/// whatever the outcome. Returns the number of leases given back, or why
+/// not.
+///
+/// # Errors
+/// Redis is degraded, failed or did not answer in time.
+pub async fn release(shared: &Shared) -> Result<usize, super::OpError> {
+    let q = &shared.quotas;
+    let mut pipe = redis::pipe();
+    let mut count = 0;
+    for p in q.pools.load().values() {
+        for (pool, dim) in [(&p.rpm, "rpm"), (&p.tpm, "tpm")] {
+            let Some(pool) = pool else { continue };
+            let left = pool.balance.swap(0, Ordering::AcqRel);
+            pool.until.store(0, Ordering::Release);
+            let second = pool.second.load(Ordering::Acquire);
+            if left > 0 && second > 0 {
+                pipe.cmd("EVAL")
+                    .arg(RELEASE_SCRIPT)
+                    .arg(1)
+                    .arg(format!("{}:{dim}", p.tag))
+                    .arg(second)
+                    .arg(left)
+                    .ignore();
+                count += 1;
+            }
+        }
+        if let Some(lease) = &p.quota {
+            let left = lease.balance.swap(0, Ordering::AcqRel);
+            let period = lease.period.load(Ordering::Acquire);
+            if left != 0 && period != 0 {
+                pipe.cmd("EVAL")
+                    .arg(QUOTA_SCRIPT)
+                    .arg(1)
+                    .arg(format!("{}:quota", p.tag))
+                    .arg(lease.kind())
+                    .arg(lease.quota.tokens)
+                    .arg(0)
+                    .arg(-left)
+                    .arg(period)
+                    .ignore();
+                count += 1;
+            }
+        }
+    }
+    if count == 0 {
+        return Ok(0);
+    }
+    if !shared.is_up() {
+        return Err(super::OpError::Redis("degraded".to_owned()));
+    }
+    let mut conn = shared.connection()?;
+    shared
+        .timed("release", shared.config().op_timeout, async move {
+            pipe.query_async::<()>(&mut conn).await
+        })
+        .await?;
+    Ok(count)
 }
 
 /// Strict mode: one all-or-nothing take of one request and `tokens` for
@@ -648,6 +1095,52 @@ mod tests {
         assert_eq!(lease_size(20, 2), 1);
         assert_eq!(lease_size(1, 5), 1);
         assert_eq!(lease_size(100_000, 1), 12_500);
+    }
+
+    #[test]
+    fn a_quota_lease_admits_while_positive_and_overdraws_by_one_request_at_most() {
+        let q = QuotaLease::new(TokenQuota {
+            tokens: 1_000,
+            period: QuotaPeriod::Day,
+        });
+        // Before Redis ever answered: the replica's own quota decides.
+        assert!(q.take(500, true, 2, 0).is_ok());
+        assert_eq!(q.balance.load(Ordering::Relaxed), -500);
+        // Redis granted: the overdraft was reported, 30 left.
+        let day = 20_786;
+        q.period.store(day, Ordering::Relaxed);
+        q.balance.store(30, Ordering::Relaxed);
+        q.last_used.store(900, Ordering::Relaxed);
+        assert!(q.take(25, true, 2, 0).is_ok());
+        assert!(q.take(25, true, 2, 0).is_ok(), "5 left: one overdraft");
+        assert_eq!(
+            q.take(1, true, 2, 0),
+            Err(SharedRefusal::QuotaLeaseShort {
+                tokens: 1_000,
+                retry_after_ms: 200
+            })
+        );
+        q.exhausted.store(true, Ordering::Relaxed);
+        q.renews_at.store(7, Ordering::Relaxed);
+        assert_eq!(
+            q.take(1, true, 2, 0),
+            Err(SharedRefusal::Quota {
+                tokens: 1_000,
+                renews_at_unix_ms: 7
+            })
+        );
+        // What the response did not use comes back: -20 + 21.
+        q.settle(25, 4);
+        assert!(q.take(10, true, 2, 0).is_ok());
+        // Degraded, same day: down to half of the 100 Redis said was left.
+        let unix = day * 86_400_000 + 1;
+        q.balance.store(0, Ordering::Relaxed);
+        assert!(q.take(30, false, 2, unix).is_ok());
+        assert!(q.take(30, false, 2, unix).is_ok(), "-30 > -50");
+        assert!(q.take(1, false, 2, unix).is_err(), "-60: its share is used");
+        // A new day on the replica's clock while degraded: a fresh start.
+        assert!(q.take(1, false, 2, unix + 86_400_000).is_ok());
+        assert_eq!(q.period.load(Ordering::Relaxed), day + 1);
     }
 
     #[test]

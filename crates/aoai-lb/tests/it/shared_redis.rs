@@ -745,3 +745,243 @@ async fn two_replicas_together_stay_within_a_clients_tpm_with_leases() {
     // may hold up to one request's worth unused.
     assert!(ok >= 10 - 2, "under-use beyond the stated bound: {ok}");
 }
+
+/// Two replicas sharing a client `team` with `client_extra` merged in, a
+/// `redis` block with `redis_extra`, and no drain delay.
+async fn two_replicas_for_team(
+    redis: &Redis,
+    client_extra: serde_json::Value,
+) -> (Vec<SimHandle>, Replica, Replica, String) {
+    let sims = sims(1).await;
+    let mut client = serde_json::json!({"name": "team", "key": "team-key-1"});
+    if let (Some(c), serde_json::Value::Object(l)) = (client.as_object_mut(), client_extra) {
+        c.extend(l);
+    }
+    let prefix = format!("t{}:", fastrand::u32(..));
+    let doc = config_with(
+        &sims,
+        serde_json::json!({
+            "clients": [client],
+            "server": {"drain_delay_ms": 0, "shutdown_grace_ms": 5000},
+            "redis": {
+                "url": redis.url(),
+                "key_prefix": prefix,
+                "sync_interval_ms": 200,
+                "op_timeout_ms": 100,
+            },
+        }),
+    );
+    let a = replica(&doc);
+    let b = replica(&doc);
+    a.wait_state("up", Duration::from_secs(5)).await;
+    b.wait_state("up", Duration::from_secs(5)).await;
+    (sims, a, b, prefix)
+}
+
+fn team_headers() -> Vec<(&'static str, String)> {
+    vec![
+        ("api-key", "team-key-1".to_owned()),
+        ("content-type", "application/json".to_owned()),
+    ]
+}
+
+/// The hash tag of client `name`'s keys (as the gateway builds it).
+fn team_tag(prefix: &str, name: &str) -> String {
+    use sha2::Digest as _;
+    let d = sha2::Sha256::digest(name.as_bytes());
+    let hex: String = d.iter().take(8).map(|b| format!("{b:02x}")).collect();
+    format!("{{{prefix}q:{hex}}}")
+}
+
+/// `HGET key field` as a number (0 when missing).
+fn hget(redis: &Redis, key: &str, field: &str) -> i64 {
+    let reply = resp(redis, &["HGET", key, field]);
+    // `$n\r\nvalue\r\n` or `$-1\r\n`
+    reply
+        .split("\r\n")
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The sum of every field of a hash (`HVALS`).
+fn hsum(redis: &Redis, key: &str) -> i64 {
+    resp(redis, &["HVALS", key])
+        .split("\r\n")
+        .filter(|l| !l.starts_with('*') && !l.starts_with('$'))
+        .filter_map(|v| v.parse::<i64>().ok())
+        .sum()
+}
+
+async fn quota_used_locally(r: &Replica) -> u64 {
+    let (s, _, b) = send(
+        Method::GET,
+        &format!("{}/admin/clients", r.admin),
+        &[] as &[(&str, &str)],
+        "",
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    let v: serde_json::Value = serde_json::from_slice(&b).unwrap();
+    let team = v["clients"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "team")
+        .unwrap();
+    team["token_quota"]["used"].as_u64().unwrap()
+}
+
+#[tokio::test]
+async fn two_replicas_together_stay_within_a_clients_token_quota() {
+    let redis = Redis::start();
+    // One request costs about 25 tokens by its estimate (prompt and
+    // max_tokens 16); the quota fits about 16 of them. Each replica alone
+    // would admit all of it.
+    let quota = 400;
+    let path = chat_path("gpt-4o");
+    let est = aoai_lb::limits::estimate_tokens(
+        path.split('?').next().unwrap(),
+        "gpt-4o",
+        chat_body(false).as_bytes(),
+        4096,
+    );
+    let (_sims, a, b, prefix) = two_replicas_for_team(
+        &redis,
+        serde_json::json!({"token_quota": {"tokens": quota, "period": "day"}}),
+    )
+    .await;
+    let mut statuses = std::collections::BTreeMap::new();
+    let mut quota_refusals = [0; 2];
+    // Bounded by count: alternate until both replicas refused twice.
+    for i in 0..200 {
+        if quota_refusals.iter().all(|&n| n >= 2) {
+            break;
+        }
+        let r = if i % 2 == 0 { &a } else { &b };
+        let (s, _, body) = send(
+            Method::POST,
+            &format!("{}{path}", r.url),
+            &team_headers(),
+            chat_body(false),
+        )
+        .await;
+        *statuses.entry(s.as_u16()).or_insert(0) += 1;
+        match s {
+            StatusCode::OK | StatusCode::TOO_MANY_REQUESTS => {}
+            StatusCode::FORBIDDEN => {
+                let text = String::from_utf8_lossy(&body);
+                assert!(text.contains("token quota of 400"), "{text}");
+                quota_refusals[i % 2] += 1;
+            }
+            other => panic!("{other}: {}", String::from_utf8_lossy(&body)),
+        }
+    }
+    assert!(
+        quota_refusals.iter().all(|&n| n >= 2),
+        "both replicas reach the shared quota: {statuses:?}"
+    );
+    let (ua, ub) = (quota_used_locally(&a).await, quota_used_locally(&b).await);
+    let total = ua + ub;
+    eprintln!("used {ua} + {ub} = {total} of {quota} (estimate {est}); {statuses:?}");
+    // The stated bound: at most one request's estimate per replica over
+    // the quota; and, with traffic on both past the quota, no lease left
+    // unused beyond one request each.
+    assert!(total <= quota + 2 * est, "over the bound: {total}");
+    assert!(
+        total + 2 * est >= quota,
+        "under-use beyond the bound: {total}"
+    );
+    assert!(ua > 0 && ub > 0, "both replicas served: {ua} {ub}");
+    let key = format!("{}:quota", team_tag(&prefix, "team"));
+    let used_in_redis = hget(&redis, &key, "used");
+    assert!(
+        used_in_redis >= i64::try_from(quota).unwrap(),
+        "Redis: {used_in_redis}"
+    );
+    let st = a.redis_status().await;
+    assert_eq!(
+        st["quotas"]["clients"]["team"]["token_quota"]["used_up"], true,
+        "{st}"
+    );
+}
+
+#[tokio::test]
+async fn a_replica_gives_its_unused_leases_back_on_shutdown_and_never_waits_long_for_redis() {
+    let redis = Redis::start();
+    // rpm 1600 and a quota of 64 000 a day: leases of 100 requests and
+    // 500 tokens per replica (more before the replicas see each other).
+    let (_sims, mut a, mut b, prefix) = two_replicas_for_team(
+        &redis,
+        serde_json::json!({"rpm": 1600, "token_quota": {"tokens": 64_000, "period": "day"}}),
+    )
+    .await;
+    let tag = team_tag(&prefix, "team");
+    let (rpm_key, quota_key) = (format!("{tag}:rpm"), format!("{tag}:quota"));
+    // Both hold leases, and no more top-ups happen without traffic.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let lease = |st: &serde_json::Value, dim: &str| {
+        st["quotas"]["clients"]["team"][dim]["lease_left"]
+            .as_i64()
+            .unwrap_or(0)
+    };
+    loop {
+        let (sa, sb) = (a.redis_status().await, b.redis_status().await);
+        if lease(&sa, "rpm") > 0
+            && lease(&sb, "rpm") > 0
+            && lease(&sa, "token_quota") > 0
+            && lease(&sb, "token_quota") > 0
+            && sa["quotas"]["replicas_seen"] == 2
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{sa}\n{sb}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let sa = a.redis_status().await;
+    let (rpm_a, quota_a) = (lease(&sa, "rpm"), lease(&sa, "token_quota"));
+    let (rpm_before, quota_before) = (hsum(&redis, &rpm_key), hget(&redis, &quota_key, "used"));
+    assert!(rpm_before >= rpm_a && quota_before >= quota_a);
+
+    let t = Instant::now();
+    a.bin.signal("TERM");
+    assert!(a.bin.wait_exit(Duration::from_secs(5)).is_some());
+    let took = t.elapsed();
+    assert!(
+        a.bin
+            .all_text()
+            .iter()
+            .any(|l| l.contains("gave unused quota leases back to Redis")),
+        "{:#?}",
+        a.bin.all_text()
+    );
+    assert_eq!(hsum(&redis, &rpm_key), rpm_before - rpm_a, "rpm lease back");
+    assert_eq!(
+        hget(&redis, &quota_key, "used"),
+        quota_before - quota_a,
+        "quota lease back"
+    );
+
+    // Frozen Redis: the give-back gives up after op_timeout_ms (100); the
+    // shutdown takes no longer than a healthy one plus that, with slack.
+    redis.signal("-STOP");
+    let t = Instant::now();
+    b.bin.signal("TERM");
+    assert!(b.bin.wait_exit(Duration::from_secs(5)).is_some());
+    let frozen = t.elapsed();
+    redis.signal("-CONT");
+    eprintln!("shutdown with Redis healthy {took:?}, frozen {frozen:?}");
+    assert!(
+        frozen < took + Duration::from_millis(100 + 1_000),
+        "frozen {frozen:?}, healthy {took:?}"
+    );
+    assert!(
+        b.bin
+            .all_text()
+            .iter()
+            .any(|l| l.contains("could not give unused quota leases back")),
+        "{:#?}",
+        b.bin.all_text()
+    );
+}
