@@ -492,8 +492,9 @@ pub enum GatewayError {
     /// The client table cannot be built (`API_KEY` clashes with a client).
     #[error("{0}")]
     Clients(String),
-    /// The `redis` block cannot be turned into a client.
-    #[error("redis.url: {0}")]
+    /// The `redis` block cannot be turned into a client (the message
+    /// starts with the field: `redis.url` or `redis.ca_file`).
+    #[error("{0}")]
     Redis(String),
     /// More instances than the selector supports.
     #[error("instances: at most {max} instances are supported")]

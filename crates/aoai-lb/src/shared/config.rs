@@ -63,6 +63,11 @@ pub struct RedisConfig {
     pub share_quotas: bool,
     /// How quotas are shared. Default [`QuotaMode::Lease`].
     pub quota_mode: QuotaMode,
+    /// With `rediss://`: a PEM file of the CA certificate(s) to trust
+    /// instead of the public web PKI roots (a private CA, a self-signed
+    /// test server). `None` = the web PKI roots. Read at start-up: a
+    /// missing or certificate-less file stops it.
+    pub ca_file: Option<std::path::PathBuf>,
 }
 
 /// The block as written.
@@ -82,6 +87,7 @@ pub(crate) struct RawRedis {
     #[serde(default)]
     share: RawShare,
     quota_mode: Option<QuotaMode>,
+    ca_file: Option<std::path::PathBuf>,
 }
 
 #[derive(Deserialize, Default)]
@@ -210,6 +216,17 @@ impl RawRedis {
                 "must be at least 50",
             ));
         }
+        if let Some(path) = &self.ca_file {
+            if path.as_os_str().is_empty() {
+                return Err(ConfigError::new("redis.ca_file", "must name a file"));
+            }
+            if url.scheme() != "rediss" {
+                return Err(ConfigError::new(
+                    "redis.ca_file",
+                    "only applies to a rediss:// url (TLS)",
+                ));
+            }
+        }
         Ok(RedisConfig {
             url,
             username,
@@ -224,6 +241,7 @@ impl RawRedis {
             share_affinity: self.share.affinity.unwrap_or(true),
             share_quotas: self.share.quotas.unwrap_or(true),
             quota_mode: self.quota_mode.unwrap_or_default(),
+            ca_file: self.ca_file,
         })
     }
 }
@@ -326,6 +344,11 @@ mod tests {
                 r#"{"url":"redis://h","share":{"x":true}}"#,
                 "redis.share.x:",
             ),
+            (
+                r#"{"url":"redis://h","ca_file":"/etc/ca.pem"}"#,
+                "redis.ca_file:",
+            ),
+            (r#"{"url":"rediss://h","ca_file":""}"#, "redis.ca_file:"),
         ] {
             let e = parse(block).unwrap_err();
             assert!(e.starts_with(field), "{block}: {e}");
