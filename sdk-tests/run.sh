@@ -186,7 +186,16 @@ if [ "${SKIP_NODE:-0}" != "1" ]; then
   elif command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1; then
     say "running the Node test (node $(node --version))"
     set +e
-    (cd "$HERE/node" && npm ci --silent --no-audit --no-fund && node --test)
+    (
+      cd "$HERE/node"
+      # npm ci deletes and reinstalls node_modules: only when the lock changed.
+      lock_hash="$(sha256sum package-lock.json | cut -d' ' -f1)"
+      if [ "$(cat node_modules/.lock.sha256 2>/dev/null)" != "$lock_hash" ]; then
+        npm ci --silent --no-audit --no-fund || exit
+        echo "$lock_hash" > node_modules/.lock.sha256
+      fi
+      node --test
+    )
     node_rc=$?
     set -e
     [ "$rc" -eq 0 ] && rc=$node_rc

@@ -334,53 +334,122 @@ pub fn admit(
 
 // ---- The estimate ------------------------------------------------------
 
-/// Azure-style admission estimate of a request's tokens: prompt tokens
-/// plus the most it may generate (`max_tokens`, `max_completion_tokens` or
-/// `max_output_tokens`, else `default_max_tokens`) times `n` (or
-/// `best_of`, whichever is larger). Embeddings generate nothing. A body
-/// that is not a JSON object (audio uploads, GET requests) is estimated at
-/// 0: such requests count against `rpm` only. `model` (the deployment)
-/// picks the tokenizer.
-pub fn estimate_tokens(path: &str, model: &str, body: &[u8], default_max_tokens: u64) -> u64 {
-    #[derive(serde::Deserialize, Default)]
-    #[serde(default)]
-    struct Caps {
-        max_tokens: Option<u64>,
-        max_completion_tokens: Option<u64>,
-        max_output_tokens: Option<u64>,
-        n: Option<u64>,
-        best_of: Option<u64>,
+/// What the token estimates read from a JSON request body: the output
+/// caps and the prompt's parts. Parsed once per request (the pipeline
+/// keeps it on its context) and shared by the client's token admission
+/// ([`estimate_parsed`]) and rate-limit steering
+/// ([`crate::steer::estimate`]).
+#[derive(Debug, Default, Clone, PartialEq, serde::Deserialize)]
+#[serde(default)]
+pub struct Caps {
+    /// `max_tokens` (chat, completions).
+    pub max_tokens: Option<u64>,
+    /// `max_completion_tokens` (chat, newer models).
+    pub max_completion_tokens: Option<u64>,
+    /// `max_output_tokens` (Responses).
+    pub max_output_tokens: Option<u64>,
+    /// `n`: choices generated.
+    pub n: Option<u64>,
+    /// `best_of` (legacy completions): candidates generated.
+    pub best_of: Option<u64>,
+    /// Chat `messages`.
+    pub messages: Option<serde_json::Value>,
+    /// Completions `prompt`.
+    pub prompt: Option<serde_json::Value>,
+    /// Embeddings or Responses `input`.
+    pub input: Option<serde_json::Value>,
+    /// Responses `instructions`.
+    pub instructions: Option<serde_json::Value>,
+    /// Tool definitions (chat, Responses).
+    pub tools: Option<serde_json::Value>,
+    /// Legacy chat function definitions.
+    pub functions: Option<serde_json::Value>,
+}
+
+impl Caps {
+    /// Parses `body`. `None` when it is not a JSON object, or a cap or
+    /// `n`/`best_of` is not a non-negative integer (Azure refuses such a
+    /// request; it is estimated at 0).
+    pub fn parse(body: &[u8]) -> Option<Caps> {
+        // An array would fill the struct's fields in order.
+        if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+            return None;
+        }
+        serde_json::from_slice(body).ok()
     }
-    let first = body.iter().find(|b| !b.is_ascii_whitespace());
-    if first != Some(&b'{') {
-        return 0;
+
+    /// The prompt's parts, for the tokenizer.
+    pub fn prompt_parts(&self) -> crate::usage::estimate::PromptParts<'_> {
+        crate::usage::estimate::PromptParts {
+            messages: self.messages.as_ref(),
+            prompt: self.prompt.as_ref(),
+            input: self.input.as_ref(),
+            instructions: self.instructions.as_ref(),
+            tools: self.tools.as_ref(),
+            functions: self.functions.as_ref(),
+        }
     }
-    let Ok(caps) = serde_json::from_slice::<Caps>(body) else {
-        return 0;
-    };
-    let endpoint = Endpoint::from_path(path);
-    let prompt = prompt_tokens(endpoint, model, body);
-    if endpoint == Some(Endpoint::Embeddings) {
-        return prompt;
-    }
+}
+
+/// The most a request may generate, as Azure reserves it: its cap
+/// (`max_completion_tokens`, else `max_tokens`, else `max_output_tokens`,
+/// else `default` when it sets none) times the choices it asks for (the
+/// larger of `n` and `best_of`, at least 1). Saturates instead of
+/// overflowing.
+pub fn output_allowance(caps: &Caps, default: u64) -> u64 {
     let out = caps
         .max_completion_tokens
         .or(caps.max_tokens)
         .or(caps.max_output_tokens)
-        .unwrap_or(default_max_tokens);
+        .unwrap_or(default);
     let times = caps.n.unwrap_or(1).max(caps.best_of.unwrap_or(1)).max(1);
-    prompt.saturating_add(out.saturating_mul(times))
+    out.saturating_mul(times)
 }
 
-/// Prompt tokens of a request body: counted with the model's tokenizer on
-/// the inference endpoints ([`crate::usage::estimate::prompt_tokens`]),
-/// and estimated from the body's size elsewhere (about four bytes of JSON
-/// per token, the order of Azure's own character-based estimate).
-pub fn prompt_tokens(endpoint: Option<Endpoint>, model: &str, body: &[u8]) -> u64 {
-    match endpoint {
-        Some(e) => crate::usage::estimate::prompt_tokens(e, model, body),
-        None => (body.len() as u64).div_ceil(4),
+/// Azure-style admission estimate of a request's tokens: prompt tokens
+/// plus [`output_allowance`] with `default_max_tokens`. Embeddings
+/// generate nothing. A body that is not a JSON object (audio uploads, GET
+/// requests) is estimated at 0: such requests count against `rpm` only.
+/// `model` (the deployment) picks the tokenizer. Parses `body`; the
+/// pipeline, which has parsed it already, calls [`estimate_parsed`].
+pub fn estimate_tokens(path: &str, model: &str, body: &[u8], default_max_tokens: u64) -> u64 {
+    estimate_parsed(
+        Caps::parse(body).as_ref(),
+        path,
+        model,
+        body.len(),
+        default_max_tokens,
+    )
+}
+
+/// [`estimate_tokens`] of a body already parsed into `caps` (`None`: not
+/// a JSON object, estimated at 0), `body_len` bytes long.
+pub fn estimate_parsed(
+    caps: Option<&Caps>,
+    path: &str,
+    model: &str,
+    body_len: usize,
+    default_max_tokens: u64,
+) -> u64 {
+    let Some(caps) = caps else {
+        return 0;
+    };
+    let endpoint = Endpoint::from_path(path);
+    // The inference endpoints' prompts are counted with the model's
+    // tokenizer; elsewhere about four bytes of JSON per token, the order
+    // of Azure's own character-based estimate.
+    let prompt = match endpoint {
+        Some(e) => crate::usage::estimate::prompt_tokens_of(
+            crate::usage::estimate::Encoding::for_model(model),
+            e,
+            &caps.prompt_parts(),
+        ),
+        None => (body_len as u64).div_ceil(4),
+    };
+    if endpoint == Some(Endpoint::Embeddings) {
+        return prompt;
     }
+    prompt.saturating_add(output_allowance(caps, default_max_tokens))
 }
 
 // ---- Calendar periods --------------------------------------------------
@@ -568,10 +637,10 @@ mod tests {
 
     #[test]
     fn estimates_like_azure() {
+        use crate::usage::estimate::prompt_tokens;
         let chat = "/openai/deployments/gpt-4o/chat/completions";
-        let ep = Endpoint::from_path(chat);
         let body = br#"{"messages":[{"role":"user","content":"hi"}],"max_tokens":16,"n":2}"#;
-        let p = prompt_tokens(ep, "gpt-4o", body);
+        let p = prompt_tokens(Endpoint::Chat, "gpt-4o", body);
         assert!(p > 0);
         assert_eq!(estimate_tokens(chat, "gpt-4o", body, 100), p + 32);
         let body = br#"{"messages":[{"role":"user","content":"hi"}]}"#;
@@ -580,7 +649,7 @@ mod tests {
         let body = br#"{"input":"hi there","max_tokens":50}"#;
         assert_eq!(
             estimate_tokens(emb, "e", body, 100),
-            prompt_tokens(Endpoint::from_path(emb), "e", body)
+            prompt_tokens(Endpoint::Embeddings, "e", body)
         );
         let images = "/openai/deployments/d/images/generations";
         let body = br#"{"prompt":"a cat"}"#;
@@ -590,6 +659,39 @@ mod tests {
         );
         assert_eq!(estimate_tokens("/audio", "d", b"RIFF....", 100), 0);
         assert_eq!(estimate_tokens("/x", "d", b"", 100), 0);
+        assert_eq!(estimate_tokens(chat, "gpt-4o", b"[16, 2]", 100), 0);
+        assert_eq!(
+            estimate_tokens(chat, "gpt-4o", br#"{"max_tokens":"16"}"#, 100),
+            0
+        );
+    }
+
+    #[test]
+    fn output_allowance_takes_the_first_cap_set_times_the_most_choices() {
+        let caps = |body: &[u8]| Caps::parse(body).unwrap();
+        assert_eq!(output_allowance(&caps(b"{}"), 100), 100);
+        assert_eq!(output_allowance(&caps(br#"{"max_tokens":7}"#), 100), 7);
+        // max_completion_tokens wins over max_tokens, which wins over
+        // max_output_tokens.
+        let all = br#"{"max_tokens":7,"max_completion_tokens":5,"max_output_tokens":3}"#;
+        assert_eq!(output_allowance(&caps(all), 100), 5);
+        let two = br#"{"max_tokens":7,"max_output_tokens":3}"#;
+        assert_eq!(output_allowance(&caps(two), 100), 7);
+        assert_eq!(
+            output_allowance(&caps(br#"{"max_output_tokens":3}"#), 100),
+            3
+        );
+        // The larger of n and best_of; 0 counts as 1.
+        assert_eq!(
+            output_allowance(&caps(br#"{"max_tokens":7,"n":3}"#), 100),
+            21
+        );
+        let both = br#"{"max_tokens":7,"n":2,"best_of":4}"#;
+        assert_eq!(output_allowance(&caps(both), 100), 28);
+        assert_eq!(output_allowance(&caps(br#"{"n":0}"#), 100), 100);
+        assert_eq!(output_allowance(&caps(br#"{"max_tokens":null}"#), 100), 100);
+        let huge = format!(r#"{{"max_tokens":{},"n":2}}"#, u64::MAX);
+        assert_eq!(output_allowance(&caps(huge.as_bytes()), 100), u64::MAX);
     }
 
     proptest! {

@@ -223,11 +223,8 @@ impl AccessRecord {
         json_opt_str(out, self.deployment.as_deref());
         out.extend_from_slice(b",\"client\":");
         json_opt_str(out, self.client.as_deref());
-        out.extend_from_slice(b",\"attempts\":[");
-        for (i, a) in self.attempts.iter().enumerate() {
-            if i > 0 {
-                out.push(b',');
-            }
+        out.extend_from_slice(b",\"attempts\":");
+        json_array(out, &self.attempts, |out, a| {
             out.extend_from_slice(b"{\"instance\":");
             json_str(out, a.instance.as_str());
             out.extend_from_slice(b",\"outcome\":");
@@ -237,21 +234,16 @@ impl AccessRecord {
             out.extend_from_slice(b",\"ms\":");
             json_f64(out, a.ms);
             out.push(b'}');
-        }
-        out.push(b']');
+        });
         if !skipped.is_empty() {
-            out.extend_from_slice(b",\"skipped\":[");
-            for (i, skip) in skipped.iter().enumerate() {
-                if i > 0 {
-                    out.push(b',');
-                }
+            out.extend_from_slice(b",\"skipped\":");
+            json_array(out, skipped, |out, skip| {
                 out.extend_from_slice(b"{\"instance\":");
                 json_str(out, skip.instance.as_str());
                 out.extend_from_slice(b",\"reason\":");
                 json_str(out, skip.reason);
                 out.push(b'}');
-            }
-            out.push(b']');
+            });
         }
         out.extend_from_slice(b",\"instance\":");
         json_opt_str(out, self.instance.as_ref().map(InstanceName::as_str));
@@ -300,6 +292,19 @@ impl AccessRecord {
             t.export(self);
         }
     }
+}
+
+/// A JSON array (no white space, as serde_json writes it) of `items`,
+/// each written by `item`.
+fn json_array<T>(out: &mut Vec<u8>, items: &[T], mut item: impl FnMut(&mut Vec<u8>, &T)) {
+    out.push(b'[');
+    for (i, x) in items.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        item(out, x);
+    }
+    out.push(b']');
 }
 
 /// A JSON string with serde_json's escaping: `"`, `\` and the control

@@ -498,20 +498,10 @@ impl RequestTrace {
             return;
         }
         let t = &*self.tracing;
-        let flags = TraceFlags::SAMPLED;
-        let trace_id = TraceId::from_bytes(self.trace_id.to_be_bytes());
         let end = self.wall_start + Duration::from_secs_f64(rec.total_ms.max(0.0) / 1000.0);
         let operation = operation_name(&rec.path);
 
-        let mut attrs = Vec::with_capacity(16);
-        attrs.push(KeyValue::new("gen_ai.provider.name", PROVIDER_NAME));
-        attrs.push(KeyValue::new("gen_ai.system", SYSTEM));
-        if let Some(op) = operation {
-            attrs.push(KeyValue::new("gen_ai.operation.name", op));
-        }
-        if let Some(dep) = &rec.deployment {
-            attrs.push(KeyValue::new("gen_ai.request.model", dep.clone()));
-        }
+        let mut attrs = genai_attributes(16, rec, operation);
         attrs.push(KeyValue::new(
             "http.request.method",
             rec.method.as_str().to_owned(),
@@ -542,38 +532,23 @@ impl RequestTrace {
         } else if rec.status >= 500 {
             attrs.push(KeyValue::new("error.type", rec.status.to_string()));
         }
-        let name: Cow<'static, str> = match (operation, &rec.deployment) {
-            (Some(op), Some(dep)) => format!("{op} {dep}").into(),
-            _ => rec.method.as_str().to_owned().into(),
-        };
-        t.processor.on_end(SpanData {
-            span_context: SpanContext::new(
-                trace_id,
-                SpanId::from_bytes(self.span_id.to_be_bytes()),
-                flags,
-                false,
-                TraceState::NONE,
-            ),
-            parent_span_id: SpanId::from_bytes(self.parent_span_id.unwrap_or(0).to_be_bytes()),
-            parent_span_is_remote: self.parent_span_id.is_some(),
-            span_kind: SpanKind::Server,
-            name,
-            start_time: self.wall_start,
-            end_time: end,
-            attributes: attrs,
-            dropped_attributes_count: 0,
-            events: SpanEvents::default(),
-            links: SpanLinks::default(),
-            status: if failed {
-                Status::error("")
-            } else {
-                Status::Unset
+        t.processor.on_end(self.span(
+            rec,
+            operation,
+            Span {
+                id: self.span_id,
+                // The client's span, when it sent a `traceparent`.
+                parent: self.parent_span_id,
+                remote_parent: true,
+                kind: SpanKind::Server,
+                start: self.wall_start,
+                end,
+                attrs,
+                failed,
             },
-            instrumentation_scope: t.scope.clone(),
-        });
+        ));
         for a in &rec.attempts {
-            t.processor
-                .on_end(self.attempt_span(rec, a, trace_id, operation));
+            t.processor.on_end(self.attempt_span(rec, a, operation));
         }
     }
 
@@ -581,21 +556,12 @@ impl RequestTrace {
         &self,
         rec: &AccessRecord,
         a: &Attempt,
-        trace_id: TraceId,
         operation: Option<&'static str>,
     ) -> SpanData {
         let backend = &a.instance.0;
         let start = self.wall_start + a.started.saturating_duration_since(self.start);
         let end = start + Duration::from_secs_f64(a.ms.max(0.0) / 1000.0);
-        let mut attrs = Vec::with_capacity(12);
-        attrs.push(KeyValue::new("gen_ai.provider.name", PROVIDER_NAME));
-        attrs.push(KeyValue::new("gen_ai.system", SYSTEM));
-        if let Some(op) = operation {
-            attrs.push(KeyValue::new("gen_ai.operation.name", op));
-        }
-        if let Some(dep) = &rec.deployment {
-            attrs.push(KeyValue::new("gen_ai.request.model", dep.clone()));
-        }
+        let mut attrs = genai_attributes(12, rec, operation);
         if let Some(host) = backend.config.url.host_str() {
             attrs.push(KeyValue::new("server.address", host.to_owned()));
         }
@@ -623,29 +589,49 @@ impl RequestTrace {
         {
             push_usage(&mut attrs, rec);
         }
+        self.span(
+            rec,
+            operation,
+            Span {
+                id: attempt_span_id(self.span_id, backend.index),
+                parent: Some(self.span_id),
+                remote_parent: false,
+                kind: SpanKind::Client,
+                start,
+                end,
+                attrs,
+                failed,
+            },
+        )
+    }
+
+    /// A finished span of this (sampled) trace, named `{operation}
+    /// {deployment}` for inference (the GenAI convention), else after the
+    /// method. A failed span has an error status.
+    fn span(&self, rec: &AccessRecord, operation: Option<&'static str>, s: Span) -> SpanData {
         let name: Cow<'static, str> = match (operation, &rec.deployment) {
             (Some(op), Some(dep)) => format!("{op} {dep}").into(),
             _ => rec.method.as_str().to_owned().into(),
         };
         SpanData {
             span_context: SpanContext::new(
-                trace_id,
-                SpanId::from_bytes(attempt_span_id(self.span_id, backend.index).to_be_bytes()),
+                TraceId::from_bytes(self.trace_id.to_be_bytes()),
+                SpanId::from_bytes(s.id.to_be_bytes()),
                 TraceFlags::SAMPLED,
                 false,
                 TraceState::NONE,
             ),
-            parent_span_id: SpanId::from_bytes(self.span_id.to_be_bytes()),
-            parent_span_is_remote: false,
-            span_kind: SpanKind::Client,
+            parent_span_id: SpanId::from_bytes(s.parent.unwrap_or(0).to_be_bytes()),
+            parent_span_is_remote: s.remote_parent && s.parent.is_some(),
+            span_kind: s.kind,
             name,
-            start_time: start,
-            end_time: end,
-            attributes: attrs,
+            start_time: s.start,
+            end_time: s.end,
+            attributes: s.attrs,
             dropped_attributes_count: 0,
             events: SpanEvents::default(),
             links: SpanLinks::default(),
-            status: if failed {
+            status: if s.failed {
                 Status::error("")
             } else {
                 Status::Unset
@@ -653,6 +639,39 @@ impl RequestTrace {
             instrumentation_scope: self.tracing.scope.clone(),
         }
     }
+}
+
+/// What differs between the request's span and its attempts' spans.
+struct Span {
+    id: u64,
+    /// `None`: a root span.
+    parent: Option<u64>,
+    /// The parent is in another process.
+    remote_parent: bool,
+    kind: SpanKind,
+    start: SystemTime,
+    end: SystemTime,
+    attrs: Vec<KeyValue>,
+    failed: bool,
+}
+
+/// The GenAI attributes every span of a request starts with (provider,
+/// system, operation, requested model), in room for `capacity`.
+fn genai_attributes(
+    capacity: usize,
+    rec: &AccessRecord,
+    operation: Option<&'static str>,
+) -> Vec<KeyValue> {
+    let mut attrs = Vec::with_capacity(capacity);
+    attrs.push(KeyValue::new("gen_ai.provider.name", PROVIDER_NAME));
+    attrs.push(KeyValue::new("gen_ai.system", SYSTEM));
+    if let Some(op) = operation {
+        attrs.push(KeyValue::new("gen_ai.operation.name", op));
+    }
+    if let Some(dep) = &rec.deployment {
+        attrs.push(KeyValue::new("gen_ai.request.model", dep.clone()));
+    }
+    attrs
 }
 
 /// `gen_ai.usage.*` from the record's exact usage (or the gateway's

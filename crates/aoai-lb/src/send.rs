@@ -205,6 +205,9 @@ pub struct Outgoing<'a> {
     pub route: &'a Route,
     /// The buffered client body.
     pub body: &'a Bytes,
+    /// The body's caps and prompt as parsed for the request, for the
+    /// steering estimate (`None`: not parsed, or not a JSON object).
+    pub caps: Option<&'a crate::limits::Caps>,
     /// A WebSocket handshake: sent over HTTP/1.1 so it can be upgraded.
     pub websocket: bool,
     /// Instances this request must not use (outside the client's
@@ -213,6 +216,15 @@ pub struct Outgoing<'a> {
     /// The request's trace context while tracing is on: each attempt
     /// carries its own `traceparent`.
     pub trace: Option<&'a crate::otel::RequestTrace>,
+}
+
+/// The deployment whose lanes steer this request: its deployment while
+/// `routing.rate_limit_aware` is on.
+pub fn steered_deployment<'a>(gw: &GatewayState, route: &'a Route) -> Option<&'a str> {
+    route
+        .deployment
+        .as_deref()
+        .filter(|_| gw.config.routing.rate_limit_aware)
 }
 
 /// Tries candidates in selector order until one gives an answer to return.
@@ -229,8 +241,8 @@ pub async fn failover(
     let dep = out.route.deployment.as_deref();
     // Rate-limit steering: the request's Azure-style estimate, and which
     // instances were already reported as skipped.
-    let steering = dep.filter(|_| gw.config.routing.rate_limit_aware);
-    let estimate = steering.map_or(0, |_| steer::estimate(out.path, out.body));
+    let steering = steered_deployment(gw, out.route);
+    let estimate = steering.map_or(0, |_| steer::estimate(out.path, out.caps));
     let mut skipped_set = IndexSet::default();
     // A lane without predicted room is tried as a fallback (no lane has
     // room) until one such attempt meets a 429: that confirms the

@@ -19,14 +19,16 @@ use serde::Serialize;
 
 use crate::backend::{Backend, Unavailable};
 use crate::lane::{Headroom, Lane, LaneLimits, Prediction, Reading, SkipReason, Throttle};
+use crate::limits::{Caps, output_allowance};
 use crate::log::InstanceName;
 use crate::select::HealthView;
 
 /// Output tokens assumed when a request sets no `max_tokens`,
 /// `max_completion_tokens` or `max_output_tokens`. Azure reserves the
 /// model's largest output then; 4096 is the common cap of current chat
-/// models and matches the clients' default.
-pub const DEFAULT_MAX_TOKENS: u64 = 4096;
+/// models, the same as the clients' default
+/// ([`crate::clients::DEFAULT_MAX_TOKENS`]).
+pub const DEFAULT_MAX_TOKENS: u64 = crate::clients::DEFAULT_MAX_TOKENS;
 
 /// Prometheus name: predicted tokens left on a lane (refreshed at each
 /// scrape).
@@ -39,28 +41,13 @@ pub const STEER_SKIPS_TOTAL: &str = "aoai_lb_steer_skips_total";
 /// (message contents, tool-call arguments, `prompt`, `input`,
 /// `instructions`; not roles, names or the JSON around them) plus one
 /// per token of a token array and [`IMAGE_TOKENS`] per image part, at
-/// least 1; plus the most it may generate (`max_completion_tokens`,
-/// `max_tokens` or `max_output_tokens`, else [`DEFAULT_MAX_TOKENS`]) times
-/// `n` or `best_of`. Embeddings generate nothing. A body that is not a
-/// JSON object reserves 0 (it still counts as a request).
-pub fn estimate(path: &str, body: &[u8]) -> u64 {
-    #[derive(serde::Deserialize, Default)]
-    #[serde(default)]
-    struct Caps {
-        max_tokens: Option<u64>,
-        max_completion_tokens: Option<u64>,
-        max_output_tokens: Option<u64>,
-        n: Option<u64>,
-        best_of: Option<u64>,
-        messages: Option<serde_json::Value>,
-        prompt: Option<serde_json::Value>,
-        input: Option<serde_json::Value>,
-        instructions: Option<serde_json::Value>,
-    }
-    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
-        return 0;
-    }
-    let Ok(caps) = serde_json::from_slice::<Caps>(body) else {
+/// least 1; plus the most it may generate
+/// ([`crate::limits::output_allowance`] with [`DEFAULT_MAX_TOKENS`]).
+/// Embeddings generate nothing. `caps` is the body as the pipeline parsed
+/// it once for the request; `None` (not a JSON object) reserves 0 (it
+/// still counts as a request).
+pub fn estimate(path: &str, caps: Option<&Caps>) -> u64 {
+    let Some(caps) = caps else {
         return 0;
     };
     let mut text = Text::default();
@@ -79,17 +66,12 @@ pub fn estimate(path: &str, body: &[u8]) -> u64 {
     if crate::usage::Endpoint::from_path(path) == Some(crate::usage::Endpoint::Embeddings) {
         return prompt;
     }
-    let out = caps
-        .max_completion_tokens
-        .or(caps.max_tokens)
-        .or(caps.max_output_tokens)
-        .unwrap_or(DEFAULT_MAX_TOKENS);
-    let times = caps.n.unwrap_or(1).max(caps.best_of.unwrap_or(1)).max(1);
-    prompt.saturating_add(out.saturating_mul(times))
+    prompt.saturating_add(output_allowance(caps, DEFAULT_MAX_TOKENS))
 }
 
-/// Tokens counted for an image part in the estimate (one low-detail tile).
-pub const IMAGE_TOKENS: u64 = 85;
+/// Tokens counted for an image part in the estimate (one low-detail tile,
+/// as the tokenizer estimate counts it).
+pub const IMAGE_TOKENS: u64 = crate::usage::estimate::IMAGE_TOKENS;
 
 /// Nesting followed when counting text (deeper parts are ignored).
 const MAX_TEXT_DEPTH: usize = 16;
@@ -320,6 +302,10 @@ mod tests {
     }
 
     const CHAT: &str = "/openai/deployments/d/chat/completions";
+
+    fn estimate(path: &str, body: &[u8]) -> u64 {
+        super::estimate(path, Caps::parse(body).as_ref())
+    }
 
     #[test]
     fn estimates_like_azure_prompt_characters_plus_max_tokens_times_n() {

@@ -115,6 +115,25 @@ pub fn too_many_requests(
     )
 }
 
+/// The 429 body of a provisioned (PTU) deployment over 100% utilization.
+/// Azure's exact wording for it is not captured: this keeps the shape and
+/// `code` of [`too_many_requests`] and says what ran out.
+pub fn ptu_too_many_requests(op: &str, api_version: &str, retry_after: Duration) -> String {
+    let secs = ceil_secs(retry_after);
+    let message = format!(
+        "Requests to the {} Operation under Azure OpenAI API version {} have exceeded the provisioned throughput of this deployment (utilization over 100%). Please retry after {} second{}.",
+        operation_name(op),
+        if api_version.is_empty() {
+            "v1"
+        } else {
+            api_version
+        },
+        secs,
+        if secs == 1 { "" } else { "s" },
+    );
+    serde_json::json!({"error": {"code": "429", "message": message}}).to_string()
+}
+
 /// The canonical body for a status a fault asks for.
 pub fn canonical_error(status: u16) -> String {
     match status {

@@ -79,6 +79,19 @@ pub struct RateLimit {
     pub default_max_tokens: Option<u32>,
 }
 
+/// Azure's provisioned-throughput (PTU) model for one deployment, instead of
+/// the standard [`RateLimit`]: a leaky bucket that drains
+/// `tokens_per_minute`, utilization = what it holds against one minute of
+/// that, 429 while utilization is over 100%. Replies carry
+/// `azure-openai-deployment-utilization` instead of the
+/// `x-ratelimit-remaining-*` pair. See the crate README, "PTU deployments".
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Ptu {
+    /// Tokens the provisioned capacity processes per minute (0 is taken as 1).
+    pub tokens_per_minute: u32,
+}
+
 /// Settings that differ for one deployment; unset fields fall back to the instance's.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -95,6 +108,9 @@ pub struct DeploymentOverride {
     pub reasoning_tokens: Option<u32>,
     /// Prompt caching for this deployment only.
     pub prompt_cache: Option<bool>,
+    /// Make this a provisioned (PTU) deployment: its admission follows this
+    /// model and no `rate_limit` applies to it.
+    pub ptu: Option<Ptu>,
 }
 
 /// Everything about one simulated Azure OpenAI resource.
@@ -289,6 +305,16 @@ impl InstanceConfig {
         self
     }
 
+    /// Make `deployment` a provisioned (PTU) deployment processing
+    /// `tokens_per_minute` (see [`Ptu`]); no rate limit applies to it then.
+    pub fn deployment_ptu(mut self, deployment: &str, tokens_per_minute: u32) -> Self {
+        self.deployment_overrides
+            .entry(deployment.to_owned())
+            .or_default()
+            .ptu = Some(Ptu { tokens_per_minute });
+        self
+    }
+
     /// Model name for one deployment only (bodies, tokenizer, reasoning).
     pub fn deployment_model(mut self, deployment: &str, model: impl Into<String>) -> Self {
         self.deployment_overrides
@@ -381,11 +407,19 @@ impl InstanceConfig {
             .unwrap_or(&self.latency)
     }
 
-    /// The quota that applies to `deployment`, if any.
+    /// The PTU model of `deployment`, if it is a provisioned one.
+    pub(crate) fn ptu_for(&self, deployment: &str) -> Option<Ptu> {
+        self.deployment_overrides.get(deployment)?.ptu
+    }
+
+    /// The quota that applies to `deployment`, if any (none on a PTU
+    /// deployment).
     pub(crate) fn rate_limit_for(&self, deployment: &str) -> Option<RateLimit> {
-        self.deployment_overrides
-            .get(deployment)
-            .and_then(|o| o.rate_limit)
+        let o = self.deployment_overrides.get(deployment);
+        if o.is_some_and(|o| o.ptu.is_some()) {
+            return None;
+        }
+        o.and_then(|o| o.rate_limit)
             .or(self.rate_limit)
             .filter(|r| r.rpm > 0 || r.tpm > 0)
     }

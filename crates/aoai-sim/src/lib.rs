@@ -31,6 +31,7 @@ mod media;
 mod multipart;
 mod openai;
 mod prompt_cache;
+mod ptu;
 mod ratelimit;
 mod realtime;
 mod responses;
@@ -44,7 +45,7 @@ pub use clock::SimClock;
 pub use config::{
     DEFAULT_API_KEY, DEFAULT_EMBEDDING_DIMENSIONS, DEFAULT_JOURNAL_CAPACITY,
     DEFAULT_MAX_BODY_BYTES, DEFAULT_REASONING_TOKENS, DEFAULT_REGION, DEFAULT_REPLY_TOKENS,
-    DeploymentOverride, InstanceConfig, Latency, RateLimit,
+    DeploymentOverride, InstanceConfig, Latency, Ptu, RateLimit,
 };
 pub use fault::Fault;
 pub use identity::{

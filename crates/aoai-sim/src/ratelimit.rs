@@ -36,6 +36,8 @@ pub(crate) struct Remaining {
     pub tokens: u64,
     /// `(requests per 10 s, tokens per minute)`, sent only when configured.
     pub limits: Option<(u64, u64)>,
+    /// A PTU deployment's utilization, sent instead of the remaining pair.
+    pub utilization: Option<crate::ptu::Utilization>,
 }
 
 impl Remaining {
@@ -43,7 +45,16 @@ impl Remaining {
         requests: UNLIMITED_REMAINING_REQUESTS,
         tokens: UNLIMITED_REMAINING_TOKENS,
         limits: None,
+        utilization: None,
     };
+
+    /// What a PTU deployment reports: its utilization only.
+    pub(crate) fn ptu(u: crate::ptu::Utilization) -> Remaining {
+        Remaining {
+            utilization: Some(u),
+            ..Remaining::UNLIMITED
+        }
+    }
 }
 
 /// Why and for how long a request is refused.
@@ -104,6 +115,7 @@ impl Lane {
                 u64::from(rl.tpm).saturating_sub(self.reserved)
             },
             limits: rl.limit_headers.then_some((rlim, u64::from(rl.tpm))),
+            utilization: None,
         }
     }
 
@@ -133,24 +145,46 @@ pub(crate) fn req_limit(rl: &RateLimit) -> u64 {
     u64::from(rl.rpm).div_ceil(6)
 }
 
-/// Per-deployment admission state of one instance.
-#[derive(Default)]
-pub(crate) struct RateLimiter {
-    deps: Mutex<HashMap<String, Lane>>,
+/// State kept per deployment name behind one short-held lock, created on
+/// first use: the standard quota's lanes and the PTU buckets.
+pub(crate) struct PerDeployment<T>(Mutex<HashMap<String, T>>);
+
+impl<T> Default for PerDeployment<T> {
+    fn default() -> Self {
+        Self(Mutex::new(HashMap::new()))
+    }
 }
 
-impl RateLimiter {
-    fn lane<R>(&self, deployment: &str, f: impl FnOnce(&mut Lane) -> R) -> R {
-        let mut deps = self
-            .deps
+impl<T: Default> PerDeployment<T> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, T>> {
+        // Plain numbers: a panic elsewhere cannot leave them worse than off.
+        self.0
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Runs `f` on `deployment`'s state, created first if needed.
+    pub(crate) fn with<R>(&self, deployment: &str, f: impl FnOnce(&mut T) -> R) -> R {
+        let mut deps = self.lock();
         match deps.get_mut(deployment) {
-            Some(l) => f(l),
+            Some(t) => f(t),
             None => f(deps.entry(deployment.to_owned()).or_default()),
         }
     }
 
+    /// Runs `f` on `deployment`'s state, if it has any (nothing is created).
+    pub(crate) fn read<R>(&self, deployment: &str, f: impl FnOnce(Option<&T>) -> R) -> R {
+        f(self.lock().get(deployment))
+    }
+}
+
+/// Per-deployment admission state of one instance.
+#[derive(Default)]
+pub(crate) struct RateLimiter {
+    deps: PerDeployment<Lane>,
+}
+
+impl RateLimiter {
     /// Reserve `cost` tokens and one request on `deployment`, or refuse.
     pub(crate) fn charge(
         &self,
@@ -159,7 +193,7 @@ impl RateLimiter {
         cost: u64,
         now: Instant,
     ) -> Result<Remaining, Refusal> {
-        self.lane(deployment, |lane| {
+        self.deps.with(deployment, |lane| {
             lane.expire(now);
             let rlim = req_limit(&rl);
             let tpm = u64::from(rl.tpm);
@@ -205,11 +239,7 @@ impl RateLimiter {
 
     /// Quota left without reserving anything (for answers that cost nothing).
     pub(crate) fn peek(&self, deployment: &str, rl: RateLimit, now: Instant) -> Remaining {
-        let deps = self
-            .deps
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        match deps.get(deployment) {
+        self.deps.read(deployment, |lane| match lane {
             None => Lane::default().remaining(&rl),
             Some(lane) => {
                 // Count without mutating: what `expire` would leave.
@@ -232,7 +262,7 @@ impl RateLimiter {
                 view.requests.resize(requests, now);
                 view.remaining(&rl)
             }
-        }
+        })
     }
 }
 

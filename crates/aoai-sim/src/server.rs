@@ -89,6 +89,8 @@ pub(crate) struct Instance {
     pub(crate) journal: Journal,
     pub(crate) faults: FaultSet,
     pub(crate) limiter: RateLimiter,
+    /// Buckets of the provisioned (PTU) deployments.
+    pub(crate) ptu: crate::ptu::PtuLimiter,
     pub(crate) ledger: Ledger,
     pub(crate) prompt_cache: PromptCache,
     pub(crate) clock: SimClock,
@@ -285,6 +287,7 @@ pub async fn start_on(addr: SocketAddr, cfg: InstanceConfig) -> Result<SimHandle
         journal: Journal::new(cfg.journal_capacity),
         faults: FaultSet::new(&cfg.faults),
         limiter: RateLimiter::default(),
+        ptu: crate::ptu::PtuLimiter::default(),
         ledger: Ledger::default(),
         prompt_cache: PromptCache::default(),
         clock: cfg.clock.clone().unwrap_or_default(),

@@ -35,6 +35,7 @@ const H_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 const H_REGION: HeaderName = HeaderName::from_static("x-ms-region");
 const H_REMAINING_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-remaining-requests");
 const H_REMAINING_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-remaining-tokens");
+const H_UTILIZATION: HeaderName = HeaderName::from_static("azure-openai-deployment-utilization");
 const H_LIMIT_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-limit-requests");
 const H_LIMIT_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-limit-tokens");
 const H_CLIENT_REQUEST_ID: HeaderName = HeaderName::from_static("x-ms-client-request-id");
@@ -251,6 +252,17 @@ impl Ctx {
                     .with_deployment(dep),
             );
         }
+        if let Some(ptu) = self.inst.cfg.ptu_for(dep) {
+            return self
+                .inst
+                .ptu
+                .charge(dep, ptu, cost, self.inst.clock.now())
+                .map(Remaining::ptu)
+                .map_err(|r| {
+                    self.inst.ledger.throttled(dep);
+                    ptu_rate_limited(op, &self.api_version, &r).with_deployment(dep)
+                });
+        }
         let Some(rl) = self.inst.cfg.rate_limit_for(dep) else {
             return Ok(Remaining::UNLIMITED);
         };
@@ -327,6 +339,22 @@ pub(crate) fn rate_limited(body: String, r: &Refusal) -> Reply {
     reply
 }
 
+/// A provisioned deployment's 429 while its utilization is over 100%:
+/// `retry-after-ms` until it is back at 100%, `retry-after` (seconds, rounded
+/// up) and the utilization header. No `policy-id`: the token/call policies
+/// are the standard deployments' quota.
+fn ptu_rate_limited(op: Op, api_version: &str, r: &crate::ptu::PtuRefusal) -> Reply {
+    let ms = u64::try_from(r.retry_after.as_millis())
+        .unwrap_or(u64::MAX)
+        .max(1);
+    let body = azure::ptu_too_many_requests(op.key(), api_version, r.retry_after);
+    let mut reply = Reply::json(StatusCode::TOO_MANY_REQUESTS, body)
+        .header("retry-after", azure::ceil_secs(r.retry_after))
+        .header("retry-after-ms", ms);
+    reply.remaining = Some(Remaining::ptu(r.utilization));
+    reply
+}
+
 fn fault_reply(
     status: u16,
     body: Option<String>,
@@ -365,6 +393,7 @@ fn fault_reply(
                 requests: 0,
                 tokens: 0,
                 limits: None,
+                utilization: None,
             });
         }
     }
@@ -575,9 +604,14 @@ fn finish(
         tracker
             .deployment
             .as_deref()
-            .and_then(|d| inst.cfg.rate_limit_for(d).map(|rl| (d, rl)))
-            .map_or(Remaining::UNLIMITED, |(d, rl)| {
-                inst.limiter.peek(d, rl, inst.clock.now())
+            .map_or(Remaining::UNLIMITED, |d| {
+                if let Some(ptu) = inst.cfg.ptu_for(d) {
+                    Remaining::ptu(inst.ptu.peek(d, ptu, inst.clock.now()))
+                } else if let Some(rl) = inst.cfg.rate_limit_for(d) {
+                    inst.limiter.peek(d, rl, inst.clock.now())
+                } else {
+                    Remaining::UNLIMITED
+                }
             })
     });
     let mut resp = Response::new(SimBody::empty());
@@ -593,8 +627,15 @@ fn finish(
         }
     }
     h.insert(H_REGION, inst.region_hv.clone());
-    h.insert(H_REMAINING_REQUESTS, HeaderValue::from(remaining.requests));
-    h.insert(H_REMAINING_TOKENS, HeaderValue::from(remaining.tokens));
+    if let Some(u) = remaining.utilization {
+        // A provisioned deployment reports its utilization instead.
+        if let Ok(v) = HeaderValue::from_str(&u.header()) {
+            h.insert(H_UTILIZATION, v);
+        }
+    } else {
+        h.insert(H_REMAINING_REQUESTS, HeaderValue::from(remaining.requests));
+        h.insert(H_REMAINING_TOKENS, HeaderValue::from(remaining.tokens));
+    }
     if let Some((req, tok)) = remaining.limits {
         h.insert(H_LIMIT_REQUESTS, HeaderValue::from(req));
         h.insert(H_LIMIT_TOKENS, HeaderValue::from(tok));

@@ -57,9 +57,11 @@ pub fn permit(_gw: &GatewayState, ctx: &mut RequestCtx) -> Result<(), ProxyError
 /// [`ProxyError::QuotaExceeded`] (403), [`ProxyError::ClientRateLimited`]
 /// or [`ProxyError::RequestTooLarge`] (429). Nothing is counted then.
 pub fn admit(gw: &GatewayState, ctx: &mut RequestCtx) -> Result<(), ProxyError> {
-    let Some(client) = &ctx.client else {
+    // Owned: the estimate parses the body into the context.
+    let Some(client) = ctx.client.clone() else {
         return Ok(());
     };
+    let client = &client;
     if !client.is_limited() {
         return Ok(());
     }
@@ -105,9 +107,10 @@ pub fn admit(gw: &GatewayState, ctx: &mut RequestCtx) -> Result<(), ProxyError> 
 /// # Errors
 /// [`ProxyError::ClientRateLimited`] (429) with Redis' wait.
 pub async fn admit_strict(gw: &GatewayState, ctx: &mut RequestCtx) -> Result<(), ProxyError> {
-    let (Some(client), Some(shared)) = (&ctx.client, &gw.shared) else {
+    let (Some(client), Some(shared)) = (ctx.client.clone(), &gw.shared) else {
         return Ok(());
     };
+    let client = &client;
     if client.limits.token_quota.is_some() && shared.is_up() {
         // An empty quota lease while Redis has tokens left: wait for the
         // top-up rather than refuse (rare: a lease lasts many requests).
@@ -133,17 +136,18 @@ pub async fn admit_strict(gw: &GatewayState, ctx: &mut RequestCtx) -> Result<(),
     }
 }
 
-fn estimate(ctx: &RequestCtx, client: &Client) -> u64 {
-    if client.limits.counts_tokens() {
-        limits::estimate_tokens(
-            ctx.parts.uri.path(),
-            ctx.route.deployment.as_deref().unwrap_or(""),
-            &ctx.body,
-            client.limits.default_max_tokens,
-        )
-    } else {
-        0
+fn estimate(ctx: &mut RequestCtx, client: &Client) -> u64 {
+    if !client.limits.counts_tokens() {
+        return 0;
     }
+    ctx.parse_caps();
+    limits::estimate_parsed(
+        ctx.caps(),
+        ctx.parts.uri.path(),
+        ctx.route.deployment.as_deref().unwrap_or(""),
+        ctx.body.len(),
+        client.limits.default_max_tokens,
+    )
 }
 
 fn shared_refused(client: &Client, r: crate::shared::quota::SharedRefusal) -> ProxyError {

@@ -25,6 +25,11 @@ pub async fn forward(gw: &GatewayState, ctx: &mut RequestCtx) -> Result<Sent, Pr
         &ctx.record.request_id,
         ctx.client_upgrade.is_some(),
     );
+    // Steering estimates the request's tokens from the body parsed once
+    // per request (admission may have parsed it already).
+    if send::steered_deployment(gw, &ctx.route).is_some() {
+        ctx.parse_caps();
+    }
     let out = Outgoing {
         method: &ctx.parts.method,
         path: ctx.parts.uri.path(),
@@ -32,6 +37,7 @@ pub async fn forward(gw: &GatewayState, ctx: &mut RequestCtx) -> Result<Sent, Pr
         headers: &ctx.parts.headers,
         route: &ctx.route,
         body: &ctx.body,
+        caps: ctx.caps.as_ref().and_then(Option::as_ref),
         websocket: ctx.client_upgrade.is_some(),
         excluded: ctx.client.as_ref().map(|c| c.excluded).unwrap_or_default(),
         trace: ctx.record.trace.as_ref(),

@@ -39,7 +39,7 @@ use hyper::body::Incoming;
 
 use crate::clients::Client;
 use crate::error::ProxyError;
-use crate::limits::Reservation;
+use crate::limits::{Caps, Reservation};
 use crate::log::{AccessRecord, rfc3339_ms};
 use crate::rewrite::CLIENT_REQUEST_ID;
 use crate::route::Route;
@@ -60,6 +60,11 @@ pub struct RequestCtx {
     pub incoming: Option<Incoming>,
     /// The client's body, read into memory (empty for GET and HEAD).
     pub body: Bytes,
+    /// The body's caps and prompt, parsed on first use
+    /// ([`RequestCtx::parse_caps`]) and then shared by the client's token
+    /// admission and rate-limit steering. `Some(None)`: parsed, not a JSON
+    /// object. Adding `stream_options` to the body later changes neither.
+    caps: Option<Option<Caps>>,
     /// Where the request goes (set by [`classify`]).
     pub route: Route,
     /// The client side of a WebSocket upgrade.
@@ -103,6 +108,7 @@ impl RequestCtx {
             parts,
             incoming: Some(body),
             body: Bytes::new(),
+            caps: None,
             route: Route::default(),
             client_upgrade: None,
             client: None,
@@ -112,6 +118,21 @@ impl RequestCtx {
             upstream_wait: Duration::ZERO,
             awaiting_upstream: false,
         }
+    }
+
+    /// Parses the body's caps unless done already; [`RequestCtx::caps`]
+    /// then reads them. Only requests that estimate their tokens pay for
+    /// the parse.
+    pub fn parse_caps(&mut self) {
+        if self.caps.is_none() {
+            self.caps = Some(Caps::parse(&self.body));
+        }
+    }
+
+    /// The caps [`RequestCtx::parse_caps`] parsed: `None` before it ran
+    /// or when the body is not a JSON object.
+    pub fn caps(&self) -> Option<&Caps> {
+        self.caps.as_ref().and_then(Option::as_ref)
     }
 
     /// Moves the record out (for the phase that writes it).

@@ -129,11 +129,42 @@ pub fn prompt_tokens_in(enc: Encoding, endpoint: Endpoint, body: &[u8]) -> u64 {
     let Ok(v) = serde_json::from_slice::<Value>(body) else {
         return 0;
     };
+    let parts = PromptParts {
+        messages: v.get("messages"),
+        prompt: v.get("prompt"),
+        input: v.get("input"),
+        instructions: v.get("instructions"),
+        tools: v.get("tools"),
+        functions: v.get("functions"),
+    };
+    prompt_tokens_of(enc, endpoint, &parts)
+}
+
+/// The members of a request body that make its prompt (absent: `None`;
+/// a JSON `null` counts as absent).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct PromptParts<'a> {
+    /// Chat `messages`.
+    pub messages: Option<&'a Value>,
+    /// Completions `prompt`.
+    pub prompt: Option<&'a Value>,
+    /// Embeddings or Responses `input`.
+    pub input: Option<&'a Value>,
+    /// Responses `instructions`.
+    pub instructions: Option<&'a Value>,
+    /// Tool definitions.
+    pub tools: Option<&'a Value>,
+    /// Legacy function definitions.
+    pub functions: Option<&'a Value>,
+}
+
+/// [`prompt_tokens_in`] of a body already parsed into its parts.
+pub fn prompt_tokens_of(enc: Encoding, endpoint: Endpoint, parts: &PromptParts<'_>) -> u64 {
     match endpoint {
-        Endpoint::Chat => chat_prompt(enc, &v),
-        Endpoint::Completions => inputs(enc, &v["prompt"]),
-        Endpoint::Embeddings => inputs(enc, &v["input"]),
-        Endpoint::Responses => responses_prompt(enc, &v),
+        Endpoint::Chat => chat_prompt(enc, parts),
+        Endpoint::Completions => parts.prompt.map_or(0, |p| inputs(enc, p)),
+        Endpoint::Embeddings => parts.input.map_or(0, |i| inputs(enc, i)),
+        Endpoint::Responses => responses_prompt(enc, parts),
     }
 }
 
@@ -158,14 +189,14 @@ const PER_MESSAGE: u64 = 3;
 const PER_NAME: u64 = 1;
 const REPLY_PRIMING: u64 = 3;
 
-fn chat_prompt(enc: Encoding, v: &Value) -> u64 {
+fn chat_prompt(enc: Encoding, parts: &PromptParts<'_>) -> u64 {
     let mut n = REPLY_PRIMING;
-    if let Some(messages) = v["messages"].as_array() {
+    if let Some(messages) = parts.messages.and_then(Value::as_array) {
         n += messages.iter().map(|m| message(enc, m)).sum::<u64>();
     }
-    for key in ["tools", "functions"] {
-        if !v[key].is_null() {
-            n += enc.count(&v[key].to_string());
+    for defs in [parts.tools, parts.functions].into_iter().flatten() {
+        if !defs.is_null() {
+            n += enc.count(&defs.to_string());
         }
     }
     n
@@ -195,18 +226,18 @@ fn message(enc: Encoding, m: &Value) -> u64 {
 
 /// `instructions` as a system message, then the input (a string is one
 /// user message), then the reply priming.
-fn responses_prompt(enc: Encoding, v: &Value) -> u64 {
+fn responses_prompt(enc: Encoding, parts: &PromptParts<'_>) -> u64 {
     let mut n = REPLY_PRIMING;
-    if let Some(i) = v["instructions"].as_str() {
+    if let Some(i) = parts.instructions.and_then(Value::as_str) {
         n += PER_MESSAGE + enc.count("system") + enc.count(i);
     }
-    match &v["input"] {
-        Value::Array(items) => n += items.iter().map(|m| message(enc, m)).sum::<u64>(),
-        Value::Null => {}
-        other => n += PER_MESSAGE + enc.count("user") + content(enc, other),
+    match parts.input {
+        Some(Value::Array(items)) => n += items.iter().map(|m| message(enc, m)).sum::<u64>(),
+        None | Some(Value::Null) => {}
+        Some(other) => n += PER_MESSAGE + enc.count("user") + content(enc, other),
     }
-    if !v["tools"].is_null() {
-        n += enc.count(&v["tools"].to_string());
+    if let Some(tools) = parts.tools.filter(|t| !t.is_null()) {
+        n += enc.count(&tools.to_string());
     }
     n
 }

@@ -1,6 +1,7 @@
 //! Rate-limit-aware routing against the real gateway and in-process
 //! aoai-sim instances with Azure's admission model (rolling 60 s token
-//! reservations, RPM / 6 per 10 s). The gateway and the simulators share
+//! reservations, RPM / 6 per 10 s) or a provisioned (PTU) deployment's
+//! utilization bucket. The gateway and the simulators share
 //! one manual time line, so every window is exact and nothing sleeps.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -356,4 +357,65 @@ async fn steering_avoids_the_429s_that_least_loaded_selection_meets() {
     // Without steering the small instance gets about 13 of 40 and can
     // hold 3; the chance it gets 3 or fewer is below 1e-4.
     assert!(without > 0, "without steering: {without} upstream 429s");
+}
+
+/// A provisioned (PTU) lane at priority 1 and a pay-as-you-go lane at
+/// priority 2, on one time line.
+async fn ptu_and_paygo(time: &Time) -> (Vec<SimHandle>, TestGateway) {
+    // 10,000 tokens a minute of provisioned capacity: five requests of
+    // about 2,000 tokens fill a minute of it.
+    let sims = start_sims(vec![
+        aoai_sim::InstanceConfig::new("ptu0")
+            .deployment_ptu("gpt-4o", 10_000)
+            .clock(time.sim.clone()),
+        aoai_sim::InstanceConfig::new("paygo0").clock(time.sim.clone()),
+    ])
+    .await;
+    let doc = config_with(
+        &sims,
+        serde_json::json!({"instances": [
+            {"priority": 1, "deployments": ["gpt-4o"]},
+            {"priority": 2, "deployments": ["gpt-4o"]},
+        ]}),
+    );
+    let gw = start(&doc, time).await;
+    (sims, gw)
+}
+
+#[tokio::test]
+async fn a_busy_ptu_lane_is_skipped_before_it_429s_and_traffic_comes_back_as_it_drains() {
+    let time = Time::new();
+    let (sims, gw) = ptu_and_paygo(&time).await;
+    // 2,001 tokens each: 20%, 40%, 60%, 80% and 100.1% utilization. The
+    // provisioned deployment admits while it is at most 100%; the gateway
+    // stops sending at 95%, so the sixth and later go to pay-as-you-go
+    // instead of meeting the PTU's 429.
+    for i in 0..10 {
+        assert_eq!(chat(&gw, 2_000).await, StatusCode::OK, "request {i}");
+    }
+    assert_eq!(throttled(&sims), 0, "no upstream 429");
+    assert_eq!((admitted(&sims[0]), admitted(&sims[1])), (5, 5));
+    let l = lane(&gw, "ptu0").await;
+    let u = l["utilization"].as_f64().unwrap();
+    assert!((100.0..101.0).contains(&u), "{l}");
+    let m = gw.metrics().await;
+    assert!(
+        m.contains(r#"aoai_lb_steer_skips_total{instance="ptu0",reason="utilization"} 5"#),
+        "{m}"
+    );
+    // The simulator would have refused: it is over 100% now.
+    assert_eq!(direct(&sims[0], 1).await, StatusCode::TOO_MANY_REQUESTS);
+
+    // 30 s later the bucket has drained 5,000 tokens (to about 50%) and the
+    // gateway's reading has faded below 95%: the PTU is tried again, and
+    // its fresh reading (about 70%) keeps it in use.
+    time.advance(30_000);
+    for i in 0..2 {
+        assert_eq!(chat(&gw, 2_000).await, StatusCode::OK, "request {i}");
+    }
+    assert_eq!((admitted(&sims[0]), admitted(&sims[1])), (7, 5));
+    let u = lane(&gw, "ptu0").await["utilization"].as_f64().unwrap();
+    assert!((89.0..91.0).contains(&u), "{u}");
+    assert_eq!(throttled(&sims), 1, "only the direct probe met a 429");
+    gw.shutdown().await;
 }

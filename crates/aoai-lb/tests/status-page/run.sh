@@ -40,8 +40,11 @@ if [ "$(cat "$HERE/node_modules/.lock.sha256" 2>/dev/null)" != "$lock_hash" ]; t
   echo "$lock_hash" > "$HERE/node_modules/.lock.sha256"
 fi
 
+# The same target selection as `cargo test --workspace` (see sdk-tests/run.sh):
+# after the test run this is a no-op, where `-p aoai-lb -p aoai-sim` resolves
+# dependency features without the dev-dependencies and compiles a second set.
 say "building aoai-lb and aoai-sim"
-(cd "$ROOT" && cargo build -q -p aoai-lb -p aoai-sim)
+(cd "$ROOT" && cargo build -q --workspace --all-targets)
 TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
 case "$TARGET_DIR" in /*) ;; *) TARGET_DIR="$ROOT/$TARGET_DIR" ;; esac
 

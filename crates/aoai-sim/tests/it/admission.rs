@@ -237,3 +237,65 @@ async fn without_a_quota_the_remaining_headers_read_the_documented_maxima() {
     assert_eq!(r.header("x-ratelimit-remaining-tokens"), Some("10000000"));
     assert!(r.header("x-ratelimit-limit-tokens").is_none());
 }
+
+#[tokio::test]
+async fn a_ptu_deployment_reports_utilization_and_429s_over_100_percent_until_it_drains() {
+    let clock = SimClock::manual();
+    // 6,000 tokens a minute: 100 a second drain.
+    let sim = one(InstanceConfig::new("a")
+        .deployment_ptu("ptu", 6_000)
+        .rate_limit(0, 1_000)
+        .clock(clock.clone()))
+    .await;
+    let url = chat_url(&sim.url(), "ptu");
+    // 12 characters -> 3 estimated tokens, + 2,997: 3,000, 50%.
+    let r = post_json(&url, body("abcdefghijkl", 2_997)).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(
+        r.header("azure-openai-deployment-utilization"),
+        Some("50.0%")
+    );
+    // Utilization instead of the standard quota's remaining pair, which
+    // does not apply to a provisioned deployment.
+    assert_eq!(r.header("x-ratelimit-remaining-tokens"), None);
+    assert_eq!(r.header("x-ratelimit-remaining-requests"), None);
+    // At 50% a request that takes it over is still admitted: 105%.
+    let r = post_json(&url, body("abcdefghijkl", 3_297)).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(
+        r.header("azure-openai-deployment-utilization"),
+        Some("105.0%")
+    );
+    // Over 100%: 429 until the 300 tokens over have drained, 3 s.
+    clock.advance(Duration::from_millis(1_000));
+    let r = post_json(&url, body("abcd", 1)).await;
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(r.header("retry-after-ms"), Some("2000"));
+    assert_eq!(r.header("retry-after"), Some("2"));
+    assert_eq!(
+        r.header("azure-openai-deployment-utilization"),
+        Some("103.4%")
+    );
+    assert_eq!(r.header("policy-id"), None);
+    assert_eq!(r.json()["error"]["code"], "429");
+    clock.advance(Duration::from_millis(2_000));
+    let r = post_json(&url, body("abcd", 59)).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(
+        r.header("azure-openai-deployment-utilization"),
+        Some("101.0%")
+    );
+    // Answers that cost nothing report the utilization now; another
+    // deployment of the instance keeps the standard quota.
+    clock.advance(Duration::from_secs(30));
+    let r = send(Method::POST, &url, &[], "{}").await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        r.header("azure-openai-deployment-utilization"),
+        Some("51.0%")
+    );
+    let r = post_json(&chat_url(&sim.url(), "std"), body("abcd", 99)).await;
+    assert_eq!(r.header("x-ratelimit-remaining-tokens"), Some("900"));
+    assert_eq!(r.header("azure-openai-deployment-utilization"), None);
+    assert_eq!(sim.usage().deployment("ptu").throttled, 1);
+}
