@@ -514,4 +514,33 @@ mod tests {
         let err = serde_path_to_error::deserialize::<_, InstanceConfig>(de).unwrap_err();
         assert_eq!(err.path().to_string(), "latency.ttft");
     }
+
+    #[test]
+    fn a_ptu_deployment_from_a_file_takes_no_rate_limit() {
+        let json = r#"{"name":"x","rate_limit":{"tpm":1000},
+            "deployment_overrides":{"ptu":{"ptu":{"tokens_per_minute":6000}}}}"#;
+        let c: InstanceConfig = serde_json::from_str(json).unwrap();
+        assert_eq!(
+            c.ptu_for("ptu"),
+            Some(Ptu {
+                tokens_per_minute: 6000
+            })
+        );
+        assert_eq!(c.rate_limit_for("ptu"), None);
+        assert_eq!(c.ptu_for("std"), None);
+        assert_eq!(c.rate_limit_for("std").map(|r| r.tpm), Some(1000));
+        assert_eq!(
+            c,
+            InstanceConfig::new("x")
+                .admission(RateLimit {
+                    tpm: 1000,
+                    ..RateLimit::default()
+                })
+                .deployment_ptu("ptu", 6000)
+        );
+        let bad = r#"{"deployment_overrides":{"ptu":{"ptu":{"tpm":6000}}}}"#;
+        let de = &mut serde_json::Deserializer::from_str(bad);
+        let err = serde_path_to_error::deserialize::<_, InstanceConfig>(de).unwrap_err();
+        assert_eq!(err.path().to_string(), "deployment_overrides.ptu.ptu.tpm");
+    }
 }
