@@ -102,6 +102,10 @@ def summarize(runs):
         "rps_lb_over_direct": ratio("aoai-lb", "direct", "rps"),
         "cpu_lb_over_nginx": ratio("aoai-lb", "nginx", "cpu_us_per_req"),
         "rps_lb_over_nginx_log": ratio("aoai-lb", "nginx-log", "rps"),
+        "rps_lb_b_over_nginx": ratio("aoai-lb-b", "nginx", "rps"),
+        "cpu_lb_b_over_nginx": ratio("aoai-lb-b", "nginx", "cpu_us_per_req"),
+        "rps_lb_b_over_lb": ratio("aoai-lb-b", "aoai-lb", "rps"),
+        "cpu_lb_b_over_lb": ratio("aoai-lb-b", "aoai-lb", "cpu_us_per_req"),
         "cpu_lb_over_nginx_log": ratio("aoai-lb", "nginx-log", "cpu_us_per_req"),
         "cpu_lb_over_litellm": ratio("aoai-lb", "litellm", "cpu_us_per_req"),
         "peak_rss_lb_over_nginx": ratio("aoai-lb", "nginx", "peak_rss_kib"),
@@ -333,7 +337,7 @@ def markdown(res):
         "| Target | req/s | p50 ms | p99 ms | server CPU µs/req | of which user | server CPU use | sim CPU µs/req | peak RSS MiB | valid rounds |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for t in ("direct", "aoai-lb", "nginx", "nginx-log", "litellm"):
+    for t in ("direct", "aoai-lb", "aoai-lb-b", "nginx", "nginx-log", "litellm"):
         r = res["throughput"].get(t)
         if not r:
             continue
@@ -356,6 +360,16 @@ def markdown(res):
         "",
         "For direct, 'server' is the simulator process itself; nginx-log is nginx with "
         "`access_log` to a file in the `combined` format.",
+    ]
+    if "aoai-lb-b" in res["throughput"]:
+        lines += [
+            "",
+            f"aoai-lb-b (`BENCH_BIN_B`): req/s vs nginx **{fmt(ra.get('rps_lb_b_over_nginx'), 2)}**, "
+            f"CPU per request vs nginx **{fmt(ra.get('cpu_lb_b_over_nginx'), 2)}**; "
+            f"against aoai-lb: req/s {fmt(ra.get('rps_lb_b_over_lb'), 2)}, "
+            f"CPU per request {fmt(ra.get('cpu_lb_b_over_lb'), 2)} (medians of per-round ratios).",
+        ]
+    lines += [
         "",
         "## b. Light load: latency added over going direct",
         "",

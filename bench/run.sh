@@ -57,6 +57,11 @@ BASE_PORT=${BASE_PORT:-18100}
 LITELLM_VERSION=${LITELLM_VERSION:-1.106.12}
 GATEWAY_LOG=${GATEWAY_LOG:-/dev/null}   # where aoai-lb's per-request JSON log goes
 OUT=${BENCH_OUT:-$HERE/out}
+# A second aoai-lb build (directory holding its aoai-lb binary) measured as
+# `aoai-lb-b` right after `aoai-lb` in every max-throughput round: before and
+# after a change, interleaved in one run.
+BENCH_BIN_B=${BENCH_BIN_B:-}
+THROUGHPUT_ONLY=${THROUGHPUT_ONLY:-0}  # 1: only steps a and e (no light load, streams, open streams)
 if [[ $QUICK == 1 ]]; then
   ROUNDS=1 DURATION=3 LIGHT_DURATION=2 WARMUP=1 STREAMS=200 OPEN_STREAMS=1000 FOOTPRINT_STARTS=2
   STREAMS_LIGHT=20 STREAMS_LIGHT_RAMP_MS=2000
@@ -77,6 +82,7 @@ P_LB_FAST=$((BASE_PORT + 100))
 P_LB_STREAM=$((BASE_PORT + 110))
 P_LB_OPEN=$((BASE_PORT + 120))
 P_LB_FOOT=$((BASE_PORT + 130))
+P_LB_B=$((BASE_PORT + 140))
 P_NGX_FAST=$((BASE_PORT + 200))
 P_NGX_STREAM=$((BASE_PORT + 210))
 P_NGX_LOG=$((BASE_PORT + 220))
@@ -484,7 +490,7 @@ main() {
   ports_free "$P_SIM_FAST" "$((P_SIM_FAST + 1))" "$P_SIM_STREAM" "$((P_SIM_STREAM + 1))" \
     "$P_SIM_OPEN" "$((P_SIM_OPEN + 1))" "$P_LB_FAST" "$((P_LB_FAST + 1))" "$P_LB_STREAM" \
     "$((P_LB_STREAM + 1))" "$P_LB_OPEN" "$((P_LB_OPEN + 1))" "$P_LB_FOOT" "$((P_LB_FOOT + 1))" \
-    "$P_NGX_FAST" "$P_NGX_STREAM" "$P_NGX_LOG" "$P_NGX_OPEN" "$P_LITELLM"
+    "$P_NGX_FAST" "$P_NGX_STREAM" "$P_NGX_LOG" "$P_NGX_OPEN" "$P_LB_B" "$((P_LB_B + 1))" "$P_LITELLM"
 
   log "starting simulators"
   start_sims fast "$P_SIM_FAST" --ttft-ms 0 --token-ms 0 --reply-tokens 16
@@ -508,6 +514,14 @@ main() {
   record "idle-aoai-lb" "$(printf '{"test":"idle","target":"aoai-lb","rss_kib":%d}' "$(mem_kib VmRSS "$LB_FAST_PID")")"
   start_gateway stream "$P_LB_STREAM" "$P_SIM_STREAM"
   LB_STREAM_PID=$LB_PID
+  LB_B_PID=""
+  if [[ -n $BENCH_BIN_B ]]; then
+    local bin_a=$BIN
+    BIN=$BENCH_BIN_B
+    start_gateway fast-b "$P_LB_B" "$P_SIM_FAST"
+    LB_B_PID=$LB_PID
+    BIN=$bin_a
+  fi
   start_nginx fast "$P_NGX_FAST" "$P_SIM_FAST" on
   NGX_FAST_PID=$NGX_PID
   start_nginx stream "$P_NGX_STREAM" "$P_SIM_STREAM" off
@@ -531,18 +545,22 @@ main() {
 
   local r c
   for ((r = 1; r <= ROUNDS; r++)); do
-    log "round $r/$ROUNDS: light load"
-    for c in 1 16; do
-      light direct "$r" "$c" "$direct" "$SIM_KEY"
-      light aoai-lb "$r" "$c" "$via_lb" "$CLIENT_KEY"
-      light nginx "$r" "$c" "$via_ngx" "$CLIENT_KEY"
-    done
+    if [[ $THROUGHPUT_ONLY != 1 ]]; then
+      log "round $r/$ROUNDS: light load"
+      for c in 1 16; do
+        light direct "$r" "$c" "$direct" "$SIM_KEY"
+        light aoai-lb "$r" "$c" "$via_lb" "$CLIENT_KEY"
+        light nginx "$r" "$c" "$via_ngx" "$CLIENT_KEY"
+      done
+    fi
     log "round $r/$ROUNDS: max throughput, 64 connections, ${DURATION}s each"
     throughput direct "$r" "$direct" "$SIM_KEY" "$SIM_FAST_PID"
     throughput aoai-lb "$r" "$via_lb" "$CLIENT_KEY" "$LB_FAST_PID"
+    [[ -z $LB_B_PID ]] || throughput aoai-lb-b "$r" "http://127.0.0.1:$P_LB_B$CHAT_PATH" "$CLIENT_KEY" "$LB_B_PID"
     throughput nginx "$r" "$via_ngx" "$CLIENT_KEY" $(tree "$NGX_FAST_PID")
     throughput nginx-log "$r" "$via_ngx_log" "$CLIENT_KEY" $(tree "$NGX_LOG_PID")
     [[ $SKIP_LITELLM == 1 ]] || throughput litellm "$r" "$via_llm" "$CLIENT_KEY" $(tree "$LITELLM_PID")
+    [[ $THROUGHPUT_ONLY != 1 ]] || continue
     log "round $r/$ROUNDS: $STREAMS concurrent streams"
     streams streams "$STREAMS" 1000 direct "$r" "$s_direct" "$SIM_KEY"
     streams streams "$STREAMS" 1000 aoai-lb "$r" "$s_lb" "$CLIENT_KEY" "$LB_STREAM_PID"
@@ -554,10 +572,16 @@ main() {
   done
 
   # Free the CPU and memory of everything but what the open-streams test needs.
+  [[ -z $LB_B_PID ]] || stop "$LB_B_PID"
   stop "$LB_FAST_PID"; stop "$LB_STREAM_PID"; stop "$NGX_FAST_PID"; stop "$NGX_STREAM_PID"; stop "$NGX_LOG_PID"
   [[ -z ${LITELLM_PID:-} ]] || stop "$LITELLM_PID"
   stop "$SIM_FAST_PID"; stop "$SIM_STREAM_PID"
 
+  if [[ $THROUGHPUT_ONLY == 1 ]]; then
+    python3 "$HERE/report.py" "$RAW" "$OUT"
+    log "done in $(($(date +%s) - begin)) s: $OUT/results.md"
+    return
+  fi
   log "open streams: $OPEN_STREAMS through aoai-lb, then through nginx"
   # Long streams (an event a second for 10 minutes) that the client closes
   # once every one of them is open at the same time. Each proxy gets its own

@@ -341,7 +341,8 @@ pub struct UpstreamConfig {
     /// the usual 60 s+ server keep-alive so a reused connection is never
     /// one the server is closing.
     pub pool_idle_timeout: Duration,
-    /// Idle connections kept per instance. Default 256.
+    /// Connections kept per instance for reuse. Default 256. For HTTP/1
+    /// instances this is per worker thread ([`crate::pool`]).
     pub pool_max_idle_per_host: usize,
 }
 

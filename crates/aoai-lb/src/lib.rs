@@ -28,6 +28,7 @@ pub mod logging;
 pub mod metrics;
 pub mod otel;
 pub mod pipeline;
+pub mod pool;
 pub mod proxy;
 pub mod reload;
 pub mod rewrite;

@@ -210,6 +210,7 @@ impl GatewayState {
                 selector,
                 client: self.client.clone(),
                 client_h1: self.client_h1.clone(),
+                upstream: Arc::clone(&self.upstream),
                 clock: self.clock.clone(),
                 affinity: Arc::new(affinity),
                 draining,

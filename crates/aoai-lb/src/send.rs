@@ -259,11 +259,6 @@ pub async fn failover(
     let mut last_failure: Option<ProxyError> = None;
     let mut rng = fastrand::Rng::new();
     let timeouts = gw.config.timeouts;
-    let client = if out.websocket {
-        &gw.client_h1
-    } else {
-        &gw.client
-    };
 
     // A named stateful object lives on one instance. A known one goes
     // there first; an unknown one is looked up instance by instance, and a
@@ -381,7 +376,8 @@ pub async fn failover(
         };
 
         let mut started = Instant::now();
-        let mut result = tokio::time::timeout(timeouts.response_headers, client.request(req)).await;
+        let mut result =
+            tokio::time::timeout(timeouts.response_headers, send_one(gw, out.websocket, req)).await;
         let mut elapsed = started.elapsed();
 
         // A 401 to a token: fetch a new one and replay once on this
@@ -405,7 +401,9 @@ pub async fn failover(
                 Err(e) => return Sent::Failed(e),
             };
             started = Instant::now();
-            result = tokio::time::timeout(timeouts.response_headers, client.request(req)).await;
+            result =
+                tokio::time::timeout(timeouts.response_headers, send_one(gw, out.websocket, req))
+                    .await;
             elapsed = started.elapsed();
         }
 
@@ -584,6 +582,23 @@ fn mentions(body: &[u8], id: &str) -> bool {
 
 /// The request for one attempt on `backend`: its URL and deployment name,
 /// the body with `model` rewritten where needed, the prepared headers.
+/// One attempt: a WebSocket handshake through the HTTP/1.1-only hyper-util
+/// client (its upgrade needs it), anything else through the per-thread pool.
+async fn send_one(
+    gw: &GatewayState,
+    websocket: bool,
+    req: Request<Full<Bytes>>,
+) -> Result<http::Response<Incoming>, crate::pool::PoolError> {
+    if websocket {
+        gw.client_h1
+            .request(req)
+            .await
+            .map_err(crate::pool::PoolError::Client)
+    } else {
+        gw.upstream.request(req).await
+    }
+}
+
 fn build_request(
     out: &Outgoing<'_>,
     backend: &Backend,

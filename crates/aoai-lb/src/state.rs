@@ -34,6 +34,9 @@ pub struct GatewayState {
     pub client: UpstreamClient,
     /// An HTTP/1.1-only client for WebSocket handshakes.
     pub client_h1: UpstreamClient,
+    /// The per-thread HTTP/1 pool that proxied requests go through
+    /// ([`crate::pool`]); HTTP/2 instances through [`Self::client`].
+    pub upstream: Arc<crate::pool::Upstream>,
     /// Monotonic ms for cooldowns and breakers.
     pub clock: Clock,
     /// Which instance holds which stateful object.
@@ -88,6 +91,12 @@ impl GatewayState {
         }
         let client = upstream::build_client(&config, true)?;
         let client_h1 = upstream::build_client(&config, false)?;
+        let pool = Arc::new(crate::pool::Upstream::new(
+            upstream::build_connector(&config, true)?,
+            client.clone(),
+            config.upstream.pool_max_idle_per_host,
+            config.upstream.pool_idle_timeout,
+        ));
         let caches = token_caches(&config, env, &client, &[])?;
         let entra = entra_validator(&config, env, &client, None)?;
         let backends = config
@@ -132,6 +141,7 @@ impl GatewayState {
             selector,
             client,
             client_h1,
+            upstream: pool,
             clock,
             affinity: Arc::new(AffinityTable::default()),
             draining: Vec::new(),

@@ -74,6 +74,20 @@ impl tower_service::Service<http::Uri> for TimedConnector {
 /// When the extra CA file cannot be read or holds no certificate, or TLS
 /// cannot be initialised.
 pub fn build_client(config: &Config, http2: bool) -> Result<UpstreamClient, GatewayError> {
+    let timed = build_connector(config, http2)?;
+    Ok(Client::builder(TokioExecutor::new())
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(config.upstream.pool_idle_timeout)
+        .pool_max_idle_per_host(config.upstream.pool_max_idle_per_host)
+        .build(timed))
+}
+
+/// The connector [`build_client`] uses: TCP (no Nagle), TLS with ALPN h2
+/// and http/1.1 (only http/1.1 without `http2`), one connect deadline.
+///
+/// # Errors
+/// As [`build_client`].
+pub fn build_connector(config: &Config, http2: bool) -> Result<TimedConnector, GatewayError> {
     let mut roots = rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     if let Some(path) = &config.upstream.extra_ca_file {
@@ -115,15 +129,10 @@ pub fn build_client(config: &Config, http2: bool) -> Result<UpstreamClient, Gate
     } else {
         builder.wrap_connector(http)
     };
-    let timed = TimedConnector {
+    Ok(TimedConnector {
         inner: https,
         timeout: config.timeouts.connect,
-    };
-    Ok(Client::builder(TokioExecutor::new())
-        .pool_timer(TokioTimer::new())
-        .pool_idle_timeout(config.upstream.pool_idle_timeout)
-        .pool_max_idle_per_host(config.upstream.pool_max_idle_per_host)
-        .build(timed))
+    })
 }
 
 #[cfg(test)]
