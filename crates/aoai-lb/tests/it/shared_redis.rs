@@ -30,17 +30,15 @@ impl Redis {
     }
 
     fn start_on(port: u16) -> Redis {
+        Self::launch(port, &["--port", &port.to_string()], Redis::pings)
+    }
+
+    /// Starts `redis-server` with `args` on loopback, persisting nothing, and
+    /// waits up to 10 s for `ready`.
+    fn launch(port: u16, args: &[&str], ready: fn(&Redis) -> bool) -> Redis {
         let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
+            .args(args)
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -48,7 +46,7 @@ impl Redis {
             .expect("redis-server on PATH (.ci/run installs the Debian package)");
         let r = Redis { child, port };
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !r.pings() {
+        while !ready(&r) {
             assert!(Instant::now() < deadline, "redis-server did not start");
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -1068,41 +1066,30 @@ impl Drop for Pki {
 /// `redis-server` serving TLS only, with `pki`'s server certificate.
 fn start_tls_redis(pki: &Pki) -> Redis {
     let port = free_port();
-    let child = Command::new("redis-server")
-        .args([
+    let (cert, key, ca) = (
+        pki.path("server.pem"),
+        pki.path("server.key"),
+        pki.path("ca.pem"),
+    );
+    // Plain PING cannot be spoken to a TLS port: accepting a connection is the sign.
+    Redis::launch(
+        port,
+        &[
             "--port",
             "0",
             "--tls-port",
             &port.to_string(),
-            "--bind",
-            "127.0.0.1",
             "--tls-cert-file",
-            &pki.path("server.pem"),
+            &cert,
             "--tls-key-file",
-            &pki.path("server.key"),
+            &key,
             "--tls-ca-cert-file",
-            &pki.path("ca.pem"),
+            &ca,
             "--tls-auth-clients",
             "no",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("redis-server on PATH (.ci/run installs the Debian package)");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "redis-server (TLS) did not start"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Redis { child, port }
+        ],
+        |r| TcpStream::connect(("127.0.0.1", r.port)).is_ok(),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
