@@ -888,7 +888,15 @@ async fn serve_connection<H: Handler>(stream: TcpStream, handler: H, guard: Open
         deadline,
     } = outcome
     {
-        serve_hyper(Rewind::new(stream, read), handler, &shared, deadline).await;
+        // Boxed so that relay connections do not carry the size of hyper's
+        // connection state in their task.
+        Box::pin(serve_hyper(
+            Rewind::new(stream, read),
+            handler,
+            &shared,
+            deadline,
+        ))
+        .await;
     }
     drop(guard);
 }

@@ -274,7 +274,10 @@ where
         // side are watched while the gateway works.
         let mut watching = true;
         let response = {
-            let mut fut = pin!(service(req));
+            // Boxed: the gateway's future is large and lives only until
+            // the response head; inline, the connection's task would keep
+            // its size for as long as the connection is open.
+            let mut fut = Box::pin(service(req));
             loop {
                 tokio::select! {
                     biased;
@@ -400,16 +403,16 @@ async fn read_head(
         }
         // No buffer until there is something to read.
         stream.readable().await.map_err(|_| ReadFail::Io)?;
-        if buf.capacity() == buf.len() {
-            let want = if buf.is_empty() {
-                HEAD_BUF
-            } else {
-                buf.len()
-                    .min(limits.max_head_bytes - buf.len().min(limits.max_head_bytes))
-            };
-            buf.reserve(want.max(1024));
-        }
-        match stream.try_read_buf(buf) {
+        let got = if buf.is_empty() {
+            read_fresh(stream, buf)
+        } else {
+            if buf.capacity() == buf.len() {
+                let room = limits.max_head_bytes.saturating_sub(buf.len());
+                buf.reserve(buf.len().min(room).max(1024));
+            }
+            stream.try_read_buf(buf)
+        };
+        match got {
             Ok(0) => {
                 return if buf.is_empty() {
                     Ok(HeadRead::Eof)
@@ -422,6 +425,18 @@ async fn read_head(
             Err(_) => return Err(ReadFail::Io),
         }
     }
+}
+
+/// Reads into an empty `buf` through a stack buffer, so a wake-up without
+/// data allocates nothing.
+fn read_fresh(stream: &TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
+    let mut first = [0u8; HEAD_BUF];
+    let n = stream.try_read(&mut first)?;
+    if n > 0 {
+        buf.reserve(HEAD_BUF);
+        buf.extend_from_slice(&first[..n]);
+    }
+    Ok(n)
 }
 
 /// Rebuilds the bytes of an `Upgrade` request's head in front of `buf`.
@@ -465,16 +480,18 @@ async fn watch(stream: &TcpStream, buf: &mut BytesMut) -> Watch {
     if stream.readable().await.is_err() {
         return Watch::Closed;
     }
-    if buf.capacity() == buf.len() {
-        buf.reserve(HEAD_BUF);
-    }
-    match stream.try_read_buf(buf) {
+    let got = if buf.is_empty() {
+        read_fresh(stream, buf)
+    } else {
+        if buf.capacity() == buf.len() {
+            buf.reserve(HEAD_BUF);
+        }
+        stream.try_read_buf(buf)
+    };
+    match got {
         Ok(0) => Watch::Closed,
         Ok(_) => Watch::Data,
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-            release_if_empty(buf);
-            Watch::Data
-        }
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Watch::Data,
         Err(_) => Watch::Closed,
     }
 }
