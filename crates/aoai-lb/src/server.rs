@@ -545,6 +545,7 @@ pub async fn serve<H: Handler>(
         address = %local,
         admin_address = %admin,
         workers,
+        http1 = shared.cfg.http1.as_str(),
         "listening"
     );
     Ok(ServerHandle {
