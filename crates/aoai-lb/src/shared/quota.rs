@@ -954,9 +954,13 @@ async fn top_up_quotas(shared: &Shared, gw: &GatewayState, beat: bool) {
 /// Redis is degraded, failed or did not answer in time.
 pub async fn release(shared: &Shared) -> Result<usize, super::OpError> {
     let q = &shared.quotas;
-    let mut pipe = redis::pipe();
+    // One pipeline per client: its keys share one hash tag, so each
+    // pipeline stays within one slot of a cluster.
+    let mut pipes = Vec::new();
     let mut count = 0;
     for p in q.pools.load().values() {
+        let mut pipe = redis::pipe();
+        let before = count;
         for (pool, dim) in [(&p.rpm, "rpm"), (&p.tpm, "tpm")] {
             let Some(pool) = pool else { continue };
             let left = pool.balance.swap(0, Ordering::AcqRel);
@@ -990,6 +994,9 @@ pub async fn release(shared: &Shared) -> Result<usize, super::OpError> {
                 count += 1;
             }
         }
+        if count > before {
+            pipes.push(pipe);
+        }
     }
     if count == 0 {
         return Ok(0);
@@ -997,10 +1004,14 @@ pub async fn release(shared: &Shared) -> Result<usize, super::OpError> {
     if !shared.is_up() {
         return Err(super::OpError::Redis("degraded".to_owned()));
     }
-    let mut conn = shared.connection()?;
+    let conn = shared.connection()?;
     shared
         .timed("release", shared.config().op_timeout, async move {
-            pipe.query_async::<()>(&mut conn).await
+            let sent = pipes.iter().map(|pipe| {
+                let mut c = conn.clone();
+                async move { pipe.query_async::<()>(&mut c).await }
+            });
+            futures_util::future::try_join_all(sent).await.map(|_| ())
         })
         .await?;
     Ok(count)

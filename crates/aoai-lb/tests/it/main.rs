@@ -52,6 +52,7 @@ mod server_shutdown;
 mod server_smuggling;
 mod server_status;
 mod shared_redis;
+mod shared_redis_cluster;
 mod steer_routing;
 mod usage_accounting;
 
