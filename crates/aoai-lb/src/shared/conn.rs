@@ -15,8 +15,10 @@
 //! - **Redirections.** The cluster client learns the slot map with
 //!   `CLUSTER SLOTS`, follows `MOVED` (and refreshes the map) and `ASK`,
 //!   and reconnects to nodes that come back.
-//! - **Pipelines** must stay within one slot in a cluster: callers group
-//!   commands by hash tag.
+//! - **Pipelines** must stay within one slot in a cluster, and cannot
+//!   follow `ASK` while a slot migrates: [`Conn::each`] sends a batch as
+//!   one pipeline to a single server and as separate commands to a
+//!   cluster.
 //! - **Pub/sub.** A classic `PUBLISH` is broadcast to every node over the
 //!   cluster bus, so the subscriber listens on any one node;
 //!   [`Conn::nodes`] lists them so that it can move to another when its
@@ -64,11 +66,77 @@ impl Conn {
     }
 }
 
+impl Conn {
+    /// Sends `cmds` (whose keys share one slot) and returns their replies
+    /// in order: one pipeline to a single server; to a cluster, every
+    /// command on its own, all at once on the same multiplexed
+    /// connections. A cluster pipeline cannot follow `ASK` while its slot
+    /// migrates (`ASKING` covers only the next command), so each command
+    /// is redirected alone.
+    pub async fn each<T: redis::FromRedisValue>(
+        &self,
+        cmds: Vec<Cmd>,
+    ) -> redis::RedisResult<Vec<T>> {
+        match self {
+            Conn::Single(c) => {
+                let mut pipe = redis::pipe();
+                for cmd in cmds {
+                    pipe.add_command(cmd);
+                }
+                let mut c = c.clone();
+                pipe.query_async::<Vec<T>>(&mut c).await
+            }
+            Conn::Cluster(_) => {
+                // Through `Conn`, so that each goes with `ASKING`.
+                let sent = cmds.into_iter().map(|cmd| {
+                    let mut c = self.clone();
+                    async move { cmd.query_async::<T>(&mut c).await }
+                });
+                futures_util::future::try_join_all(sent).await
+            }
+        }
+    }
+}
+
+/// The commands this module sends with a key (so to one slot's node);
+/// everything else (`PING`, `SCRIPT LOAD` to every master, `CLUSTER
+/// SLOTS`, `INFO`) goes as it is.
+const KEYED: &[&[u8]] = &[b"PTTL", b"GET", b"SET", b"DEL", b"EVALSHA", b"EVAL"];
+
+fn keyed(cmd: &Cmd) -> bool {
+    matches!(
+        cmd.args_iter().next(),
+        Some(redis::Arg::Simple(name)) if KEYED.iter().any(|k| name.eq_ignore_ascii_case(k))
+    )
+}
+
 impl ConnectionLike for Conn {
+    /// To a cluster, a keyed command goes as the pipeline `ASKING; cmd`
+    /// (the reply to `ASKING` dropped). `ASKING` lets the next command
+    /// through on a node importing the slot, and does nothing anywhere
+    /// else. The cluster client follows an `ASK` redirection by sending
+    /// `ASKING` and then the command as two writes on a connection that
+    /// other tasks share, so another command can slip in between and use
+    /// up the flag: the command bounces back as `MOVED` to the old owner,
+    /// which answers `ASK` again, until the retries run out. Sent as one
+    /// pipeline, `ASKING` and the command stay together on the wire.
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {
             Conn::Single(c) => c.req_packed_command(cmd),
-            Conn::Cluster(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => {
+                if !keyed(cmd) {
+                    return c.req_packed_command(cmd);
+                }
+                Box::pin(async move {
+                    let mut pipe = redis::pipe();
+                    pipe.add_command(redis::cmd("ASKING"))
+                        .add_command(cmd.clone());
+                    let mut replies = c.req_packed_commands(&pipe, 1, 1).await?;
+                    replies.pop().ok_or_else(|| {
+                        redis::RedisError::from((redis::ErrorKind::Client, "no reply"))
+                    })
+                })
+            }
         }
     }
 

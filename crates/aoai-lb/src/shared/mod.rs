@@ -503,13 +503,18 @@ impl Shared {
                 .await
                 .map(|_| ());
         }
-        let mut pipe = redis::pipe();
-        for b in &gw.backends {
-            pipe.cmd("PTTL").arg(self.cooldown_key(b.name()));
-        }
+        let cmds = gw
+            .backends
+            .iter()
+            .map(|b| {
+                let mut cmd = redis::cmd("PTTL");
+                cmd.arg(self.cooldown_key(b.name()));
+                cmd
+            })
+            .collect();
         let ttls: Vec<i64> = self
             .timed("poll", self.cfg.op_timeout, async move {
-                pipe.query_async::<Vec<i64>>(&mut conn).await
+                conn.each::<i64>(cmds).await
             })
             .await?;
         for (b, ttl) in gw.backends.iter().zip(ttls) {
