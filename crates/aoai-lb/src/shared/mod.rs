@@ -615,7 +615,18 @@ impl Shared {
     /// only time out and the real cause (refused, TLS certificate, AUTH) is
     /// hidden: one direct connect attempt, bounded by `connect_timeout_ms`,
     /// names it for the degraded-mode warning and `/admin/redis`.
+    ///
+    /// A single-server connection that meets `MOVED` is talking to a
+    /// cluster: the message says which setting to change.
     async fn diagnose(&self, e: OpError) -> OpError {
+        if matches!(self.conn.get(), Some(Conn::Single(_)))
+            && let OpError::Redis(text) = &e
+            && (text.contains("Moved") || text.contains("MOVED"))
+        {
+            return OpError::Redis(format!(
+                "{text}; the server is a Redis Cluster: set redis.cluster to \"auto\" or true"
+            ));
+        }
         let attempt = tokio::time::timeout(
             self.cfg.connect_timeout,
             self.client.get_multiplexed_async_connection(),

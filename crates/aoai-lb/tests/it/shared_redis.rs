@@ -1020,12 +1020,12 @@ async fn a_replica_gives_its_unused_leases_back_on_shutdown_and_never_waits_long
 
 /// A CA and a server certificate for 127.0.0.1 signed by it, as PEM files
 /// in a directory of their own (removed on drop).
-struct Pki {
+pub(crate) struct Pki {
     dir: std::path::PathBuf,
 }
 
 impl Pki {
-    fn new() -> Pki {
+    pub(crate) fn new() -> Pki {
         let dir = std::env::temp_dir().join(format!(
             "aoai-lb-redis-tls-{}-{:08x}",
             std::process::id(),
@@ -1052,7 +1052,7 @@ impl Pki {
         Pki { dir }
     }
 
-    fn path(&self, name: &str) -> String {
+    pub(crate) fn path(&self, name: &str) -> String {
         self.dir.join(name).to_str().unwrap().to_owned()
     }
 }

@@ -7,13 +7,15 @@
 //! `redis-cli` (package `redis-tools`, which `redis-server` depends on),
 //! puts two gateway processes in front of aoai-sim, and stops every process
 //! by PID at the end. The gateways are given the first node's address
-//! only, with `redis.cluster` left at `auto`.
+//! only, with `redis.cluster` left at `auto`. Cluster bus ports are given
+//! explicitly (the default, port + 10000, may be taken or out of range).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use crate::common;
 use crate::shared_redis::{
-    Replica, file_hits, redis_up_gauge, replica, served_by, spawn_load, team_tag, throttle_once,
+    Pki, Replica, file_hits, redis_up_gauge, replica, served_by, spawn_load, team_tag,
+    throttle_once,
 };
 
 use std::path::PathBuf;
@@ -32,6 +34,9 @@ const RANGES: [(u16, u16); 3] = [(0, 5460), (5461, 10922), (10923, 16383)];
 struct Node {
     child: Option<Child>,
     port: u16,
+    /// The cluster bus port, given explicitly: the default (port + 10000)
+    /// may be taken, or above 65535 for a high ephemeral port.
+    bus: u16,
 }
 
 /// Three masters, no replicas (a killed master's slots stay down until it
@@ -39,24 +44,18 @@ struct Node {
 struct Cluster {
     nodes: Vec<Node>,
     dir: PathBuf,
-}
-
-/// `redis-cli -p port args...`, its output trimmed (errors included: the
-/// CLI prints them on stdout too when not on a terminal).
-fn cli(port: u16, args: &[&str]) -> String {
-    let out = Command::new("redis-cli")
-        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("redis-cli on PATH (Debian redis-tools, a dependency of redis-server)");
-    let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
-    text.push_str(&String::from_utf8_lossy(&out.stderr));
-    text.trim().to_owned()
+    /// With TLS: the certificate files (`redis-cli --tls --cacert ...`).
+    tls: Option<(String, String, String)>,
 }
 
 impl Cluster {
     fn start() -> Cluster {
+        Self::start_with([free_port(), free_port(), free_port()], None)
+    }
+
+    /// Three masters on `ports`; with `tls` (CA, certificate, key files),
+    /// TLS only, cluster bus included.
+    fn start_with(ports: [u16; 3], tls: Option<(String, String, String)>) -> Cluster {
         let dir = std::env::temp_dir().join(format!(
             "aoai-lb-cluster-{}-{}",
             std::process::id(),
@@ -66,21 +65,23 @@ impl Cluster {
         let mut c = Cluster {
             nodes: Vec::new(),
             dir,
+            tls,
         };
-        for _ in 0..3 {
-            let port = free_port();
-            let child = c.spawn(port);
+        for port in ports {
+            let bus = free_port();
+            let child = c.spawn(port, bus);
             c.nodes.push(Node {
                 child: Some(child),
                 port,
+                bus,
             });
         }
         for i in 0..3 {
             c.wait_pong(i);
         }
         for (i, (from, to)) in RANGES.iter().enumerate() {
-            let r = cli(
-                c.nodes[i].port,
+            let r = c.cli(
+                i,
                 &[
                     "CLUSTER",
                     "ADDSLOTSRANGE",
@@ -91,24 +92,49 @@ impl Cluster {
             assert_eq!(r, "OK", "ADDSLOTSRANGE: {r}");
         }
         for i in 1..3 {
-            let r = cli(
-                c.nodes[0].port,
-                &["CLUSTER", "MEET", "127.0.0.1", &c.nodes[i].port.to_string()],
-            );
+            let (port, bus) = (c.nodes[i].port.to_string(), c.nodes[i].bus.to_string());
+            let r = c.cli(0, &["CLUSTER", "MEET", "127.0.0.1", &port, &bus]);
             assert_eq!(r, "OK", "MEET: {r}");
         }
         c.wait_ok(Duration::from_secs(10));
         c
     }
 
-    /// Starts a cluster-mode server on `port` whose node config lives in
-    /// this cluster's directory (so a restart rejoins as the same node).
-    fn spawn(&self, port: u16) -> Child {
+    /// `redis-cli` to node `i`, its output trimmed (errors included: the
+    /// CLI prints them on stdout too when not on a terminal).
+    fn cli(&self, i: usize, args: &[&str]) -> String {
+        let mut cmd = Command::new("redis-cli");
+        cmd.args(["-h", "127.0.0.1", "-p", &self.nodes[i].port.to_string()]);
+        if let Some((ca, _, _)) = &self.tls {
+            cmd.args(["--tls", "--cacert", ca]);
+        }
+        let out = cmd
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("redis-cli on PATH (Debian redis-tools, a dependency of redis-server)");
+        let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.push_str(&String::from_utf8_lossy(&out.stderr));
+        text.trim().to_owned()
+    }
+
+    /// Starts a cluster-mode server on `port` (bus on `bus`) whose node
+    /// config lives in this cluster's directory (so a restart rejoins as
+    /// the same node).
+    fn spawn(&self, port: u16, bus: u16) -> Child {
         let conf = self.dir.join(format!("nodes-{port}.conf"));
-        Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
+        let mut cmd = Command::new("redis-server");
+        match &self.tls {
+            None => cmd.args(["--port", &port.to_string()]),
+            Some((ca, cert, key)) => cmd
+                .args(["--port", "0", "--tls-port", &port.to_string()])
+                .args(["--tls-cluster", "yes", "--tls-auth-clients", "no"])
+                .args(["--tls-ca-cert-file", ca, "--tls-cert-file", cert])
+                .args(["--tls-key-file", key]),
+        };
+        cmd.args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .args(["--cluster-enabled", "yes", "--cluster-node-timeout", "1000"])
+            .args(["--cluster-port", &bus.to_string()])
             .arg("--cluster-config-file")
             .arg(&conf)
             .arg("--dir")
@@ -122,7 +148,7 @@ impl Cluster {
 
     fn wait_pong(&self, i: usize) {
         let deadline = Instant::now() + Duration::from_secs(10);
-        while cli(self.nodes[i].port, &["PING"]) != "PONG" {
+        while self.cli(i, &["PING"]) != "PONG" {
             assert!(Instant::now() < deadline, "node {i} did not start");
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -132,8 +158,8 @@ impl Cluster {
     fn wait_ok(&self, within: Duration) {
         let deadline = Instant::now() + within;
         loop {
-            let ok = self.nodes.iter().filter(|n| n.child.is_some()).all(|n| {
-                let info = cli(n.port, &["CLUSTER", "INFO"]);
+            let ok = (0..3).filter(|&i| self.nodes[i].child.is_some()).all(|i| {
+                let info = self.cli(i, &["CLUSTER", "INFO"]);
                 info.contains("cluster_state:ok") && info.contains("cluster_known_nodes:3")
             });
             if ok {
@@ -156,13 +182,11 @@ impl Cluster {
     }
 
     fn node_id(&self, i: usize) -> String {
-        cli(self.nodes[i].port, &["CLUSTER", "MYID"])
+        self.cli(i, &["CLUSTER", "MYID"])
     }
 
     fn slot(&self, key: &str) -> u16 {
-        cli(self.nodes[0].port, &["CLUSTER", "KEYSLOT", key])
-            .parse()
-            .unwrap()
+        self.cli(0, &["CLUSTER", "KEYSLOT", key]).parse().unwrap()
     }
 
     /// The master that owned `key`'s slot at start.
@@ -177,12 +201,12 @@ impl Cluster {
     /// Whether node `i` holds `key` (answers `EXISTS` itself, without a
     /// redirection, and says 1).
     fn holds(&self, i: usize, key: &str) -> bool {
-        cli(self.nodes[i].port, &["EXISTS", key]) == "1"
+        self.cli(i, &["EXISTS", key]) == "1"
     }
 
     /// Subscribers of `channel` on node `i` (pub/sub is per node).
     fn subscribers(&self, i: usize, channel: &str) -> u64 {
-        let out = cli(self.nodes[i].port, &["PUBSUB", "NUMSUB", channel]);
+        let out = self.cli(i, &["PUBSUB", "NUMSUB", channel]);
         out.lines().nth(1).and_then(|l| l.parse().ok()).unwrap_or(0)
     }
 
@@ -193,23 +217,17 @@ impl Cluster {
     fn begin_migration(&self, slot: u16, from: usize, to: usize) {
         let s = slot.to_string();
         let (from_id, to_id) = (self.node_id(from), self.node_id(to));
-        let r = cli(
-            self.port(to),
-            &["CLUSTER", "SETSLOT", &s, "IMPORTING", &from_id],
-        );
+        let r = self.cli(to, &["CLUSTER", "SETSLOT", &s, "IMPORTING", &from_id]);
         assert_eq!(r, "OK", "{r}");
-        let r = cli(
-            self.port(from),
-            &["CLUSTER", "SETSLOT", &s, "MIGRATING", &to_id],
-        );
+        let r = self.cli(from, &["CLUSTER", "SETSLOT", &s, "MIGRATING", &to_id]);
         assert_eq!(r, "OK", "{r}");
-        let keys = cli(self.port(from), &["CLUSTER", "GETKEYSINSLOT", &s, "1000"]);
+        let keys = self.cli(from, &["CLUSTER", "GETKEYSINSLOT", &s, "1000"]);
         let keys: Vec<&str> = keys.lines().filter(|k| !k.is_empty()).collect();
         if !keys.is_empty() {
             let to_port = self.port(to).to_string();
             let mut args = vec!["MIGRATE", "127.0.0.1", &to_port, "", "0", "5000", "KEYS"];
             args.extend(keys.iter().copied());
-            let r = cli(self.port(from), &args);
+            let r = self.cli(from, &args);
             assert_eq!(r, "OK", "MIGRATE: {r}");
         }
     }
@@ -219,7 +237,7 @@ impl Cluster {
         let s = slot.to_string();
         let to_id = self.node_id(to);
         for i in [to, from, 3 - to - from] {
-            let r = cli(self.port(i), &["CLUSTER", "SETSLOT", &s, "NODE", &to_id]);
+            let r = self.cli(i, &["CLUSTER", "SETSLOT", &s, "NODE", &to_id]);
             assert_eq!(r, "OK", "{r}");
         }
     }
@@ -234,7 +252,7 @@ impl Cluster {
     /// Starts node `i` again on its port with its node config: it rejoins
     /// with its slots (and no data).
     fn restart(&mut self, i: usize) {
-        let child = self.spawn(self.nodes[i].port);
+        let child = self.spawn(self.nodes[i].port, self.nodes[i].bus);
         self.nodes[i].child = Some(child);
         self.wait_pong(i);
     }
@@ -268,9 +286,9 @@ fn prefix_for(cluster: &Cluster, cd_on: usize) -> String {
 }
 
 /// Two sims, `sim0` preferred, a client `team` with `client`'s limits, and
-/// a `redis` block on `cluster` with `extra` merged in.
+/// a `redis` block on `url` with `extra` merged in.
 async fn setup(
-    cluster: &Cluster,
+    url: &str,
     prefix: &str,
     client: serde_json::Value,
     extra: serde_json::Value,
@@ -281,7 +299,7 @@ async fn setup(
         t.extend(l);
     }
     let mut block = serde_json::json!({
-        "url": cluster.url(),
+        "url": url,
         "key_prefix": prefix,
         "sync_interval_ms": 200,
         "op_timeout_ms": 100,
@@ -338,7 +356,7 @@ async fn on_a_cluster_a_429_and_an_object_reach_the_other_replica_with_each_scri
     // message can only reach them over the cluster bus.
     let prefix = prefix_for(&cluster, 0);
     let (sims, doc) = setup(
-        &cluster,
+        &cluster.url(),
         &prefix,
         serde_json::json!({}),
         // A poll every 30 s: only pub/sub can explain a fast propagation.
@@ -388,7 +406,7 @@ async fn on_a_cluster_a_429_and_an_object_reach_the_other_replica_with_each_scri
     let replicas_key = format!("{{{prefix}cd}}replicas");
     assert_eq!(cluster.slot(&cd_key), cluster.slot(&replicas_key));
     assert!(cluster.holds(0, &cd_key) && cluster.holds(0, &replicas_key));
-    let elsewhere = cli(cluster.port(1), &["PTTL", &cd_key]);
+    let elsewhere = cluster.cli(1, &["PTTL", &cd_key]);
     assert!(elsewhere.starts_with("MOVED"), "{elsewhere}");
 
     // An object created through A is found through B on the first try.
@@ -440,6 +458,24 @@ async fn on_a_cluster_a_429_and_an_object_reach_the_other_replica_with_each_scri
         let m = r.metrics().await;
         assert_eq!(script_errors(&m), 0.0, "no CROSSSLOT or other error: {m}");
     }
+
+    // Told it is a single server, a replica given master 1 meets MOVED
+    // (the cooldowns live on master 0): it serves on its own state and
+    // says which setting to change.
+    let mut forced: serde_json::Value = serde_json::from_str(&doc).unwrap();
+    forced["redis"]["cluster"] = serde_json::json!(false);
+    forced["redis"]["sync_interval_ms"] = serde_json::json!(200);
+    forced["redis"]["url"] = serde_json::json!(format!("redis://127.0.0.1:{}", cluster.port(1)));
+    let c = replica(&forced.to_string());
+    c.wait_state("degraded", Duration::from_secs(5)).await;
+    let st = c.redis_status().await;
+    assert_eq!(st["mode"], "standalone");
+    let last_error = st["last_error"].as_str().unwrap();
+    assert!(
+        last_error.contains("set redis.cluster to \"auto\" or true"),
+        "{st}"
+    );
+    assert_eq!(c.chat().await.0, StatusCode::OK);
 }
 
 /// Sends `count` requests of client `team`, alternately through `a` and
@@ -474,7 +510,7 @@ async fn on_a_cluster_two_replicas_hold_a_clients_rpm_with_leases_and_exactly_in
     for (mode, cd_on) in [("lease", 1), ("strict", 2)] {
         let prefix = prefix_for(&cluster, cd_on);
         let (_sims, doc) = setup(
-            &cluster,
+            &cluster.url(),
             &prefix,
             serde_json::json!({"rpm": 30}),
             serde_json::json!({"quota_mode": mode}),
@@ -528,7 +564,7 @@ async fn on_a_cluster_ask_and_moved_are_followed_and_a_killed_master_fails_no_re
     let mut cluster = Cluster::start();
     let prefix = prefix_for(&cluster, 0);
     let (sims, doc) = setup(
-        &cluster,
+        &cluster.url(),
         &prefix,
         serde_json::json!({}),
         serde_json::json!({}),
@@ -569,14 +605,14 @@ async fn on_a_cluster_ask_and_moved_are_followed_and_a_killed_master_fails_no_re
     let slot = cluster.slot(&cd_key);
     let target_addr = format!("{slot} 127.0.0.1:{}", cluster.port(target));
     cluster.begin_migration(slot, 0, target);
-    let asked = cli(cluster.port(0), &["PTTL", &cd_key]);
+    let asked = cluster.cli(0, &["PTTL", &cd_key]);
     assert!(asked.starts_with(&format!("ASK {target_addr}")), "{asked}");
     learnt_again(2).await;
 
     // Migrated: master 0 now answers MOVED, and the gateways, whose slot
     // map still names master 0, follow it and refresh the map.
     cluster.end_migration(slot, 0, target);
-    let moved = cli(cluster.port(0), &["PTTL", &cd_key]);
+    let moved = cluster.cli(0, &["PTTL", &cd_key]);
     assert!(
         moved.starts_with(&format!("MOVED {target_addr}")),
         "{moved}"
@@ -598,7 +634,7 @@ async fn on_a_cluster_ask_and_moved_are_followed_and_a_killed_master_fails_no_re
     // Kill that master under load: its slots (the cooldowns') are gone
     // and so is the subscribers' node.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let load = spawn_load(vec![a.url.clone(), b.url.clone()], 4, 1_000, stop.clone());
+    let load = spawn_load(vec![a.url.clone(), b.url.clone()], 2, 1_000, stop.clone());
     tokio::time::sleep(Duration::from_millis(300)).await;
     cluster.kill(target);
     let killed = Instant::now();
@@ -666,9 +702,16 @@ async fn on_a_cluster_ask_and_moved_are_followed_and_a_killed_master_fails_no_re
         "{sent} requests, degraded after {degraded_after:?}, shared again {back:?} after the restart"
     );
     for r in [&a, &b] {
+        // The line follows the state change by a log-writer tick.
+        let _ = r.bin.wait_for_line(Duration::from_secs(2), |l| {
+            l.contains("Redis answers again")
+        });
         let lines = r.bin.all_text();
         let count = |needle: &str| lines.iter().filter(|l| l.contains(needle)).count();
-        let redis_lines: Vec<&String> = lines.iter().filter(|l| l.contains("Redis")).collect();
+        let redis_lines: Vec<&String> = lines
+            .iter()
+            .filter(|l| l.contains("Redis") || l.contains("dropped"))
+            .collect();
         // One warning and one recovery line per outage, never one per
         // request. A master that rejoins may answer CLUSTERDOWN once more
         // while the others clear its failure: a second, short outage.
@@ -689,4 +732,67 @@ async fn on_a_cluster_ask_and_moved_are_followed_and_a_killed_master_fails_no_re
     assert_eq!(served_by(&a.chat().await.1), "sim1");
     wait_learnt(&b, before + 1, Duration::from_secs(2)).await;
     assert_eq!(served_by(&b.chat().await.1), "sim1");
+}
+
+/// A 429 seen by `a` keeps `b` off `sim0` within a second.
+async fn propagates(sims: &[SimHandle], a: &Replica, b: &Replica) {
+    let before = {
+        let st = b.redis_status().await;
+        st["cooldowns_applied"]["pubsub"].as_u64().unwrap_or(0)
+            + st["cooldowns_applied"]["poll"].as_u64().unwrap_or(0)
+    };
+    let sim0 = sims[0].request_count();
+    throttle_once(&sims[0], 10_000);
+    assert_eq!(served_by(&a.chat().await.1), "sim1");
+    wait_learnt(b, before + 1, Duration::from_secs(1)).await;
+    for _ in 0..5 {
+        assert_eq!(served_by(&b.chat().await.1), "sim1");
+    }
+    assert_eq!(sims[0].request_count(), sim0 + 1, "only A's request");
+}
+
+#[tokio::test]
+async fn on_a_cluster_a_replica_started_while_the_cluster_is_down_serves_at_once_and_joins_later() {
+    let ports = [free_port(), free_port(), free_port()];
+    let prefix = format!("t{}:", fastrand::u32(..));
+    let url = format!("redis://127.0.0.1:{}", ports[0]);
+    let (sims, doc) = setup(&url, &prefix, serde_json::json!({}), serde_json::json!({})).await;
+    let a = replica(&doc);
+    let (s, _) = a.chat().await;
+    assert_eq!(s, StatusCode::OK);
+    let st = a.redis_status().await;
+    assert_ne!(st["state"], "up", "{st}");
+    assert!(
+        st["mode"].is_null(),
+        "not settled before Redis answers: {st}"
+    );
+
+    let _cluster = Cluster::start_with(ports, None);
+    let b = replica(&doc);
+    both_up(&a, &b).await;
+    propagates(&sims, &a, &b).await;
+}
+
+#[tokio::test]
+async fn on_a_cluster_over_tls_with_a_private_ca_two_replicas_share_cooldowns() {
+    let pki = Pki::new();
+    let ca = pki.path("ca.pem");
+    let files = (ca.clone(), pki.path("server.pem"), pki.path("server.key"));
+    let cluster = Cluster::start_with([free_port(), free_port(), free_port()], Some(files));
+    let prefix = prefix_for(&cluster, 2);
+    let url = format!("rediss://127.0.0.1:{}", cluster.port(0));
+    let (sims, doc) = setup(
+        &url,
+        &prefix,
+        serde_json::json!({}),
+        serde_json::json!({"ca_file": ca}),
+    )
+    .await;
+    let a = replica(&doc);
+    let b = replica(&doc);
+    both_up(&a, &b).await;
+    assert_eq!(a.redis_status().await["tls"], true);
+    propagates(&sims, &a, &b).await;
+    // The cooldown reached master 2 over TLS (the seed is master 0).
+    assert!(cluster.holds(2, &format!("{{{prefix}cd}}:sim0")));
 }
