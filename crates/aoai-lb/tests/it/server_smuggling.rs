@@ -483,6 +483,31 @@ async fn streams_sse_with_chunked_framing_to_http_1_1_clients() {
 }
 
 #[tokio::test]
+async fn streams_sse_to_http_1_0_clients_delimited_by_the_close() {
+    // HTTP/1.0 has no chunked coding: a body of unknown length ends when
+    // the server closes the connection.
+    let (_sims, _bin, addr) = gateway(serde_json::json!({})).await;
+    let body = chat_body(true);
+    let mut c = Conn::open(addr).await;
+    c.send(
+        format!(
+            "POST {} HTTP/1.0\r\nHost: gw\r\nAuthorization: Bearer {CLIENT_KEY}\r\nContent-Type: application/json\r\nConnection: keep-alive\r\nContent-Length: {}\r\n\r\n{body}",
+            chat_path("gpt-4o"),
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .await;
+    let a = c.answer(false).await.unwrap();
+    assert_eq!(a.status, 200);
+    assert_eq!(a.header("transfer-encoding"), None);
+    assert_eq!(a.header("connection").as_deref(), Some("close"));
+    let text = String::from_utf8(a.body).unwrap();
+    assert!(text.starts_with("data: "), "{text}");
+    assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+}
+
+#[tokio::test]
 async fn the_hyper_server_stays_available_as_a_fallback() {
     // server.http1 = "hyper": hyper (through httparse) takes a bare LF as a
     // line end; the relay refuses it. That difference shows which server
