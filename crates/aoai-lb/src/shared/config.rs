@@ -26,6 +26,20 @@ pub enum QuotaMode {
     Strict,
 }
 
+/// Whether `redis.url` is a Redis Cluster (the OSS cluster protocol).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ClusterMode {
+    /// `"auto"` (default): asks the endpoint (`INFO cluster`) at the first
+    /// successful connect and uses the cluster protocol when it reports
+    /// `cluster_enabled:1`.
+    #[default]
+    Auto,
+    /// `true`: always the cluster protocol (`CLUSTER SLOTS`, `MOVED`/`ASK`).
+    On,
+    /// `false`: always one server, never asked.
+    Off,
+}
+
 /// The validated `redis` block.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RedisConfig {
@@ -68,6 +82,10 @@ pub struct RedisConfig {
     /// test server). `None` = the web PKI roots. Read at start-up: a
     /// missing or certificate-less file stops it.
     pub ca_file: Option<std::path::PathBuf>,
+    /// Standalone or Redis Cluster. Default [`ClusterMode::Auto`]. A
+    /// cluster has only database 0: a database number in `url` is refused
+    /// with `true` and ignored when `auto` finds a cluster.
+    pub cluster: ClusterMode,
 }
 
 /// The block as written.
@@ -88,6 +106,7 @@ pub(crate) struct RawRedis {
     share: RawShare,
     quota_mode: Option<QuotaMode>,
     ca_file: Option<std::path::PathBuf>,
+    cluster: Option<serde_json::Value>,
 }
 
 #[derive(Deserialize, Default)]
@@ -227,6 +246,24 @@ impl RawRedis {
                 ));
             }
         }
+        let cluster = match self.cluster {
+            None => ClusterMode::Auto,
+            Some(serde_json::Value::Bool(true)) => ClusterMode::On,
+            Some(serde_json::Value::Bool(false)) => ClusterMode::Off,
+            Some(serde_json::Value::String(s)) if s == "auto" => ClusterMode::Auto,
+            Some(_) => {
+                return Err(ConfigError::new(
+                    "redis.cluster",
+                    "must be true, false or \"auto\"",
+                ));
+            }
+        };
+        if cluster == ClusterMode::On && !matches!(db, "" | "0") {
+            return Err(ConfigError::new(
+                "redis.url",
+                "a Redis Cluster has only database 0 (redis.cluster is true)",
+            ));
+        }
         Ok(RedisConfig {
             url,
             username,
@@ -242,6 +279,7 @@ impl RawRedis {
             share_quotas: self.share.quotas.unwrap_or(true),
             quota_mode: self.quota_mode.unwrap_or_default(),
             ca_file: self.ca_file,
+            cluster,
         })
     }
 }
@@ -284,6 +322,7 @@ mod tests {
         assert!(r.pubsub && r.share_cooldowns && r.share_affinity && r.share_quotas);
         assert_eq!(r.quota_mode, super::QuotaMode::Lease);
         assert!(r.password.is_none());
+        assert_eq!(r.cluster, super::ClusterMode::Auto);
 
         let c = parse(
             r#"{"url":"redis://127.0.0.1:6379","username":"gw","password_env":"REDIS_PW",
@@ -300,6 +339,15 @@ mod tests {
 
         let c = parse(r#"{"url":"rediss://h:6380/0","password":"inline-pw"}"#).unwrap();
         assert_eq!(c.redis.unwrap().password.unwrap().expose(), "inline-pw");
+
+        for (v, mode) in [
+            ("true", super::ClusterMode::On),
+            ("false", super::ClusterMode::Off),
+            ("\"auto\"", super::ClusterMode::Auto),
+        ] {
+            let c = parse(&format!(r#"{{"url":"rediss://h:10000","cluster":{v}}}"#)).unwrap();
+            assert_eq!(c.redis.unwrap().cluster, mode, "{v}");
+        }
     }
 
     #[test]
@@ -349,6 +397,9 @@ mod tests {
                 "redis.ca_file:",
             ),
             (r#"{"url":"rediss://h","ca_file":""}"#, "redis.ca_file:"),
+            (r#"{"url":"redis://h","cluster":"yes"}"#, "redis.cluster:"),
+            (r#"{"url":"redis://h","cluster":1}"#, "redis.cluster:"),
+            (r#"{"url":"redis://h/2","cluster":true}"#, "redis.url:"),
         ] {
             let e = parse(block).unwrap_err();
             assert!(e.starts_with(field), "{block}: {e}");

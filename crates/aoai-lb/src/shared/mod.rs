@@ -27,8 +27,12 @@
 //!   cooldowns. Requests never fail or wait because of Redis.
 //! - **The breaker stays local**: connect and TLS failures can be specific
 //!   to one replica.
+//! - **One server or a cluster** (`redis.cluster`, detected by default):
+//!   the same commands go through a [`conn::Conn`]; every script's keys
+//!   share one hash tag, so nothing here ever spans two slots.
 
 pub mod config;
+pub mod conn;
 pub mod quota;
 
 use std::future::Future;
@@ -37,10 +41,10 @@ use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt as _;
-use redis::aio::ConnectionManager;
 use tokio::sync::{Notify, mpsc};
 
-pub use config::{QuotaMode, RedisConfig};
+pub use config::{ClusterMode, QuotaMode, RedisConfig};
+use conn::Conn;
 
 use crate::proxy::Gateway;
 use crate::state::GatewayState;
@@ -134,10 +138,18 @@ enum Health {
 /// a reload keeps it (changes to the `redis` block apply at restart).
 pub struct Shared {
     cfg: RedisConfig,
+    /// The configured endpoint, credentials included.
+    info: redis::ConnectionInfo,
+    /// `redis.ca_file`'s certificates.
+    ca_pem: Option<Vec<u8>>,
     client: redis::Client,
     /// Random id of this process, so it ignores its own messages.
     replica: String,
-    conn: OnceLock<ConnectionManager>,
+    /// Set once: at [`Shared::start`] for `"cluster": false`, else at the
+    /// first successful connect (which settles the mode).
+    conn: OnceLock<Conn>,
+    /// Nodes of the cluster last learnt, for the subscriber.
+    nodes: Mutex<Vec<(String, u16)>>,
     up: AtomicBool,
     health: Mutex<HealthState>,
     writes: mpsc::Sender<Write>,
@@ -181,28 +193,20 @@ impl Shared {
             settings = settings.set_password(p.expose());
         }
         let info = info.set_redis_settings(settings);
-        let client = match &cfg.ca_file {
-            None => redis::Client::open(info),
-            Some(path) => {
-                let pem = read_ca_file(path)?;
-                redis::Client::build_with_tls(
-                    info,
-                    redis::TlsCertificates {
-                        client_tls: None,
-                        root_cert: Some(pem),
-                    },
-                )
-            }
-        }
-        .map_err(|e| OpError::Redis(format!("redis.url: {e}")))?;
+        let ca_pem = cfg.ca_file.as_deref().map(read_ca_file).transpose()?;
+        let client = node_client(&info, ca_pem.as_deref())
+            .map_err(|e| OpError::Redis(format!("redis.url: {e}")))?;
         let (tx, rx) = mpsc::channel(WRITE_QUEUE);
         let replica = format!("{:016x}", fastrand::u64(..));
         Ok(Arc::new(Shared {
             quotas: quota::Quotas::new(&cfg),
             cfg,
+            info,
+            ca_pem,
             client,
             replica,
             conn: OnceLock::new(),
+            nodes: Mutex::new(Vec::new()),
             up: AtomicBool::new(false),
             health: Mutex::new(HealthState {
                 health: Health::Connecting,
@@ -238,20 +242,13 @@ impl Shared {
         else {
             return;
         };
-        let config = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(self.cfg.connect_timeout))
-            .set_response_timeout(Some(self.cfg.op_timeout))
-            .set_min_delay(Duration::from_millis(50))
-            .set_max_delay(Duration::from_millis(500))
-            .set_number_of_retries(2);
-        match redis::aio::ConnectionManager::new_lazy_with_config(self.client.clone(), config) {
-            Ok(c) => {
-                let _ = self.conn.set(c);
-            }
-            Err(e) => {
+        if self.cfg.cluster == ClusterMode::Off {
+            if let Err(e) = self.connect_single() {
                 tracing::warn!(error = %e, "Redis: cannot set up the connection; shared state is off");
                 return;
             }
+        } else {
+            tokio::spawn(Arc::clone(self).connect());
         }
         metrics::gauge!(REDIS_UP).set(0.0);
         tokio::spawn(Arc::clone(self).sync_loop(gateway.clone()));
@@ -261,6 +258,100 @@ impl Shared {
         }
         if self.cfg.share_quotas {
             tokio::spawn(Arc::clone(self).lease_loop(gateway));
+        }
+    }
+
+    /// The connection manager for one server: lazy, so nothing waits here.
+    fn connect_single(&self) -> Result<(), OpError> {
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(self.cfg.connect_timeout))
+            .set_response_timeout(Some(self.cfg.op_timeout))
+            .set_min_delay(Duration::from_millis(50))
+            .set_max_delay(Duration::from_millis(500))
+            .set_number_of_retries(2);
+        let c = redis::aio::ConnectionManager::new_lazy_with_config(self.client.clone(), config)
+            .map_err(|e| OpError::Redis(e.to_string()))?;
+        let _ = self.conn.set(Conn::Single(c));
+        Ok(())
+    }
+
+    /// The cluster client: the configured endpoint is the seed, the rest
+    /// of the nodes come from `CLUSTER SLOTS`. Each node connection has
+    /// the same connect and response timeouts as a single server's; a
+    /// command follows at most two redirections or retries, and the
+    /// caller's timeout bounds the whole.
+    fn cluster_client(&self) -> Result<redis::cluster::ClusterClient, OpError> {
+        let mut b = redis::cluster::ClusterClientBuilder::new(vec![conn::db0(&self.info)])
+            .connection_timeout(self.cfg.connect_timeout)
+            .response_timeout(self.cfg.op_timeout)
+            .retries(2)
+            .min_retry_wait(10)
+            .max_retry_wait(100);
+        if let Some(pem) = &self.ca_pem {
+            b = b.certs(redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(pem.clone()),
+            });
+        }
+        b.build().map_err(|e| OpError::Redis(e.to_string()))
+    }
+
+    /// Settles standalone or cluster (`"cluster": "auto"` asks the
+    /// endpoint) and connects, retrying until it works. Until then every
+    /// command fails with [`OpError::NotStarted`], so the replica degrades
+    /// and serves from local state like with any unreachable Redis.
+    async fn connect(self: Arc<Self>) {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let cluster = match self.cfg.cluster {
+                ClusterMode::On => Ok(true),
+                ClusterMode::Off => Ok(false),
+                ClusterMode::Auto => conn::is_cluster(&self.client, self.cfg.connect_timeout).await,
+            };
+            let attempt = match cluster {
+                Ok(false) => self.connect_single(),
+                Ok(true) => match self.cluster_client() {
+                    Ok(client) => {
+                        // Slot map and one connection per node; bounded
+                        // like one connect per node in turn.
+                        let limit = self.cfg.connect_timeout.saturating_mul(2);
+                        match tokio::time::timeout(limit, client.get_async_connection()).await {
+                            Ok(Ok(c)) => {
+                                let _ = self.conn.set(Conn::Cluster(c));
+                                Ok(())
+                            }
+                            Ok(Err(e)) => Err(OpError::Redis(e.to_string())),
+                            Err(_) => Err(OpError::Timeout(
+                                u64::try_from(limit.as_millis()).unwrap_or(u64::MAX),
+                            )),
+                        }
+                    }
+                    // Only a bad configuration fails here: no retry helps.
+                    Err(e) => {
+                        tracing::warn!(error = %e, "Redis: cannot set up the cluster client; shared state is off");
+                        return;
+                    }
+                },
+                Err(e) => Err(e),
+            };
+            match attempt {
+                Ok(()) => {
+                    tracing::debug!(
+                        mode = self.conn.get().map_or("-", Conn::mode),
+                        "connected to Redis"
+                    );
+                    self.poll_now.notify_one();
+                    return;
+                }
+                Err(e) => {
+                    self.health
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .last_error = Some(e.to_string());
+                }
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(1));
         }
     }
 
@@ -372,7 +463,7 @@ impl Shared {
         result
     }
 
-    pub(crate) fn connection(&self) -> Result<ConnectionManager, OpError> {
+    pub(crate) fn connection(&self) -> Result<Conn, OpError> {
         self.conn.get().cloned().ok_or(OpError::NotStarted)
     }
 
@@ -412,13 +503,18 @@ impl Shared {
                 .await
                 .map(|_| ());
         }
-        let mut pipe = redis::pipe();
-        for b in &gw.backends {
-            pipe.cmd("PTTL").arg(self.cooldown_key(b.name()));
-        }
+        let cmds = gw
+            .backends
+            .iter()
+            .map(|b| {
+                let mut cmd = redis::cmd("PTTL");
+                cmd.arg(self.cooldown_key(b.name()));
+                cmd
+            })
+            .collect();
         let ttls: Vec<i64> = self
             .timed("poll", self.cfg.op_timeout, async move {
-                pipe.query_async::<Vec<i64>>(&mut conn).await
+                conn.each::<i64>(cmds).await
             })
             .await?;
         for (b, ttl) in gw.backends.iter().zip(ttls) {
@@ -519,7 +615,18 @@ impl Shared {
     /// only time out and the real cause (refused, TLS certificate, AUTH) is
     /// hidden: one direct connect attempt, bounded by `connect_timeout_ms`,
     /// names it for the degraded-mode warning and `/admin/redis`.
+    ///
+    /// A single-server connection that meets `MOVED` is talking to a
+    /// cluster: the message says which setting to change.
     async fn diagnose(&self, e: OpError) -> OpError {
+        if matches!(self.conn.get(), Some(Conn::Single(_)))
+            && let OpError::Redis(text) = &e
+            && (text.contains("Moved") || text.contains("MOVED"))
+        {
+            return OpError::Redis(format!(
+                "{text}; the server is a Redis Cluster: set redis.cluster to \"auto\" or true"
+            ));
+        }
         let attempt = tokio::time::timeout(
             self.cfg.connect_timeout,
             self.client.get_multiplexed_async_connection(),
@@ -586,14 +693,39 @@ impl Shared {
     /// Listens on the events channel, with its own connection and its own
     /// reconnect loop; after each (re)subscription it asks for a poll, so
     /// nothing published while it was away is missed for long.
+    ///
+    /// In a cluster, `PUBLISH` reaches every node, so it listens on one
+    /// node and moves to the next one of the slot map whenever that node
+    /// stops answering.
     async fn subscriber(self: Arc<Self>, gateway: Gateway) {
         let mut backoff = Duration::from_millis(100);
         let channel = self.channel();
+        let mut turn = 0usize;
         loop {
-            let connected =
-                tokio::time::timeout(self.cfg.connect_timeout, self.client.get_async_pubsub())
-                    .await;
-            if let Ok(Ok(mut ps)) = connected {
+            let client = match self.conn.get() {
+                // Not connected yet: standalone or cluster is not settled.
+                // Checked often, so the subscription follows the first
+                // connect closely.
+                None => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+                Some(Conn::Single(_)) => Some(self.client.clone()),
+                Some(c @ Conn::Cluster(_)) => {
+                    turn = turn.wrapping_add(1);
+                    self.node_for_pubsub(c, turn).await
+                }
+            };
+            let connected = match client {
+                None => None,
+                Some(client) => {
+                    tokio::time::timeout(self.cfg.connect_timeout, client.get_async_pubsub())
+                        .await
+                        .ok()
+                        .and_then(Result::ok)
+                }
+            };
+            if let Some(mut ps) = connected {
                 let subscribed =
                     tokio::time::timeout(self.cfg.op_timeout, ps.subscribe(&channel)).await;
                 if matches!(subscribed, Ok(Ok(()))) {
@@ -615,6 +747,37 @@ impl Shared {
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_secs(1));
         }
+    }
+
+    /// A client for the `turn`-th node of the cluster (the configured
+    /// endpoint counts as one), refreshing the node list from `CLUSTER
+    /// SLOTS` first when the cluster answers.
+    async fn node_for_pubsub(&self, c: &Conn, turn: usize) -> Option<redis::Client> {
+        if let Ok(Ok(found)) = tokio::time::timeout(self.cfg.op_timeout, c.nodes()).await
+            && !found.is_empty()
+        {
+            *self.nodes.lock().unwrap_or_else(PoisonError::into_inner) = found;
+        }
+        let mut nodes = self
+            .nodes
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let seed = match self.info.addr() {
+            redis::ConnectionAddr::Tcp(h, p)
+            | redis::ConnectionAddr::TcpTls {
+                host: h, port: p, ..
+            } => Some((h.clone(), *p)),
+            _ => None,
+        };
+        if let Some(seed) = seed
+            && !nodes.contains(&seed)
+        {
+            nodes.push(seed);
+        }
+        let (host, port) = nodes.get(turn % nodes.len().max(1))?.clone();
+        let info = conn::at_node(&self.info, &host, port);
+        node_client(&info, self.ca_pem.as_deref()).ok()
     }
 
     async fn lease_loop(self: Arc<Self>, gateway: Gateway) {
@@ -654,6 +817,14 @@ impl Shared {
             "replica": self.replica,
             "key_prefix": self.cfg.key_prefix,
             "tls": self.cfg.url.scheme() == "rediss",
+            "cluster": match self.cfg.cluster {
+                ClusterMode::Auto => serde_json::json!("auto"),
+                ClusterMode::On => serde_json::json!(true),
+                ClusterMode::Off => serde_json::json!(false),
+            },
+            // What the connection is: `standalone`, `cluster`, or `null`
+            // until the first connect settled it.
+            "mode": self.conn.get().map(Conn::mode),
             "pubsub": self.cfg.pubsub,
             "share": {
                 "cooldowns": self.cfg.share_cooldowns,
@@ -673,6 +844,24 @@ impl Shared {
             "object_lookup_hits": self.lookup_hits.load(Ordering::Relaxed),
             "quotas": self.quotas.status_json(),
         })
+    }
+}
+
+/// A client for `info`, trusting `ca_pem` instead of the web PKI roots when
+/// given.
+fn node_client(
+    info: &redis::ConnectionInfo,
+    ca_pem: Option<&[u8]>,
+) -> redis::RedisResult<redis::Client> {
+    match ca_pem {
+        None => redis::Client::open(info.clone()),
+        Some(pem) => redis::Client::build_with_tls(
+            info.clone(),
+            redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(pem.to_vec()),
+            },
+        ),
     }
 }
 

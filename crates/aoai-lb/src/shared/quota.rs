@@ -954,8 +954,9 @@ async fn top_up_quotas(shared: &Shared, gw: &GatewayState, beat: bool) {
 /// Redis is degraded, failed or did not answer in time.
 pub async fn release(shared: &Shared) -> Result<usize, super::OpError> {
     let q = &shared.quotas;
-    let mut pipe = redis::pipe();
-    let mut count = 0;
+    // One pipeline to a single server; separate commands to a cluster,
+    // where the clients' keys live in different slots.
+    let mut cmds = Vec::new();
     for p in q.pools.load().values() {
         for (pool, dim) in [(&p.rpm, "rpm"), (&p.tpm, "tpm")] {
             let Some(pool) = pool else { continue };
@@ -963,44 +964,47 @@ pub async fn release(shared: &Shared) -> Result<usize, super::OpError> {
             pool.until.store(0, Ordering::Release);
             let second = pool.second.load(Ordering::Acquire);
             if left > 0 && second > 0 {
-                pipe.cmd("EVAL")
-                    .arg(RELEASE_SCRIPT)
+                let mut cmd = redis::cmd("EVAL");
+                cmd.arg(RELEASE_SCRIPT)
                     .arg(1)
                     .arg(format!("{}:{dim}", p.tag))
                     .arg(second)
-                    .arg(left)
-                    .ignore();
-                count += 1;
+                    .arg(left);
+                cmds.push(cmd);
             }
         }
         if let Some(lease) = &p.quota {
             let left = lease.balance.swap(0, Ordering::AcqRel);
             let period = lease.period.load(Ordering::Acquire);
             if left != 0 && period != 0 {
-                pipe.cmd("EVAL")
-                    .arg(QUOTA_SCRIPT)
+                let mut cmd = redis::cmd("EVAL");
+                cmd.arg(QUOTA_SCRIPT)
                     .arg(1)
                     .arg(format!("{}:quota", p.tag))
                     .arg(lease.kind())
                     .arg(lease.quota.tokens)
                     .arg(0)
                     .arg(-left)
-                    .arg(period)
-                    .ignore();
-                count += 1;
+                    .arg(period);
+                cmds.push(cmd);
             }
         }
     }
+    let count = cmds.len();
     if count == 0 {
         return Ok(0);
     }
     if !shared.is_up() {
         return Err(super::OpError::Redis("degraded".to_owned()));
     }
-    let mut conn = shared.connection()?;
+    let conn = shared.connection()?;
     shared
         .timed("release", shared.config().op_timeout, async move {
-            pipe.query_async::<()>(&mut conn).await
+            let replies = conn.each::<redis::Value>(cmds).await?;
+            match replies.into_iter().find_map(|v| v.extract_error().err()) {
+                Some(e) => Err(e),
+                None => Ok(()),
+            }
         })
         .await?;
     Ok(count)

@@ -51,6 +51,7 @@ mod server_limits;
 mod server_shutdown;
 mod server_status;
 mod shared_redis;
+mod shared_redis_cluster;
 mod steer_routing;
 mod usage_accounting;
 

@@ -98,13 +98,13 @@ impl Drop for Redis {
 }
 
 /// One gateway process.
-struct Replica {
-    bin: Binary,
-    url: String,
-    admin: String,
+pub(crate) struct Replica {
+    pub(crate) bin: Binary,
+    pub(crate) url: String,
+    pub(crate) admin: String,
 }
 
-fn replica(doc: &str) -> Replica {
+pub(crate) fn replica(doc: &str) -> Replica {
     let (bin, addr, admin_addr) = spawn_gateway_binary_with_admin(doc);
     Replica {
         bin,
@@ -114,11 +114,11 @@ fn replica(doc: &str) -> Replica {
 }
 
 impl Replica {
-    async fn redis_status(&self) -> serde_json::Value {
+    pub(crate) async fn redis_status(&self) -> serde_json::Value {
         get_json(&format!("{}/admin/redis", self.admin)).await
     }
 
-    async fn wait_state(&self, state: &str, within: Duration) -> Duration {
+    pub(crate) async fn wait_state(&self, state: &str, within: Duration) -> Duration {
         let started = Instant::now();
         loop {
             let v = self.redis_status().await;
@@ -133,11 +133,11 @@ impl Replica {
         }
     }
 
-    async fn metrics(&self) -> String {
+    pub(crate) async fn metrics(&self) -> String {
         get_ok(&format!("{}/metrics", self.admin)).await
     }
 
-    async fn chat(&self) -> (StatusCode, HeaderMap) {
+    pub(crate) async fn chat(&self) -> (StatusCode, HeaderMap) {
         let (s, h, _) = send(
             Method::POST,
             &format!("{}{}", self.url, chat_path("gpt-4o")),
@@ -149,7 +149,7 @@ impl Replica {
     }
 }
 
-fn served_by(h: &HeaderMap) -> String {
+pub(crate) fn served_by(h: &HeaderMap) -> String {
     h.get("x-aoai-sim-instance")
         .and_then(|v| v.to_str().ok())
         .unwrap_or("-")
@@ -179,7 +179,7 @@ async fn setup(redis: &Redis, redis_extra: serde_json::Value) -> (Vec<SimHandle>
     (sims, doc)
 }
 
-fn throttle_once(sim: &SimHandle, retry_after_ms: u64) {
+pub(crate) fn throttle_once(sim: &SimHandle, retry_after_ms: u64) {
     sim.inject(Fault::Fail {
         count: Some(1),
         status: 429,
@@ -323,7 +323,7 @@ fn resp(redis: &Redis, args: &[&str]) -> String {
     String::from_utf8_lossy(&buf[..n]).into_owned()
 }
 
-fn file_hits(sim: &SimHandle) -> usize {
+pub(crate) fn file_hits(sim: &SimHandle) -> usize {
     sim.journal()
         .iter()
         .filter(|e| e.path.contains("/openai/files"))
@@ -431,12 +431,12 @@ async fn requests_make_no_redis_call_on_the_common_path() {
 }
 
 /// Requests sent by one load task, and those that failed.
-type Load = (usize, Vec<(String, StatusCode)>);
+pub(crate) type Load = (usize, Vec<(String, StatusCode)>);
 
 /// Concurrent load on every replica until `stop` is set (bounded by
 /// `max_each` requests per task as well): returns every status that was
 /// not 200, with the replica it came from.
-fn spawn_load(
+pub(crate) fn spawn_load(
     urls: Vec<String>,
     tasks: usize,
     max_each: usize,
@@ -470,7 +470,7 @@ fn spawn_load(
         .collect()
 }
 
-async fn redis_up_gauge(r: &Replica) -> Option<String> {
+pub(crate) async fn redis_up_gauge(r: &Replica) -> Option<String> {
     r.metrics()
         .await
         .lines()
@@ -818,7 +818,7 @@ fn team_headers() -> Vec<(&'static str, String)> {
 }
 
 /// The hash tag of client `name`'s keys (as the gateway builds it).
-fn team_tag(prefix: &str, name: &str) -> String {
+pub(crate) fn team_tag(prefix: &str, name: &str) -> String {
     use sha2::Digest as _;
     let d = sha2::Sha256::digest(name.as_bytes());
     let hex: String = d.iter().take(8).map(|b| format!("{b:02x}")).collect();
@@ -1020,12 +1020,12 @@ async fn a_replica_gives_its_unused_leases_back_on_shutdown_and_never_waits_long
 
 /// A CA and a server certificate for 127.0.0.1 signed by it, as PEM files
 /// in a directory of their own (removed on drop).
-struct Pki {
+pub(crate) struct Pki {
     dir: std::path::PathBuf,
 }
 
 impl Pki {
-    fn new() -> Pki {
+    pub(crate) fn new() -> Pki {
         let dir = std::env::temp_dir().join(format!(
             "aoai-lb-redis-tls-{}-{:08x}",
             std::process::id(),
@@ -1052,7 +1052,7 @@ impl Pki {
         Pki { dir }
     }
 
-    fn path(&self, name: &str) -> String {
+    pub(crate) fn path(&self, name: &str) -> String {
         self.dir.join(name).to_str().unwrap().to_owned()
     }
 }
