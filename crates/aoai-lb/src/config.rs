@@ -317,6 +317,11 @@ pub struct ServerConfig {
     /// Time in-flight requests get to finish once the listener has stopped
     /// accepting. Default 30 s.
     pub shutdown_grace: Duration,
+    /// The server for HTTP/1 clients (`server.http1`): `relay`, the lean
+    /// one of [`crate::relay`] (the default), or `hyper`, hyper's server as
+    /// before. HTTP/2 clients and WebSocket handshakes are served by hyper
+    /// either way.
+    pub http1: crate::relay::Http1Server,
 }
 
 impl Default for ServerConfig {
@@ -328,6 +333,7 @@ impl Default for ServerConfig {
             max_headers: 100,
             drain_delay: Duration::from_secs(1),
             shutdown_grace: Duration::from_secs(30),
+            http1: crate::relay::Http1Server::Relay,
         }
     }
 }
@@ -456,6 +462,7 @@ struct RawServer {
     max_headers: Option<usize>,
     drain_delay_ms: Option<u64>,
     shutdown_grace_ms: Option<u64>,
+    http1: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -686,6 +693,12 @@ impl RawDocument {
             shutdown_grace: match self.server.shutdown_grace_ms {
                 None => ds.shutdown_grace,
                 Some(ms) => Duration::from_millis(ms),
+            },
+            http1: match self.server.http1.as_deref() {
+                None => ds.http1,
+                Some(s) => crate::relay::Http1Server::parse(s).ok_or_else(|| {
+                    ConfigError::new("server.http1", "must be \"relay\" or \"hyper\"")
+                })?,
             },
         };
 

@@ -30,6 +30,7 @@ pub mod otel;
 pub mod pipeline;
 pub mod pool;
 pub mod proxy;
+pub mod relay;
 pub mod reload;
 pub mod rewrite;
 pub mod route;

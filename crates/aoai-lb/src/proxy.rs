@@ -10,7 +10,6 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use http::{Request, Response};
-use hyper::body::Incoming;
 
 use crate::backend::{Clock, Unavailable};
 use crate::config::Config;
@@ -19,6 +18,7 @@ use crate::error::GatewayError;
 #[cfg(doc)]
 use crate::error::ProxyError;
 use crate::pipeline::{self, RequestCtx, account};
+use crate::relay::ClientBody;
 use crate::secret::Secret;
 use crate::state::GatewayState;
 
@@ -317,7 +317,7 @@ impl Gateway {
 
     /// Answers one client request. Never fails: every error becomes an
     /// OpenAI-shaped response ([`ProxyError`]).
-    pub async fn handle(&self, req: Request<Incoming>) -> Response<ProxyBody> {
+    pub async fn handle(&self, req: Request<ClientBody>) -> Response<ProxyBody> {
         // Held to the end of the request; the body keeps what it needs.
         let state = self.inner.load_full();
         let gw = &*state;

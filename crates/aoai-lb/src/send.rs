@@ -57,10 +57,11 @@ const MAX_ERROR_BODY: usize = 256 * 1024;
 /// [`ProxyError::BodyTooLarge`] over the cap, [`ProxyError::ClientBody`]
 /// when the client's body fails.
 pub async fn read_body(
-    body: Incoming,
+    body: crate::relay::ClientBody,
     headers: &HeaderMap,
     limit: usize,
 ) -> Result<Bytes, ProxyError> {
+    use crate::relay::{BodyFailure, ClientBody};
     if let Some(len) = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
@@ -69,10 +70,18 @@ pub async fn read_body(
     {
         return Err(ProxyError::BodyTooLarge { limit });
     }
-    read_capped(body, limit, None).await.map_err(|e| match e {
-        ReadError::TooLarge => ProxyError::BodyTooLarge { limit },
-        ReadError::Failed | ReadError::Idle => ProxyError::ClientBody,
-    })
+    match body {
+        ClientBody::Hyper(body) => read_capped(body, limit, None).await.map_err(|e| match e {
+            ReadError::TooLarge => ProxyError::BodyTooLarge { limit },
+            ReadError::Failed | ReadError::Idle => ProxyError::ClientBody,
+        }),
+        ClientBody::Ready(b) if b.len() > limit => Err(ProxyError::BodyTooLarge { limit }),
+        ClientBody::Ready(b) => Ok(b),
+        ClientBody::Relay(r) => r.read(limit).await.map_err(|e| match e {
+            BodyFailure::TooLarge => ProxyError::BodyTooLarge { limit },
+            BodyFailure::Failed => ProxyError::ClientBody,
+        }),
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

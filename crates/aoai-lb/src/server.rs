@@ -1,9 +1,10 @@
 //! The client-facing HTTP server: listener, connection limits, health
 //! routes and graceful shutdown.
 //!
-//! Each accepted connection is served by hyper (HTTP/1.1 with keep-alive,
-//! or HTTP/2 with prior knowledge). This module owns everything that is
-//! about connections rather than requests:
+//! Each accepted connection is served by the relay ([`crate::relay`], the
+//! lean HTTP/1 server) or, for HTTP/2 with prior knowledge, WebSocket
+//! handshakes and with `server.http1: "hyper"`, by hyper. This module owns
+//! everything that is about connections rather than requests:
 //! - the runtime shape: with `workers` > 1 ([`ServeOptions::workers`]) the
 //!   public port is served by that many threads, each running its own
 //!   single-threaded Tokio runtime and accepting on its own listener bound
@@ -58,6 +59,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::backend::Clock;
 use crate::config::{Config, ServerConfig};
+use crate::relay::{self, ClientBody, Http1Server, Outcome, Rewind};
 use crate::secret::Secret;
 
 /// Largest read buffer per connection. hyper refuses a request head that
@@ -72,7 +74,8 @@ pub trait Handler: Clone + Send + Sync + 'static {
     type BodyError: Into<Box<dyn std::error::Error + Send + Sync>>;
 
     /// Answers one request that is not a health route.
-    fn handle(&self, req: Request<Incoming>) -> impl Future<Output = Response<Self::Body>> + Send;
+    fn handle(&self, req: Request<ClientBody>)
+    -> impl Future<Output = Response<Self::Body>> + Send;
 
     /// Brings the gauges that describe current backend state
     /// (`aoai_lb_instance_available`) up to date; called before each
@@ -407,7 +410,10 @@ impl Handler for crate::proxy::Gateway {
     type Body = crate::proxy::ProxyBody;
     type BodyError = <crate::proxy::ProxyBody as http_body::Body>::Error;
 
-    fn handle(&self, req: Request<Incoming>) -> impl Future<Output = Response<Self::Body>> + Send {
+    fn handle(
+        &self,
+        req: Request<ClientBody>,
+    ) -> impl Future<Output = Response<Self::Body>> + Send {
         crate::proxy::Gateway::handle(self, req)
     }
 
@@ -539,6 +545,7 @@ pub async fn serve<H: Handler>(
         address = %local,
         admin_address = %admin,
         workers,
+        http1 = shared.cfg.http1.as_str(),
         "listening"
     );
     Ok(ServerHandle {
@@ -854,6 +861,58 @@ fn admit<H: Handler>(
 
 async fn serve_connection<H: Handler>(stream: TcpStream, handler: H, guard: OpenGuard) {
     let shared = guard.0.clone();
+    let first_deadline = tokio::time::Instant::now() + shared.cfg.header_read_timeout;
+    if shared.cfg.http1 == Http1Server::Hyper {
+        serve_hyper(stream, handler, &shared, first_deadline).await;
+        drop(guard);
+        return;
+    }
+    let limits = relay::Limits {
+        header_read_timeout: shared.cfg.header_read_timeout,
+        keep_alive_timeout: shared.cfg.keep_alive_timeout,
+        max_headers: shared.cfg.max_headers,
+        max_head_bytes: MAX_HEAD_BYTES,
+    };
+    let outcome = tokio::select! {
+        biased;
+        () = shared.force.cancelled() => Outcome::Closed,
+        o = relay::serve(
+            stream,
+            limits,
+            |req| route(req, &handler, &shared),
+            &shared.closing,
+        ) => o,
+    };
+    if let Outcome::Handoff {
+        stream,
+        read,
+        deadline,
+    } = outcome
+    {
+        // Boxed so that relay connections do not carry the size of hyper's
+        // connection state in their task.
+        Box::pin(serve_hyper(
+            Rewind::new(stream, read),
+            handler,
+            &shared,
+            deadline,
+        ))
+        .await;
+    }
+    drop(guard);
+}
+
+/// Serves a connection with hyper (HTTP/2, WebSocket handshakes, or every
+/// connection with `server.http1: "hyper"`).
+async fn serve_hyper<H, I>(
+    io: I,
+    handler: H,
+    shared: &Arc<Shared>,
+    first_deadline: tokio::time::Instant,
+) where
+    H: Handler,
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     // hyper's header timeout starts once HTTP/1 parsing starts; a client
     // that connects and sends nothing (or only part of the HTTP/2 preface)
     // is caught by this first-request deadline instead.
@@ -865,14 +924,16 @@ async fn serve_connection<H: Handler>(stream: TcpStream, handler: H, guard: Open
             seen.store(true, Ordering::Relaxed);
             let handler = handler.clone();
             let shared = shared.clone();
-            async move { Ok::<_, Infallible>(route(req, &handler, &shared).await) }
+            async move {
+                Ok::<_, Infallible>(route(req.map(ClientBody::Hyper), &handler, &shared).await)
+            }
         })
     };
     let conn = shared
         .builder
-        .serve_connection_with_upgrades(TokioIo::new(stream), svc);
+        .serve_connection_with_upgrades(TokioIo::new(io), svc);
     tokio::pin!(conn);
-    let first_deadline = tokio::time::sleep(shared.cfg.header_read_timeout);
+    let first_deadline = tokio::time::sleep_until(first_deadline);
     tokio::pin!(first_deadline);
     let mut first_checked = false;
     let mut graceful = false;
@@ -892,13 +953,12 @@ async fn serve_connection<H: Handler>(stream: TcpStream, handler: H, guard: Open
             () = shared.force.cancelled() => break,
         }
     }
-    drop(guard);
 }
 
 type RouteBody<H> = Either<Full<Bytes>, <H as Handler>::Body>;
 
 async fn route<H: Handler>(
-    req: Request<Incoming>,
+    req: Request<ClientBody>,
     handler: &H,
     shared: &Shared,
 ) -> Response<RouteBody<H>> {

@@ -35,12 +35,12 @@ use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Request, Response};
-use hyper::body::Incoming;
 
 use crate::clients::Client;
 use crate::error::ProxyError;
 use crate::limits::{Caps, Reservation};
 use crate::log::{AccessRecord, rfc3339_ms};
+use crate::relay::ClientBody;
 use crate::rewrite::CLIENT_REQUEST_ID;
 use crate::route::Route;
 use crate::state::GatewayState;
@@ -57,7 +57,7 @@ pub struct RequestCtx {
     /// Method, URI, headers and extensions of the client's request.
     pub parts: http::request::Parts,
     /// The client's body until [`classify`] reads it.
-    pub incoming: Option<Incoming>,
+    pub incoming: Option<ClientBody>,
     /// The client's body, read into memory (empty for GET and HEAD).
     pub body: Bytes,
     /// The body's caps and prompt, parsed on first use
@@ -90,7 +90,7 @@ pub struct RequestCtx {
 impl RequestCtx {
     /// The context of a request just received: its id (the client's
     /// `x-ms-client-request-id` when usable, else a new one) and a record.
-    pub fn new(req: Request<Incoming>) -> Self {
+    pub fn new(req: Request<ClientBody>) -> Self {
         let start = Instant::now();
         let (parts, body) = req.into_parts();
         let request_id = match parts.headers.get(&CLIENT_REQUEST_ID) {

@@ -49,6 +49,7 @@ mod server_admin;
 mod server_health;
 mod server_limits;
 mod server_shutdown;
+mod server_smuggling;
 mod server_status;
 mod shared_redis;
 mod shared_redis_cluster;
