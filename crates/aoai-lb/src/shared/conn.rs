@@ -293,6 +293,18 @@ mod tests {
     }
 
     #[test]
+    fn only_commands_with_a_key_go_with_asking() {
+        for name in ["PTTL", "get", "SET", "DEL", "EVALSHA", "EVAL"] {
+            assert!(keyed(&redis::cmd(name)), "{name}");
+        }
+        let mut load = redis::cmd("SCRIPT");
+        load.arg("LOAD").arg("return 1");
+        for cmd in [redis::cmd("PING"), load, redis::cmd("INFO")] {
+            assert!(!keyed(&cmd));
+        }
+    }
+
+    #[test]
     fn a_node_client_keeps_tls_and_credentials() {
         use redis::IntoConnectionInfo as _;
         let info = "rediss://cache.example.com:6380/3"
