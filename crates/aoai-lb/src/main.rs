@@ -21,6 +21,7 @@ use tokio::signal::unix::{SignalKind, signal};
 // worker threads sit idle (mimalloc and glibc only purge on later allocator
 // calls, so an idle gateway kept its peak RSS). The decay times are baked in
 // at build time (`.cargo/config.toml`).
+#[cfg(feature = "jemalloc")]
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
