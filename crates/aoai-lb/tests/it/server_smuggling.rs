@@ -386,6 +386,43 @@ async fn serves_pipelined_requests_in_order_on_one_connection() {
 }
 
 #[tokio::test]
+async fn reads_bodies_and_heads_that_arrive_in_pieces_and_keeps_the_connection() {
+    let (sims, _bin, addr) = gateway(serde_json::json!({})).await;
+    let body = chat_body(false);
+    let mut c = Conn::open(addr).await;
+    // A head of about 20 KiB (past the first read buffer), then the body in
+    // two parts after a pause: read when the pipeline asks for it.
+    let big = "x".repeat(20_000);
+    c.send(&chat_request(
+        &format!("X-Big: {big}\r\nContent-Length: {}\r\n", body.len()),
+        "",
+    ))
+    .await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let (a, b) = body.split_at(7);
+    c.send(a.as_bytes()).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    c.send(b.as_bytes()).await;
+    let r = c.answer(false).await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.head);
+    // The same connection serves the next request, chunked in pieces.
+    c.send(&chat_request("Transfer-Encoding: chunked\r\n", ""))
+        .await;
+    for part in [
+        format!("{:x}\r\n{body}\r\n", body.len()),
+        "0\r\n\r\n".to_owned(),
+    ] {
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        c.send(part.as_bytes()).await;
+    }
+    let r = c.answer(false).await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.head);
+    assert_eq!(r.header("connection"), None);
+    let journal = sims[0].journal();
+    assert_eq!(journal.len(), 2);
+}
+
+#[tokio::test]
 async fn head_responses_carry_no_body_and_the_connection_stays_usable() {
     let (_sims, _bin, addr) = gateway(serde_json::json!({})).await;
     let mut c = Conn::open(addr).await;
