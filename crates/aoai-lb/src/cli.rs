@@ -37,6 +37,8 @@ Environment (flags override):
   LOG_FORMAT             json (default) or text
   AOAI_LB_WORKERS        threads serving the public port (default: one per usable CPU, cgroup quota
                          included)
+  AOAI_LB_HTTP1          the HTTP/1 server for clients: relay or hyper (default: the configuration's
+                         server.http1, relay)
   RUST_LOG, LOG_LEVEL    log filter (RUST_LOG wins; default info)";
 
 /// A load-balancing gateway for Azure OpenAI.
@@ -77,6 +79,11 @@ pub struct Cli {
     /// the cgroup CPU quota included].
     #[arg(long, value_name = "N")]
     pub workers: Option<usize>,
+    /// The HTTP/1 server for clients: relay (the gateway's own) or hyper;
+    /// overrides the configuration's `server.http1` [env: AOAI_LB_HTTP1]
+    /// [default: relay].
+    #[arg(long, value_name = "SERVER")]
+    pub http1: Option<String>,
 }
 
 /// Where the configuration document comes from.
@@ -114,6 +121,9 @@ pub struct Settings {
     /// Threads serving the public port (`--workers`, `AOAI_LB_WORKERS`);
     /// `None`: one per usable CPU ([`crate::cpus::usable`]).
     pub workers: Option<usize>,
+    /// The HTTP/1 server (`--http1`, `AOAI_LB_HTTP1`), overriding the
+    /// configuration's `server.http1`; `None`: the configuration decides.
+    pub http1: Option<crate::relay::Http1Server>,
 }
 
 /// A start-up problem, on one line, never containing a secret.
@@ -279,6 +289,19 @@ impl Settings {
                 reason: format!("must be a number of threads (1-{MAX_WORKERS}), got {n}"),
             });
         }
+        let http1 = match cli.http1 {
+            Some(v) => Some(("--http1", v)),
+            None => non_empty(env("AOAI_LB_HTTP1")).map(|v| ("AOAI_LB_HTTP1", v)),
+        };
+        let http1 = match http1 {
+            None => None,
+            Some((var, v)) => Some(crate::relay::Http1Server::parse(v.trim()).ok_or_else(
+                || CliError::Env {
+                    var,
+                    reason: format!("must be relay or hyper, got {v:?}"),
+                },
+            )?),
+        };
         Ok(Settings {
             source,
             host,
@@ -294,6 +317,7 @@ impl Settings {
             ignored_env_document,
             config_poll,
             workers,
+            http1,
         })
     }
 
@@ -337,6 +361,38 @@ mod tests {
     }
 
     const DOC: &str = r#"{"instances":[{"name":"a","url":"http://127.0.0.1:9","api_key":"k"}]}"#;
+
+    #[test]
+    fn http1_server_comes_from_the_flag_or_the_environment() {
+        use crate::relay::Http1Server;
+        let s = resolve(&[], &[("OPENAI_INSTANCES", DOC)]).unwrap();
+        assert_eq!(s.http1, None);
+        let s = resolve(
+            &[],
+            &[("OPENAI_INSTANCES", DOC), ("AOAI_LB_HTTP1", "hyper")],
+        )
+        .unwrap();
+        assert_eq!(s.http1, Some(Http1Server::Hyper));
+        let s = resolve(
+            &["--http1", "relay"],
+            &[("OPENAI_INSTANCES", DOC), ("AOAI_LB_HTTP1", "hyper")],
+        )
+        .unwrap();
+        assert_eq!(s.http1, Some(Http1Server::Relay));
+        let e = resolve(
+            &[],
+            &[("OPENAI_INSTANCES", DOC), ("AOAI_LB_HTTP1", "nginx")],
+        )
+        .err()
+        .unwrap()
+        .to_string();
+        assert!(e.starts_with("AOAI_LB_HTTP1: "), "{e}");
+        let e = resolve(&["--http1", "h2"], &[("OPENAI_INSTANCES", DOC)])
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.starts_with("--http1: "), "{e}");
+    }
 
     #[test]
     fn uses_the_seed_defaults() {

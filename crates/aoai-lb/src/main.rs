@@ -91,7 +91,7 @@ fn run(settings: Settings) -> anyhow::Result<()> {
 async fn serve(settings: Settings) -> anyhow::Result<()> {
     // Kept alive until the gateway has stopped.
     let mut demo = None;
-    let config = match settings.source {
+    let mut config = match settings.source {
         ConfigSource::Demo => {
             let d = aoai_lb::demo::start().await?;
             let config = d.config.clone();
@@ -103,6 +103,9 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
     let no_keys = settings.client_key.is_none() && config.clients.is_empty();
     if no_keys && !settings.allow_unauthenticated {
         return Err(ServeError::MissingClientKey.into());
+    }
+    if let Some(http1) = settings.http1 {
+        config.server.http1 = http1;
     }
     let config = Arc::new(config);
     for inst in &config.instances {

@@ -400,6 +400,7 @@ pub const GATEWAY_ENV: &[&str] = &[
     "RUST_LOG",
     "RUST_BACKTRACE",
     "AOAI_LB_WORKERS",
+    "AOAI_LB_HTTP1",
 ];
 
 /// Which stream a captured line came from.
