@@ -386,6 +386,43 @@ async fn serves_pipelined_requests_in_order_on_one_connection() {
 }
 
 #[tokio::test]
+async fn reads_bodies_and_heads_that_arrive_in_pieces_and_keeps_the_connection() {
+    let (sims, _bin, addr) = gateway(serde_json::json!({})).await;
+    let body = chat_body(false);
+    let mut c = Conn::open(addr).await;
+    // A head of about 20 KiB (past the first read buffer), then the body in
+    // two parts after a pause: read when the pipeline asks for it.
+    let big = "x".repeat(20_000);
+    c.send(&chat_request(
+        &format!("X-Big: {big}\r\nContent-Length: {}\r\n", body.len()),
+        "",
+    ))
+    .await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let (a, b) = body.split_at(7);
+    c.send(a.as_bytes()).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    c.send(b.as_bytes()).await;
+    let r = c.answer(false).await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.head);
+    // The same connection serves the next request, chunked in pieces.
+    c.send(&chat_request("Transfer-Encoding: chunked\r\n", ""))
+        .await;
+    for part in [
+        format!("{:x}\r\n{body}\r\n", body.len()),
+        "0\r\n\r\n".to_owned(),
+    ] {
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        c.send(part.as_bytes()).await;
+    }
+    let r = c.answer(false).await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.head);
+    assert_eq!(r.header("connection"), None);
+    let journal = sims[0].journal();
+    assert_eq!(journal.len(), 2);
+}
+
+#[tokio::test]
 async fn head_responses_carry_no_body_and_the_connection_stays_usable() {
     let (_sims, _bin, addr) = gateway(serde_json::json!({})).await;
     let mut c = Conn::open(addr).await;
@@ -480,6 +517,31 @@ async fn streams_sse_with_chunked_framing_to_http_1_1_clients() {
         let text = String::from_utf8(a.body).unwrap();
         assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
     }
+}
+
+#[tokio::test]
+async fn streams_sse_to_http_1_0_clients_delimited_by_the_close() {
+    // HTTP/1.0 has no chunked coding: a body of unknown length ends when
+    // the server closes the connection.
+    let (_sims, _bin, addr) = gateway(serde_json::json!({})).await;
+    let body = chat_body(true);
+    let mut c = Conn::open(addr).await;
+    c.send(
+        format!(
+            "POST {} HTTP/1.0\r\nHost: gw\r\nAuthorization: Bearer {CLIENT_KEY}\r\nContent-Type: application/json\r\nConnection: keep-alive\r\nContent-Length: {}\r\n\r\n{body}",
+            chat_path("gpt-4o"),
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .await;
+    let a = c.answer(false).await.unwrap();
+    assert_eq!(a.status, 200);
+    assert_eq!(a.header("transfer-encoding"), None);
+    assert_eq!(a.header("connection").as_deref(), Some("close"));
+    let text = String::from_utf8(a.body).unwrap();
+    assert!(text.starts_with("data: "), "{text}");
+    assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
 }
 
 #[tokio::test]
