@@ -323,6 +323,35 @@ fn resp(redis: &Redis, args: &[&str]) -> String {
     String::from_utf8_lossy(&buf[..n]).into_owned()
 }
 
+/// Cooldowns a replica has learnt from other replicas, by pub/sub or poll,
+/// from its `/admin/redis` status.
+pub(crate) fn learnt(status: &serde_json::Value) -> u64 {
+    let applied = &status["cooldowns_applied"];
+    applied["pubsub"].as_u64().unwrap_or(0) + applied["poll"].as_u64().unwrap_or(0)
+}
+
+/// Uploads a small batch file through `r` and returns the new file's id.
+pub(crate) async fn upload_file(r: &Replica) -> String {
+    let (ct, body) = multipart_file("{\"custom_id\":\"1\"}\n");
+    let mut h: Vec<_> = auth()
+        .into_iter()
+        .filter(|(k, _)| *k != "content-type")
+        .collect();
+    h.push(("content-type", ct));
+    let (s, _, created) = send(
+        Method::POST,
+        &format!("{}/openai/files?{API}", r.url),
+        &h,
+        body,
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{}", String::from_utf8_lossy(&created));
+    serde_json::from_slice::<serde_json::Value>(&created).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
 pub(crate) fn file_hits(sim: &SimHandle) -> usize {
     sim.journal()
         .iter()
@@ -347,24 +376,7 @@ async fn an_object_created_through_one_replica_is_read_through_the_other_on_the_
         body: None,
         retry_after_ms: None,
     });
-    let (ct, body) = multipart_file("{\"custom_id\":\"1\"}\n");
-    let mut h: Vec<_> = auth()
-        .into_iter()
-        .filter(|(k, _)| *k != "content-type")
-        .collect();
-    h.push(("content-type", ct));
-    let (s, _, created) = send(
-        Method::POST,
-        &format!("{}/openai/files?{API}", a.url),
-        &h,
-        body,
-    )
-    .await;
-    assert_eq!(s, StatusCode::OK, "{}", String::from_utf8_lossy(&created));
-    let id = serde_json::from_slice::<serde_json::Value>(&created).unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let id = upload_file(&a).await;
     assert_eq!(file_hits(&sims[1]), 1, "created on sim1");
     let sim0_before = file_hits(&sims[0]);
 
@@ -565,10 +577,7 @@ async fn redis_killed_under_concurrent_load_fails_no_request_and_sharing_returns
     'learnt: loop {
         for r in &replicas {
             let st = r.redis_status().await;
-            if st["cooldowns_applied"]["pubsub"].as_u64().unwrap_or(0)
-                + st["cooldowns_applied"]["poll"].as_u64().unwrap_or(0)
-                >= 1
-            {
+            if learnt(&st) >= 1 {
                 break 'learnt;
             }
         }
@@ -702,6 +711,14 @@ async fn admitted_with_limits(
     b.wait_state("up", Duration::from_secs(5)).await;
     // Both replicas have heartbeaten and taken their first leases.
     tokio::time::sleep(Duration::from_millis(500)).await;
+    let ok = admit_alternately(&a, &b, count).await;
+    (ok, a.redis_status().await, a.metrics().await)
+}
+
+/// Sends up to `count` chats as client `team` (key `team-key-1`), in turn
+/// to `a` and `b`, and returns how many were admitted; a 429 is a refusal,
+/// any other status fails the test.
+pub(crate) async fn admit_alternately(a: &Replica, b: &Replica, count: usize) -> usize {
     let headers = vec![
         ("api-key", "team-key-1".to_owned()),
         ("content-type", "application/json".to_owned()),
@@ -717,7 +734,7 @@ async fn admitted_with_limits(
         if first_ok.is_some_and(|t| t.elapsed() > Duration::from_secs(45)) {
             break;
         }
-        let r = if i % 2 == 0 { &a } else { &b };
+        let r = if i % 2 == 0 { a } else { b };
         let (s, _, body) = send(
             Method::POST,
             &format!("{}{}", r.url, chat_path("gpt-4o")),
@@ -735,7 +752,7 @@ async fn admitted_with_limits(
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    (ok, a.redis_status().await, a.metrics().await)
+    ok
 }
 
 #[tokio::test]

@@ -14,8 +14,8 @@
 
 use crate::common;
 use crate::shared_redis::{
-    Pki, Replica, file_hits, redis_up_gauge, replica, served_by, spawn_load, team_tag,
-    throttle_once,
+    Pki, Replica, admit_alternately, file_hits, learnt, redis_up_gauge, replica, served_by,
+    spawn_load, team_tag, throttle_once, upload_file,
 };
 
 use std::path::PathBuf;
@@ -332,12 +332,11 @@ async fn wait_learnt(r: &Replica, n: u64, within: Duration) {
     let deadline = Instant::now() + within;
     loop {
         let st = r.redis_status().await;
-        let learnt = st["cooldowns_applied"]["pubsub"].as_u64().unwrap_or(0)
-            + st["cooldowns_applied"]["poll"].as_u64().unwrap_or(0);
-        if learnt >= n {
+        let seen = learnt(&st);
+        if seen >= n {
             return;
         }
-        assert!(Instant::now() < deadline, "learnt {learnt} < {n}: {st}");
+        assert!(Instant::now() < deadline, "learnt {seen} < {n}: {st}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -418,25 +417,8 @@ async fn on_a_cluster_a_429_and_an_object_reach_the_other_replica_with_each_scri
         body: None,
         retry_after_ms: None,
     });
-    let (ct, body) = multipart_file("{\"custom_id\":\"1\"}\n");
-    let mut h: Vec<_> = auth()
-        .into_iter()
-        .filter(|(k, _)| *k != "content-type")
-        .collect();
-    h.push(("content-type", ct));
     // sim0 cools down: the upload goes to sim1 anyway.
-    let (s, _, created) = send(
-        Method::POST,
-        &format!("{}/openai/files?{API}", a.url),
-        &h,
-        body,
-    )
-    .await;
-    assert_eq!(s, StatusCode::OK, "{}", String::from_utf8_lossy(&created));
-    let id = serde_json::from_slice::<serde_json::Value>(&created).unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let id = upload_file(&a).await;
     let aff_key = format!("{prefix}aff:{id}");
     let owner = cluster.first_owner(&aff_key);
     let deadline = Instant::now() + Duration::from_secs(2);
@@ -482,30 +464,6 @@ async fn on_a_cluster_a_429_and_an_object_reach_the_other_replica_with_each_scri
 
 /// Sends `count` requests of client `team`, alternately through `a` and
 /// `b`: how many were admitted.
-async fn admitted(a: &Replica, b: &Replica, count: usize) -> usize {
-    let headers = vec![
-        ("api-key", "team-key-1".to_owned()),
-        ("content-type", "application/json".to_owned()),
-    ];
-    let mut ok = 0;
-    for i in 0..count {
-        let r = if i % 2 == 0 { a } else { b };
-        let (s, _, body) = send(
-            Method::POST,
-            &format!("{}{}", r.url, chat_path("gpt-4o")),
-            &headers,
-            chat_body(false),
-        )
-        .await;
-        match s {
-            StatusCode::OK => ok += 1,
-            StatusCode::TOO_MANY_REQUESTS => {}
-            other => panic!("{other}: {}", String::from_utf8_lossy(&body)),
-        }
-    }
-    ok
-}
-
 #[tokio::test]
 async fn on_a_cluster_two_replicas_hold_a_clients_rpm_with_leases_and_exactly_in_strict_mode() {
     let cluster = Cluster::start();
@@ -523,7 +481,7 @@ async fn on_a_cluster_two_replicas_hold_a_clients_rpm_with_leases_and_exactly_in
         both_up(&a, &b).await;
         // Both replicas have heartbeaten and taken their first leases.
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let ok = admitted(&a, &b, 70).await;
+        let ok = admit_alternately(&a, &b, 70).await;
         if mode == "strict" {
             assert_eq!(ok, 30, "strict mode is exact");
         } else {
@@ -725,11 +683,7 @@ async fn on_a_cluster_ask_and_moved_are_followed_and_a_killed_master_fails_no_re
     }
 
     // Sharing works again: a 429 seen by A reaches B.
-    let before = {
-        let st = b.redis_status().await;
-        st["cooldowns_applied"]["pubsub"].as_u64().unwrap_or(0)
-            + st["cooldowns_applied"]["poll"].as_u64().unwrap_or(0)
-    };
+    let before = learnt(&b.redis_status().await);
     throttle_once(&sims[0], 10_000);
     assert_eq!(served_by(&a.chat().await.1), "sim1");
     wait_learnt(&b, before + 1, Duration::from_secs(2)).await;
@@ -738,11 +692,7 @@ async fn on_a_cluster_ask_and_moved_are_followed_and_a_killed_master_fails_no_re
 
 /// A 429 seen by `a` keeps `b` off `sim0` within a second.
 async fn propagates(sims: &[SimHandle], a: &Replica, b: &Replica) {
-    let before = {
-        let st = b.redis_status().await;
-        st["cooldowns_applied"]["pubsub"].as_u64().unwrap_or(0)
-            + st["cooldowns_applied"]["poll"].as_u64().unwrap_or(0)
-    };
+    let before = learnt(&b.redis_status().await);
     let sim0 = sims[0].request_count();
     throttle_once(&sims[0], 10_000);
     assert_eq!(served_by(&a.chat().await.1), "sim1");
