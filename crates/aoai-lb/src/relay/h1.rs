@@ -17,7 +17,8 @@
 //!   a coding other than `chunked` is 501 (the gateway does not decode
 //!   them, and forwarding the bytes without the coding would change the
 //!   body's meaning);
-//! - more than one `Host` is refused (RFC 9112 §3.2).
+//! - more than one `Host` is refused, and so is an HTTP/1.1 request
+//!   without one (RFC 9112 §3.2; HTTP/1.0 requests may omit it).
 //!
 //! Header values stay slices of the head buffer (no copy); header names
 //! outside the standard set are allocated, as hyper does.
@@ -302,6 +303,13 @@ fn build(
             Some(n) => Framing::Length(n),
         }
     };
+    // RFC 9112 §3.2: a server must answer 400 to an HTTP/1.1 request
+    // without Host. Checked after the framing so that a head with both
+    // faults reports the framing one; either way it is a 400 and the
+    // connection closes.
+    if hosts == 0 && version == Version::HTTP_11 {
+        return Err(HeadError::Malformed("HTTP/1.1 request without Host"));
+    }
     let keep_alive = if version == Version::HTTP_11 {
         !close
     } else {
@@ -666,15 +674,15 @@ mod tests {
     #[test]
     fn refuses_the_smuggling_shapes_of_rfc_9112() {
         let cases = [
-            "POST / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
-            "POST / HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\n",
-            "POST / HTTP/1.1\r\nContent-Length: 3, 3\r\n\r\n",
-            "POST / HTTP/1.1\r\nContent-Length: +3\r\n\r\n",
-            "POST / HTTP/1.1\r\nContent-Length: 0x3\r\n\r\n",
-            "POST / HTTP/1.1\r\nTransfer-Encoding: chunked, identity\r\n\r\n",
-            "POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3, 3\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: +3\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 0x3\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, identity\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
             "POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n",
-            "POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n foo\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n foo\r\n\r\n",
             "POST / HTTP/1.1\nHost: x\n\n",
             "POST / HTTP/1.1\r\nHost: x\rX: y\r\n\r\n",
             "GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
@@ -682,9 +690,37 @@ mod tests {
         for c in cases {
             let e = head(c).unwrap_err();
             assert_eq!(e.status(), 400, "{c:?}: {e:?}");
+            assert!(
+                !matches!(e, HeadError::Malformed(m) if m.contains("Host")),
+                "{c:?} refused for its Host, not for what it tests: {e:?}"
+            );
         }
-        let e = head("POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n").unwrap_err();
+        let e = head("POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n")
+            .unwrap_err();
         assert_eq!(e, HeadError::UnsupportedCoding);
+    }
+
+    #[test]
+    fn refuses_http11_without_host_and_accepts_http10_without_it() {
+        for c in [
+            "GET / HTTP/1.1\r\n\r\n",
+            "POST / HTTP/1.1\r\nContent-Length: 0\r\n\r\n",
+            "GET http://x/ HTTP/1.1\r\nX-Host: x\r\n\r\n",
+        ] {
+            assert!(
+                matches!(head(c), Err(HeadError::Malformed(_))),
+                "{c:?}: {:?}",
+                head(c)
+            );
+        }
+        // A framing fault in the same head is the one reported.
+        assert!(matches!(
+            head("POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\n"),
+            Err(HeadError::Framing(_))
+        ));
+        let h = head("GET / HTTP/1.0\r\n\r\n").unwrap().unwrap();
+        assert_eq!(h.version, Version::HTTP_10);
+        assert!(head("GET / HTTP/1.1\r\nhOsT: x\r\n\r\n").unwrap().is_some());
     }
 
     #[test]
@@ -708,7 +744,7 @@ mod tests {
                 .keep_alive
         );
         assert!(
-            !head("GET / HTTP/1.1\r\nConnection: Close\r\n\r\n")
+            !head("GET / HTTP/1.1\r\nHost: x\r\nConnection: Close\r\n\r\n")
                 .unwrap()
                 .unwrap()
                 .keep_alive
