@@ -1,17 +1,54 @@
 //! The top-level `usage` of a JSON response body, found while the body
 //! passes through.
 //!
-//! [`BodyUsage`] follows the JSON structure byte by byte across chunks
-//! (depth, strings, escapes) without keeping the body: only the value of a
-//! top-level `usage` key is copied (a few hundred bytes, capped), and
-//! scanning stops once it has been read. Chat, completions, embeddings and
-//! Responses bodies all carry their usage there. A `usage` key nested
-//! deeper (inside `output`, a tool's arguments, ...) is never taken for it.
+//! [`BodyUsage`] follows the JSON structure across chunks (depth, strings,
+//! escapes) without keeping the body: only the value of a top-level `usage`
+//! key is copied (a few hundred bytes, capped), and scanning stops once it
+//! has been read. Chat, completions, embeddings and Responses bodies all
+//! carry their usage there. A `usage` key nested deeper (inside `output`, a
+//! tool's arguments, ...) is never taken for it.
+//!
+//! Cost: this runs over every non-streaming inference body, so the scan
+//! jumps instead of stepping: outside strings a table picks out the six
+//! bytes that matter (`"{}[],`), inside strings the next `"` or `\` is
+//! searched for (a short loop first, since most strings are a few bytes;
+//! `memchr2` for the rest), and the `usage` value is taken as one slice of
+//! the chunk (parsed in place when it does not straddle chunks) instead of
+//! being copied byte by byte.
 
 use super::{Usage, parse_usage_object};
 
 /// Longest `usage` value kept; Azure's is about 300 bytes.
 const MAX_VALUE: usize = 16 * 1024;
+
+/// The bytes that change the scanner's state outside a string.
+static STRUCTURAL: [bool; 256] = {
+    let mut t = [false; 256];
+    t[b'"' as usize] = true;
+    t[b'{' as usize] = true;
+    t[b'}' as usize] = true;
+    t[b'[' as usize] = true;
+    t[b']' as usize] = true;
+    t[b',' as usize] = true;
+    t
+};
+
+/// Bytes of a string looked at one by one before handing the rest to
+/// `memchr2`: keys and enum values are shorter than this, and the call
+/// costs more than the loop for them.
+const SHORT_STRING: usize = 16;
+
+/// The offset in `s` of the first `"` or `\`.
+fn string_stop(s: &[u8]) -> Option<usize> {
+    let head = &s[..s.len().min(SHORT_STRING)];
+    if let Some(k) = head.iter().position(|&b| b == b'"' || b == b'\\') {
+        return Some(k);
+    }
+    if head.len() == s.len() {
+        return None;
+    }
+    memchr::memchr2(b'"', b'\\', &s[head.len()..]).map(|k| k + head.len())
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
@@ -38,6 +75,7 @@ pub struct BodyUsage {
     /// mismatch.
     key_pos: Option<usize>,
     phase: Phase,
+    /// The start of the value, when it began in an earlier chunk.
     value: Vec<u8>,
     result: Option<Usage>,
 }
@@ -74,27 +112,29 @@ impl BodyUsage {
         if self.phase == Phase::Done {
             return;
         }
+        let n = chunk.len();
         let mut i = 0;
-        while i < chunk.len() {
+        // Where the value's bytes in this chunk start (while in `Value`):
+        // the value is every byte from after the colon up to the `,` or
+        // `}` that ends it at depth 1, so it is one slice per chunk.
+        let mut value_from = 0;
+        loop {
             if self.in_str {
-                // Jump to the next quote or backslash.
-                let Some(k) = memchr::memchr2(b'"', b'\\', &chunk[i..]).filter(|_| !self.escaped)
-                else {
-                    if self.escaped {
-                        // The byte after a backslash, whatever it is.
-                        self.escaped = false;
-                        self.key_byte(chunk[i]);
-                        self.value_bytes(&chunk[i..=i]);
-                        i += 1;
-                        continue;
+                if self.escaped {
+                    // The byte after a backslash, whatever it is.
+                    if i == n {
+                        break;
                     }
+                    self.escaped = false;
+                    i += 1;
+                    continue;
+                }
+                let Some(k) = string_stop(&chunk[i..]) else {
                     self.key_bytes(&chunk[i..]);
-                    self.value_bytes(&chunk[i..]);
-                    return;
+                    break;
                 };
                 let j = i + k;
                 self.key_bytes(&chunk[i..j]);
-                self.value_bytes(&chunk[i..=j]);
                 i = j + 1;
                 if chunk[j] == b'\\' {
                     self.escaped = true;
@@ -102,37 +142,32 @@ impl BodyUsage {
                     self.key_pos = None;
                 } else {
                     self.in_str = false;
-                    self.end_string();
+                    if std::mem::take(&mut self.in_key) && self.key_pos == Some(5) {
+                        self.phase = Phase::Colon;
+                    }
                 }
-                if self.phase == Phase::Done {
+                continue;
+            }
+            if self.phase == Phase::Colon {
+                let Some(&b) = chunk.get(i) else { break };
+                i += 1;
+                if b == b':' {
+                    self.phase = Phase::Value;
+                    value_from = i;
+                } else if !b.is_ascii_whitespace() {
+                    self.phase = Phase::Done;
                     return;
                 }
                 continue;
             }
-            let b = chunk[i];
+            while i < n && !STRUCTURAL[usize::from(chunk[i])] {
+                i += 1;
+            }
+            let Some(&b) = chunk.get(i) else { break };
             i += 1;
-            match self.phase {
-                Phase::Colon => {
-                    if b == b':' {
-                        self.phase = Phase::Value;
-                        continue;
-                    }
-                    if !b.is_ascii_whitespace() {
-                        self.phase = Phase::Done;
-                        return;
-                    }
-                    continue;
-                }
-                Phase::Value => {
-                    if self.depth == 1 && (b == b',' || b == b'}') {
-                        self.phase = Phase::Done;
-                        self.result = parse_usage_object(self.value.trim_ascii());
-                        self.value = Vec::new();
-                        return;
-                    }
-                    self.value_bytes(&[b]);
-                }
-                Phase::Scan | Phase::Done => {}
+            if self.phase == Phase::Value && self.depth == 1 && (b == b',' || b == b'}') {
+                self.finish_value(&chunk[value_from..i - 1]);
+                return;
             }
             match b {
                 b'"' => {
@@ -145,30 +180,60 @@ impl BodyUsage {
                 }
                 b'{' | b'[' => {
                     self.depth += 1;
-                    if self.depth == 1 && b == b'{' {
+                    if self.depth == 1 {
+                        if b == b'[' {
+                            // A top-level array has no usage.
+                            self.phase = Phase::Done;
+                            return;
+                        }
                         self.expect_key = true;
-                    }
-                    if self.depth == 1 && b == b'[' {
-                        // A top-level array has no usage.
-                        self.phase = Phase::Done;
-                        return;
                     }
                 }
                 b'}' | b']' => {
                     self.depth = self.depth.saturating_sub(1);
                     if self.depth == 0 {
-                        self.phase = Phase::Done;
+                        self.give_up();
                         return;
                     }
                 }
-                b',' if self.depth == 1 => self.expect_key = true,
-                _ => {}
+                _ => {
+                    // A comma.
+                    if self.depth == 1 {
+                        self.expect_key = true;
+                    }
+                }
+            }
+        }
+        if self.phase == Phase::Value {
+            let rest = &chunk[value_from..];
+            if self.value.len() + rest.len() > MAX_VALUE {
+                self.give_up();
+            } else {
+                self.value.extend_from_slice(rest);
             }
         }
     }
 
-    fn key_byte(&mut self, b: u8) {
-        self.key_bytes(&[b]);
+    /// The value ends with `tail` (the bytes of this chunk before the `,`
+    /// or `}`); reads it, in place when it did not straddle chunks.
+    fn finish_value(&mut self, tail: &[u8]) {
+        self.phase = Phase::Done;
+        if self.value.len() + tail.len() > MAX_VALUE {
+            self.value = Vec::new();
+            return;
+        }
+        self.result = if self.value.is_empty() {
+            parse_usage_object(tail.trim_ascii())
+        } else {
+            self.value.extend_from_slice(tail);
+            parse_usage_object(self.value.trim_ascii())
+        };
+        self.value = Vec::new();
+    }
+
+    fn give_up(&mut self) {
+        self.phase = Phase::Done;
+        self.value = Vec::new();
     }
 
     fn key_bytes(&mut self, bytes: &[u8]) {
@@ -181,34 +246,200 @@ impl BodyUsage {
                 .then_some(p + bytes.len());
         }
     }
-
-    fn value_bytes(&mut self, bytes: &[u8]) {
-        if self.phase != Phase::Value {
-            return;
-        }
-        if self.value.len() + bytes.len() > MAX_VALUE {
-            self.phase = Phase::Done;
-            self.value = Vec::new();
-            return;
-        }
-        self.value.extend_from_slice(bytes);
-    }
-
-    fn end_string(&mut self) {
-        if self.phase == Phase::Value {
-            // A string value: not a usage object, but copy on to its end.
-            return;
-        }
-        if std::mem::take(&mut self.in_key) && self.key_pos == Some(5) {
-            self.phase = Phase::Colon;
-        }
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    /// The scanner this module had before it jumped over bytes: one byte
+    /// at a time, kept to hold the faster one to the same answers.
+    mod reference {
+        use super::super::{MAX_VALUE, Usage, parse_usage_object};
+
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        enum RefPhase {
+            Scan,
+            Colon,
+            Value,
+            Done,
+        }
+
+        pub struct Reference {
+            depth: u32,
+            in_str: bool,
+            escaped: bool,
+            expect_key: bool,
+            in_key: bool,
+            key_pos: Option<usize>,
+            phase: RefPhase,
+            value: Vec<u8>,
+            result: Option<Usage>,
+        }
+
+        impl Default for Reference {
+            fn default() -> Self {
+                Self::new()
+            }
+        }
+
+        impl Reference {
+            pub fn new() -> Self {
+                Self {
+                    depth: 0,
+                    in_str: false,
+                    escaped: false,
+                    expect_key: false,
+                    in_key: false,
+                    key_pos: None,
+                    phase: RefPhase::Scan,
+                    value: Vec::new(),
+                    result: None,
+                }
+            }
+
+            pub fn usage(&self) -> Option<Usage> {
+                self.result
+            }
+
+            pub fn push(&mut self, chunk: &[u8]) {
+                if self.phase == RefPhase::Done {
+                    return;
+                }
+                let mut i = 0;
+                while i < chunk.len() {
+                    if self.in_str {
+                        // Jump to the next quote or backslash.
+                        let Some(k) =
+                            memchr::memchr2(b'"', b'\\', &chunk[i..]).filter(|_| !self.escaped)
+                        else {
+                            if self.escaped {
+                                // The byte after a backslash, whatever it is.
+                                self.escaped = false;
+                                self.key_byte(chunk[i]);
+                                self.value_bytes(&chunk[i..=i]);
+                                i += 1;
+                                continue;
+                            }
+                            self.key_bytes(&chunk[i..]);
+                            self.value_bytes(&chunk[i..]);
+                            return;
+                        };
+                        let j = i + k;
+                        self.key_bytes(&chunk[i..j]);
+                        self.value_bytes(&chunk[i..=j]);
+                        i = j + 1;
+                        if chunk[j] == b'\\' {
+                            self.escaped = true;
+                            // Escapes never occur in the key we look for.
+                            self.key_pos = None;
+                        } else {
+                            self.in_str = false;
+                            self.end_string();
+                        }
+                        if self.phase == RefPhase::Done {
+                            return;
+                        }
+                        continue;
+                    }
+                    let b = chunk[i];
+                    i += 1;
+                    match self.phase {
+                        RefPhase::Colon => {
+                            if b == b':' {
+                                self.phase = RefPhase::Value;
+                                continue;
+                            }
+                            if !b.is_ascii_whitespace() {
+                                self.phase = RefPhase::Done;
+                                return;
+                            }
+                            continue;
+                        }
+                        RefPhase::Value => {
+                            if self.depth == 1 && (b == b',' || b == b'}') {
+                                self.phase = RefPhase::Done;
+                                self.result = parse_usage_object(self.value.trim_ascii());
+                                self.value = Vec::new();
+                                return;
+                            }
+                            self.value_bytes(&[b]);
+                        }
+                        RefPhase::Scan | RefPhase::Done => {}
+                    }
+                    match b {
+                        b'"' => {
+                            self.in_str = true;
+                            if self.depth == 1 && self.expect_key {
+                                self.in_key = true;
+                                self.key_pos = Some(0);
+                                self.expect_key = false;
+                            }
+                        }
+                        b'{' | b'[' => {
+                            self.depth += 1;
+                            if self.depth == 1 && b == b'{' {
+                                self.expect_key = true;
+                            }
+                            if self.depth == 1 && b == b'[' {
+                                // A top-level array has no usage.
+                                self.phase = RefPhase::Done;
+                                return;
+                            }
+                        }
+                        b'}' | b']' => {
+                            self.depth = self.depth.saturating_sub(1);
+                            if self.depth == 0 {
+                                self.phase = RefPhase::Done;
+                                return;
+                            }
+                        }
+                        b',' if self.depth == 1 => self.expect_key = true,
+                        _ => {}
+                    }
+                }
+            }
+
+            fn key_byte(&mut self, b: u8) {
+                self.key_bytes(&[b]);
+            }
+
+            fn key_bytes(&mut self, bytes: &[u8]) {
+                if !self.in_key {
+                    return;
+                }
+                if let Some(p) = self.key_pos {
+                    const KEY: &[u8] = b"usage";
+                    self.key_pos = (p + bytes.len() <= KEY.len()
+                        && KEY[p..p + bytes.len()] == *bytes)
+                        .then_some(p + bytes.len());
+                }
+            }
+
+            fn value_bytes(&mut self, bytes: &[u8]) {
+                if self.phase != RefPhase::Value {
+                    return;
+                }
+                if self.value.len() + bytes.len() > MAX_VALUE {
+                    self.phase = RefPhase::Done;
+                    self.value = Vec::new();
+                    return;
+                }
+                self.value.extend_from_slice(bytes);
+            }
+
+            fn end_string(&mut self) {
+                if self.phase == RefPhase::Value {
+                    // A string value: not a usage object, but copy on to its end.
+                    return;
+                }
+                if std::mem::take(&mut self.in_key) && self.key_pos == Some(5) {
+                    self.phase = RefPhase::Colon;
+                }
+            }
+        }
+    }
 
     fn feed(parts: &[&[u8]]) -> Option<Usage> {
         let mut t = BodyUsage::new();
@@ -278,5 +509,103 @@ mod tests {
         fn never_panics_on_arbitrary_bytes(data in proptest::collection::vec(any::<u8>(), 0..256)) {
             let _ = feed(&[&data]);
         }
+
+        #[test]
+        fn agrees_with_the_byte_by_byte_scanner_however_the_body_is_cut(
+            tokens in proptest::collection::vec(proptest::sample::select(TOKENS), 0..48),
+            cuts in proptest::collection::vec(0usize..2000, 0..8),
+        ) {
+            let body = tokens.concat();
+            let parts = split(body.as_bytes(), cuts);
+            let mut r = reference::Reference::new();
+            r.push(body.as_bytes());
+            let whole = r.usage();
+            let mut r = reference::Reference::new();
+            for p in &parts {
+                r.push(p);
+            }
+            prop_assert_eq!(r.usage(), whole, "the reference itself depends on the cuts");
+            prop_assert_eq!(feed(&parts), whole, "{:?} cut as {:?}", body, parts);
+        }
+
+        #[test]
+        fn agrees_with_the_byte_by_byte_scanner_on_arbitrary_bytes(
+            data in proptest::collection::vec(
+                prop_oneof![
+                    4 => proptest::sample::select(&b"{}[]\\\",: usage0"[..]),
+                    1 => any::<u8>(),
+                ],
+                0..300,
+            ),
+            cuts in proptest::collection::vec(0usize..400, 0..6),
+        ) {
+            let mut r = reference::Reference::new();
+            r.push(&data);
+            let parts = split(&data, cuts);
+            prop_assert_eq!(feed(&parts), r.usage());
+        }
+    }
+
+    /// Pieces of bodies: structure, keys that are or resemble `usage`,
+    /// escapes, usage objects of both shapes, text that quotes them.
+    const TOKENS: &[&str] = &[
+        "{",
+        "}",
+        "[",
+        "]",
+        ",",
+        ":",
+        " ",
+        "\n",
+        "\"",
+        "\\",
+        "\\\"",
+        "\"usage\"",
+        "\"usage\":",
+        "\"usage\" : ",
+        "usage",
+        "\"usag",
+        "e\"",
+        "\"usages\"",
+        "\"u\\u0073age\"",
+        "\"x\"",
+        "\"text with \\\"usage\\\":{\\\"prompt_tokens\\\":9} inside, longer than sixteen\"",
+        "null",
+        "7",
+        "{\"prompt_tokens\":3,\"completion_tokens\":4}",
+        "{\"input_tokens\":5,\"output_tokens_details\":{\"reasoning_tokens\":1},\"output_tokens\":6}",
+        "\"choices\":[{\"message\":{\"content\":\"hi\"}}]",
+        "{\"usage\":{\"prompt_tokens\":1}}",
+        CHAT,
+    ];
+
+    fn split(b: &[u8], cuts: Vec<usize>) -> Vec<&[u8]> {
+        let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c % (b.len() + 1)).collect();
+        cuts.sort_unstable();
+        let mut parts = Vec::new();
+        let mut prev = 0;
+        for c in cuts {
+            parts.push(&b[prev..c]);
+            prev = c;
+        }
+        parts.push(&b[prev..]);
+        parts
+    }
+
+    #[test]
+    fn a_usage_value_past_the_cap_is_not_read() {
+        let big = format!(
+            r#"{{"usage":{{"prompt_tokens":1,"pad":"{}"}}}}"#,
+            "x".repeat(MAX_VALUE)
+        );
+        assert_eq!(feed(&[big.as_bytes()]), None);
+        let (a, b) = big.as_bytes().split_at(100);
+        assert_eq!(feed(&[a, b]), None);
+        let fits = format!(
+            r#"{{"usage":{{"prompt_tokens":1,"pad":"{}"}}}}"#,
+            "x".repeat(MAX_VALUE - 100)
+        );
+        let (a, b) = fits.as_bytes().split_at(100);
+        assert_eq!(feed(&[a, b]).map(|u| u.prompt), Some(1));
     }
 }
