@@ -599,7 +599,7 @@ mod tests {
     #[test]
     fn escapes_strings_exactly_as_serde_json_does() {
         let mut texts: Vec<String> = (0u8..=0x7f)
-            .map(|b| {
+            .flat_map(|b| {
                 let c = char::from(b);
                 // The byte alone, inside a word, and at each position of
                 // an 8-byte word (the word-at-a-time check).
@@ -609,7 +609,6 @@ mod tests {
                 }
                 v
             })
-            .flatten()
             .collect();
         texts.extend(
             [
