@@ -66,6 +66,52 @@ fn string_end(s: &[u8], escaped: bool) -> Result<usize, bool> {
     }
 }
 
+/// The bytes that matter inside a value nested below the top-level object.
+static NESTED: [bool; 256] = {
+    let mut t = [false; 256];
+    t[b'"' as usize] = true;
+    t[b'{' as usize] = true;
+    t[b'}' as usize] = true;
+    t[b'[' as usize] = true;
+    t[b']' as usize] = true;
+    t
+};
+
+/// Skips what is nested below the top-level object: from `s[i]`, outside a
+/// string at `depth` (2 or more), to just past the `}` or `]` that brings
+/// the depth back to 1 (`Ok`). When `s` ends first: `Err(Some(escaped))`
+/// inside a string (see [`string_end`]), `Err(None)` outside one. `depth`
+/// follows either way.
+///
+/// Most of a body is nested (choices, content filter results), and there
+/// only strings and brackets count: keys, commas and scalars are not
+/// looked at, and the state stays in registers.
+fn skip_nested(s: &[u8], mut i: usize, depth: &mut u32) -> Result<usize, Option<bool>> {
+    let n = s.len();
+    loop {
+        while i < n && !NESTED[usize::from(s[i])] {
+            i += 1;
+        }
+        let Some(&b) = s.get(i) else {
+            return Err(None);
+        };
+        i += 1;
+        match b {
+            b'"' => match string_end(&s[i..], false) {
+                Ok(k) => i += k + 1,
+                Err(escaped) => return Err(Some(escaped)),
+            },
+            b'{' | b'[' => *depth += 1,
+            _ => {
+                *depth -= 1;
+                if *depth == 1 {
+                    return Ok(i);
+                }
+            }
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
     /// Looking for the key.
@@ -151,6 +197,21 @@ impl BodyUsage {
             }
         }
         while i < n {
+            if self.depth >= 2 {
+                // Inside a value nested below the top level (in `Scan` or
+                // `Value`; `Colon` only ever follows a key at depth 1).
+                match skip_nested(chunk, i, &mut self.depth) {
+                    Ok(j) => i = j,
+                    Err(inside) => {
+                        if let Some(escaped) = inside {
+                            self.in_str = true;
+                            self.escaped = escaped;
+                        }
+                        i = n;
+                    }
+                }
+                continue;
+            }
             if self.phase == Phase::Colon {
                 let b = chunk[i];
                 i += 1;
@@ -558,6 +619,42 @@ mod tests {
         }
 
         #[test]
+        fn finds_the_top_level_usage_of_any_json_object(
+            members in proptest::collection::vec(
+                (proptest::sample::select(&["choices", "id", "usagE", "a"][..]), json_value()),
+                0..6,
+            ),
+            usage in proptest::option::weighted(0.9, prop_oneof![
+                3 => Just(serde_json::json!({"prompt_tokens": 7, "completion_tokens": 8})),
+                1 => json_value(),
+            ]),
+            pretty in any::<bool>(),
+            cuts in proptest::collection::vec(0usize..4000, 0..6),
+        ) {
+            let mut doc: serde_json::Map<String, serde_json::Value> =
+                members.into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
+            if let Some(u) = usage {
+                doc.insert("usage".to_owned(), u);
+            }
+            let doc = serde_json::Value::Object(doc);
+            let body = if pretty {
+                serde_json::to_vec_pretty(&doc).unwrap()
+            } else {
+                serde_json::to_vec(&doc).unwrap()
+            };
+            let truth = doc
+                .get("usage")
+                .and_then(|u| parse_usage_object(&serde_json::to_vec(u).unwrap()));
+            let parts = split(&body, cuts);
+            prop_assert_eq!(feed(&parts), truth, "{}", String::from_utf8_lossy(&body));
+            let mut r = reference::Reference::new();
+            for p in &parts {
+                r.push(p);
+            }
+            prop_assert_eq!(r.usage(), truth);
+        }
+
+        #[test]
         fn agrees_with_the_byte_by_byte_scanner_on_arbitrary_bytes(
             data in proptest::collection::vec(
                 prop_oneof![
@@ -607,6 +704,52 @@ mod tests {
         "{\"usage\":{\"prompt_tokens\":1}}",
         CHAT,
     ];
+
+    /// JSON values with `usage` keys (and look-alikes) at any depth,
+    /// usage objects among the leaves, and strings holding quotes,
+    /// backslashes and brackets.
+    fn json_value() -> impl Strategy<Value = serde_json::Value> {
+        use serde_json::{Value, json};
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            (0u64..100).prop_map(Value::from),
+            proptest::sample::select(
+                &[
+                    "",
+                    "usage",
+                    "a\"b",
+                    "x\\y",
+                    "{[",
+                    "}]",
+                    "\"usage\":{\"prompt_tokens\":1}",
+                    "a string that is longer than sixteen bytes, with \\\" in it",
+                ][..]
+            )
+            .prop_map(Value::from),
+            Just(json!({"prompt_tokens": 3, "completion_tokens": 4})),
+            Just(
+                json!({"input_tokens": 5, "output_tokens": 6, "output_tokens_details": {"reasoning_tokens": 2}})
+            ),
+        ];
+        leaf.prop_recursive(5, 48, 4, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+                proptest::collection::vec(
+                    (
+                        proptest::sample::select(
+                            &["usage", "choices", "a", "u\"sage", "usage\\"][..]
+                        ),
+                        inner
+                    ),
+                    0..4,
+                )
+                .prop_map(|kv| Value::Object(
+                    kv.into_iter().map(|(k, v)| (k.to_owned(), v)).collect()
+                )),
+            ]
+        })
+    }
 
     fn split(b: &[u8], cuts: Vec<usize>) -> Vec<&[u8]> {
         let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c % (b.len() + 1)).collect();
