@@ -28,6 +28,12 @@ pub(super) fn read(json: &[u8]) -> Option<Option<RawUsage>> {
     (c.i == json.len()).then_some(usage)
 }
 
+/// A key serde reads as these very bytes: printable ASCII, no escape.
+/// (serde also accepts other UTF-8 and escapes; those are left to it.)
+fn plain(key: &[u8]) -> bool {
+    key.iter().all(|&b| (0x20..0x7f).contains(&b) && b != b'\\')
+}
+
 struct Cursor<'a> {
     b: &'a [u8],
     i: usize,
@@ -77,26 +83,20 @@ impl<'a> Cursor<'a> {
         }
     }
 
-    /// A key of printable ASCII without escapes (serde also checks that a
-    /// key is UTF-8; this leaves every non-ASCII byte to it).
+    /// A key's raw bytes, up to the next quote; the cursor moves past the
+    /// colon after it. A key with an escaped quote is cut short at it and
+    /// then matches no field and fails [`plain`], so serde decides.
     fn key(&mut self) -> Option<&'a [u8]> {
         if !self.eat(b'"') {
             return None;
         }
         let start = self.i;
-        loop {
-            match self.peek()? {
-                b'"' => break,
-                b'\\' | 0..=0x1f | 0x80..=0xff => return None,
-                _ => self.i += 1,
-            }
-        }
-        let k = &self.b[start..self.i];
-        self.i += 1;
+        let len = memchr::memchr(b'"', &self.b[start..])?;
+        self.i = start + len + 1;
         self.ws();
         self.eat(b':').then_some(())?;
         self.ws();
-        Some(k)
+        Some(&self.b[start..start + len])
     }
 
     /// `null` or an unsigned integer as serde_json reads one into a `u64`
@@ -145,11 +145,19 @@ impl<'a> Cursor<'a> {
         }
     }
 
-    /// A value of a field nobody reads: a count, `null`, or a flat object
-    /// of those.
-    fn skip(&mut self) -> Option<()> {
+    /// A field nobody reads: a plain key (see [`plain`]) and a count,
+    /// `null`, or a flat object of those.
+    fn skip_field(&mut self, key: &[u8]) -> Option<()> {
+        if !plain(key) {
+            return None;
+        }
         if self.peek() == Some(b'{') {
-            return self.object(|c, _| c.count().map(drop));
+            return self.object(|c, k| {
+                if !plain(k) {
+                    return None;
+                }
+                c.count().map(drop)
+            });
         }
         self.count().map(drop)
     }
@@ -173,7 +181,7 @@ impl<'a> Cursor<'a> {
                     seen.first(2)?;
                     d.reasoning_tokens = c.count()?;
                 }
-                _ => c.skip()?,
+                _ => c.skip_field(k)?,
             }
             Some(())
         })?;
@@ -226,7 +234,7 @@ impl<'a> Cursor<'a> {
                     seen.first(128)?;
                     u.output_tokens_details = c.details()?;
                 }
-                _ => c.skip()?,
+                _ => c.skip_field(k)?,
             }
             Some(())
         })?;
