@@ -103,9 +103,18 @@ fn remove_connection_named(headers: &mut HeaderMap, keep_upgrade: bool) {
 /// those whose bit is set in `skip`. A request or response carries a
 /// handful of headers, so one pass comparing names finds the few to remove
 /// for less than hashing every listed name in a `remove`.
+///
+/// Most names present are none of the listed ones, and most of those are
+/// passed over on their length alone (a bit set of the listed lengths),
+/// without comparing them with every listed name.
 fn remove_listed(headers: &mut HeaderMap, listed: &[HeaderName], skip: u32) {
+    let bit = |name: &HeaderName| 1u64 << name.as_str().len().min(63);
+    let lengths = listed.iter().fold(0u64, |m, l| m | bit(l));
     let mut hit = 0u32;
     for name in headers.keys() {
+        if lengths & bit(name) == 0 {
+            continue;
+        }
         if let Some(i) = listed.iter().position(|l| l == name) {
             hit |= 1 << i;
         }
