@@ -30,6 +30,7 @@
 //! side while its request is being served cancels it (as with hyper,
 //! which does not support half-closed connections by default).
 
+pub mod client;
 pub mod h1;
 
 use std::future::{Future, poll_fn};
