@@ -308,10 +308,12 @@ impl Upstream {
         host: Option<HeaderValue>,
     ) -> Result<UpstreamResponse, PoolError> {
         use http_body_util::BodyExt as _;
-        let (parts, body) = req.into_parts();
-        let body = match body.collect().await {
-            Ok(c) => c.to_bytes(),
-            Err(never) => match never {},
+        let (parts, mut body) = req.into_parts();
+        // A `Full` body is one frame, or none when empty.
+        let body = match body.frame().await {
+            Some(Ok(frame)) => frame.into_data().unwrap_or_default(),
+            Some(Err(never)) => match never {},
+            None => Bytes::new(),
         };
         let target = parts.uri.path_and_query().map_or("/", PathAndQuery::as_str);
         let host = host

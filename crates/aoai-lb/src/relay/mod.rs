@@ -727,8 +727,13 @@ where
         match frame {
             None => break,
             // The instance failed mid-body: the client must see the
-            // response cut short, not a clean end.
-            Some(Err(_)) => return Ok(false),
+            // response cut short, not a clean end. What was gathered (the
+            // head at least) goes out first, so the client learns the
+            // status it was given rather than meeting a bare close.
+            Some(Err(_)) => {
+                let _ = write_all(stream, &w).await;
+                return Ok(false);
+            }
             Some(Ok(f)) => {
                 let Ok(data) = f.into_data() else { continue };
                 if data.is_empty() {
