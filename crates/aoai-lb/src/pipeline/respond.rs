@@ -11,7 +11,6 @@ use std::time::{Instant, SystemTime};
 use bytes::Bytes;
 use http::{HeaderName, Response, StatusCode, header};
 use http_body_util::Full;
-use http_body_util::combinators::BoxBody;
 
 use crate::affinity::{self, Sniff};
 use crate::backend::{Backend, InFlight};
@@ -111,10 +110,10 @@ pub fn respond(
                 gw.clock.now_ms(),
             )
             .shared(gw.shared.clone(), backend.name());
-            BoxBody::new(Tracked::new(b, idle, account))
+            ProxyBody::boxed(Tracked::new(b, idle, account))
         }
-        Either::Stream(b) => BoxBody::new(Tracked::new(b, idle, account)),
-        Either::Full(b) => BoxBody::new(Tracked::new(b, None, account)),
+        Either::Stream(b) => ProxyBody::Upstream(Tracked::new(b, idle, account)),
+        Either::Full(b) => ProxyBody::boxed(Tracked::new(b, None, account)),
     };
     Ok(Response::from_parts(rparts, body))
 }
