@@ -689,6 +689,9 @@ where
         w.extend_from_slice(b"connection: keep-alive\r\n");
     }
     w.extend_from_slice(b"\r\n");
+    // The head is written out: its fields (and the instance's read buffer
+    // their values may share) are not kept while the body streams.
+    drop(parts);
 
     let mut body = pin!(body);
     if out == Out::None {
