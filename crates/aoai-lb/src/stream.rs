@@ -35,13 +35,16 @@ use tokio::time::Sleep;
 pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
 
 /// The body type of every response the gateway returns: the two common
-/// shapes as they are, so serving them needs no allocation and no dynamic
-/// call per frame; anything else boxed.
+/// shapes by their own types, so serving them needs no dynamic call per
+/// frame; anything else boxed.
 pub enum ProxyBody {
     /// A complete in-memory body made by the gateway (errors, probes).
     Full(Full<Bytes>),
-    /// An instance's body streaming through with accounting.
-    Upstream(Tracked<UpstreamBody, Account>),
+    /// An instance's body streaming through with accounting. Boxed all the
+    /// same (about 1 KiB): the response moves through several futures on
+    /// its way out, and each would reserve room for it inline, in every
+    /// connection's task.
+    Upstream(Box<Tracked<UpstreamBody, Account>>),
     /// The rarer shapes: a buffered error answer, a sniffed creation answer.
     Boxed(BoxBody<Bytes, BodyError>),
 }
@@ -69,7 +72,7 @@ impl Body for ProxyBody {
                 Poll::Ready(f) => Poll::Ready(f.map(|f| f.map_err(|never| match never {}))),
                 Poll::Pending => Poll::Pending,
             },
-            ProxyBody::Upstream(b) => Pin::new(b).poll_frame(cx),
+            ProxyBody::Upstream(b) => Pin::new(b.as_mut()).poll_frame(cx),
             ProxyBody::Boxed(b) => Pin::new(b).poll_frame(cx),
         }
     }

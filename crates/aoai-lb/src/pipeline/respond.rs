@@ -112,7 +112,7 @@ pub fn respond(
             .shared(gw.shared.clone(), backend.name());
             ProxyBody::boxed(Tracked::new(b, idle, account))
         }
-        Either::Stream(b) => ProxyBody::Upstream(Tracked::new(b, idle, account)),
+        Either::Stream(b) => ProxyBody::Upstream(Box::new(Tracked::new(b, idle, account))),
         Either::Full(b) => ProxyBody::boxed(Tracked::new(b, None, account)),
     };
     Ok(Response::from_parts(rparts, body))

@@ -714,11 +714,10 @@ where
             Poll::Pending => {
                 if !w.is_empty() {
                     write_all(stream, &w).await?;
-                    w.clear();
-                    if w.capacity() > WRITE_BATCH {
-                        w = Vec::new();
-                    }
                 }
+                // Nothing is held while the instance is waited for (an SSE
+                // stream waits between every event).
+                w = Vec::new();
                 let next = next_frame(body.as_mut(), stream, buf, &mut watching).await;
                 match next {
                     Some(f) => f,
@@ -742,6 +741,8 @@ where
                 if data.is_empty() {
                     continue;
                 }
+                // The size line and the CRLFs of a chunk included.
+                w.reserve(data.len() + 24);
                 match out {
                     Out::Length(n) => {
                         let room = n - sent;
