@@ -466,10 +466,11 @@ fn parse_head(input: &Bytes, head_only: bool) -> Result<Option<Parsed>, Exchange
     };
     // A length and a coding together, a body delimited by the close and a
     // switched protocol all leave the connection unusable afterwards.
-    let keep_alive = !close
-        && !(coded && length.is_some())
-        && !matches!(framing, Framing::Close)
-        && status != StatusCode::SWITCHING_PROTOCOLS;
+    let unusable = close
+        || (coded && length.is_some())
+        || matches!(framing, Framing::Close)
+        || status == StatusCode::SWITCHING_PROTOCOLS;
+    let keep_alive = !unusable;
     Ok(Some(Parsed::Final(Head {
         status,
         version,
