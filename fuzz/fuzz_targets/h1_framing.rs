@@ -5,7 +5,8 @@
 //!   the same length, method, version and header lines; whatever
 //!   `httparse` refuses, the relay refuses. Where the relay is stricter
 //!   (the RFC 9112 smuggling rules), the reason must really be in the
-//!   input: a bare CR or LF, or the framing fields it names.
+//!   input: a bare CR or LF, the framing fields it names, or a missing
+//!   Host on HTTP/1.1.
 //! - Chunked bodies: a body the relay's decoder accepts must decode to the
 //!   same bytes and end at the same offset under a reference decoder built
 //!   on `httparse::parse_chunk_size`, and the incremental decoder must give
@@ -63,6 +64,16 @@ fn check_head(data: &[u8]) {
                 .headers
                 .iter()
                 .any(|h| h.name.eq_ignore_ascii_case("transfer-encoding"));
+            let hosts = req
+                .headers
+                .iter()
+                .filter(|h| h.name.eq_ignore_ascii_case("host"))
+                .count();
+            assert!(hosts <= 1, "two Host fields accepted");
+            assert!(
+                hosts == 1 || req.version == Some(0),
+                "an HTTP/1.1 request without Host accepted"
+            );
             assert!(lengths.len() <= 1, "duplicate Content-Length accepted");
             assert!(!(te && !lengths.is_empty()), "CL and TE accepted together");
             match head.framing {
@@ -80,8 +91,9 @@ fn check_head(data: &[u8]) {
         (Err(_), Err(_)) => {}
         (Err(HeadError::TooManyHeaders), _) => panic!("too many headers only httparse can say"),
         (Err(HeadError::Malformed(_)), Ok(_)) => {
-            // Stricter than httparse only for bare line ends, or for a
-            // method, target or value the `http` types refuse.
+            // Stricter than httparse only for bare line ends, for a
+            // method, target or value the `http` types refuse, or for an
+            // HTTP/1.1 request without Host (RFC 9112 §3.2).
         }
         (Err(HeadError::Framing(_) | HeadError::UnsupportedCoding), Ok(s)) => {
             assert!(s.is_complete(), "framing judged on an incomplete head");

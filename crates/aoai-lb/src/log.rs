@@ -202,12 +202,19 @@ impl AccessRecord {
         } = self;
         out.extend_from_slice(b"{\"timestamp\":");
         json_str(out, &self.timestamp);
-        out.extend_from_slice(b",\"level\":");
-        json_str(out, self.level);
-        out.extend_from_slice(b",\"target\":");
-        json_str(out, self.target);
-        out.extend_from_slice(b",\"message\":");
-        json_str(out, self.message);
+        if (self.level, self.target, self.message) == ("INFO", "aoai_lb::access", "request") {
+            // What every record carries: written as the bytes it always is.
+            out.extend_from_slice(
+                br#","level":"INFO","target":"aoai_lb::access","message":"request""#,
+            );
+        } else {
+            out.extend_from_slice(b",\"level\":");
+            json_str(out, self.level);
+            out.extend_from_slice(b",\"target\":");
+            json_str(out, self.target);
+            out.extend_from_slice(b",\"message\":");
+            json_str(out, self.message);
+        }
         out.extend_from_slice(b",\"request_id\":");
         json_str(out, self.request_id.to_str().unwrap_or("-"));
         out.extend_from_slice(b",\"apim_request_id\":");
@@ -307,37 +314,77 @@ fn json_array<T>(out: &mut Vec<u8>, items: &[T], mut item: impl FnMut(&mut Vec<u
     out.push(b']');
 }
 
+/// What serde_json writes for each byte of a string: 0 for the byte
+/// itself, `u` for `\u00xx`, else the letter after the backslash (`"`,
+/// `\`, and the control characters with a short form).
+static ESCAPE: [u8; 256] = {
+    let mut t = [0u8; 256];
+    let mut b = 0;
+    while b < 0x20 {
+        t[b] = b'u';
+        b += 1;
+    }
+    t[0x08] = b'b';
+    t[0x09] = b't';
+    t[0x0a] = b'n';
+    t[0x0c] = b'f';
+    t[0x0d] = b'r';
+    t[b'"' as usize] = b'"';
+    t[b'\\' as usize] = b'\\';
+    t
+};
+
+/// Whether any of the eight bytes of `w` is `"`, `\` or below 0x20: the
+/// test for a zero byte (and for a byte below a bound) on a whole word,
+/// exact for "any" though not for which one.
+fn word_needs_escape(w: u64) -> bool {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    let below = |x: u64, n: u64| x.wrapping_sub(ONES * n) & !x & HIGH;
+    let control = below(w, 0x20);
+    let quote = below(w ^ (ONES * u64::from(b'"')), 1);
+    let backslash = below(w ^ (ONES * u64::from(b'\\')), 1);
+    control | quote | backslash != 0
+}
+
 /// A JSON string with serde_json's escaping: `"`, `\` and the control
 /// characters below U+0020 (the short forms where JSON has them, else
 /// `\u00xx` in lower case); everything else, U+007F and non-ASCII
 /// included, as is.
+///
+/// Nearly every string of a record (ids, paths, names, the timestamp)
+/// needs no escape, so whole 8-byte words are checked first and copied in
+/// one go; only from the first word with something to escape on is the
+/// rest looked at byte by byte.
 fn json_str(out: &mut Vec<u8>, s: &str) {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     let bytes = s.as_bytes();
     out.reserve(bytes.len() + 2);
     out.push(b'"');
+    let mut clean = 0;
+    for w in bytes.chunks_exact(8) {
+        let Ok(w) = <[u8; 8]>::try_from(w) else { break };
+        if word_needs_escape(u64::from_le_bytes(w)) {
+            break;
+        }
+        clean += 8;
+    }
+    // The clean words are copied with whatever follows them up to the
+    // first escape.
     let mut start = 0;
-    for (i, &b) in bytes.iter().enumerate() {
-        let short: &[u8] = match b {
-            b'"' => b"\\\"",
-            b'\\' => b"\\\\",
-            b'\n' => b"\\n",
-            b'\r' => b"\\r",
-            b'\t' => b"\\t",
-            0x08 => b"\\b",
-            0x0c => b"\\f",
-            0..=0x1f => {
-                out.extend_from_slice(&bytes[start..i]);
-                out.extend_from_slice(b"\\u00");
-                out.push(HEX[usize::from(b >> 4)]);
-                out.push(HEX[usize::from(b & 0xf)]);
-                start = i + 1;
-                continue;
-            }
-            _ => continue,
-        };
+    for (i, &b) in bytes.iter().enumerate().skip(clean) {
+        let e = ESCAPE[usize::from(b)];
+        if e == 0 {
+            continue;
+        }
         out.extend_from_slice(&bytes[start..i]);
-        out.extend_from_slice(short);
+        if e == b'u' {
+            out.extend_from_slice(b"\\u00");
+            out.push(HEX[usize::from(b >> 4)]);
+            out.push(HEX[usize::from(b & 0xf)]);
+        } else {
+            out.extend_from_slice(&[b'\\', e]);
+        }
         start = i + 1;
     }
     out.extend_from_slice(&bytes[start..]);
@@ -544,6 +591,56 @@ mod tests {
         }
         // The plainest record too: every optional field absent.
         let r = AccessRecord::placeholder();
+        let mut ours = Vec::new();
+        r.write_json(&mut ours);
+        assert_eq!(ours, serde_json::to_vec(&r).unwrap());
+    }
+
+    #[test]
+    fn escapes_strings_exactly_as_serde_json_does() {
+        let mut texts: Vec<String> = (0u8..=0x7f)
+            .flat_map(|b| {
+                let c = char::from(b);
+                // The byte alone, inside a word, and at each position of
+                // an 8-byte word (the word-at-a-time check).
+                let mut v = vec![c.to_string(), format!("ab{c}cd")];
+                for at in 0..=9 {
+                    v.push(format!("{}{c}{}", "x".repeat(at), "y".repeat(17 - at)));
+                }
+                v
+            })
+            .collect();
+        texts.extend(
+            [
+                "",
+                "é",
+                "ü漢字 🦀",
+                "\u{7f}\u{80}\u{ff}\u{2028}\u{2029}\u{fffd}",
+                "2026-01-01T00:00:00.123Z",
+                "/openai/deployments/gpt-4o/chat/completions",
+                "0123456789abcdef0123456789abcdef\"",
+                "0123456789abcdef0123456789abcde\u{1f}",
+                "😀😀😀😀\n😀😀😀😀",
+            ]
+            .map(String::from),
+        );
+        for t in texts {
+            let mut ours = Vec::new();
+            json_str(&mut ours, &t);
+            assert_eq!(
+                String::from_utf8_lossy(&ours),
+                serde_json::to_string(&t).unwrap(),
+                "{t:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn writes_unusual_level_target_and_message_like_serde() {
+        let mut r = AccessRecord::placeholder();
+        r.level = "WARN";
+        r.target = "x\"y";
+        r.message = "m\n";
         let mut ours = Vec::new();
         r.write_json(&mut ours);
         assert_eq!(ours, serde_json::to_vec(&r).unwrap());

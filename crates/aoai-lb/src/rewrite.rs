@@ -326,7 +326,11 @@ fn push_query(s: &mut String, q: &str, rename: Option<(std::ops::Range<usize>, &
         }
         _ => s.push_str(seg),
     };
-    if !q.split('&').any(is_api_key_param) {
+    // A parameter named `api-key` has a `k` in its name, as a letter or
+    // percent-encoded (`%6B`, `%4B`): a query without `k`, `K` or `%` (the
+    // usual `api-version=...`) has none, found in one pass.
+    let may_have_key = memchr::memchr3(b'k', b'K', b'%', q.as_bytes()).is_some();
+    if !may_have_key || !q.split('&').any(is_api_key_param) {
         s.push('?');
         push_segment(s, q, 0);
         return;
@@ -509,6 +513,15 @@ mod tests {
             format!("{base}?api-keys=1&xapi-key=2&api-key2=3&x=api-key")
         );
         assert_eq!(up(""), format!("{base}?"));
+        // The `k` of the name, percent-encoded in either case.
+        assert_eq!(
+            up("API-%4bEY=a&api-%6Bey=b&api-version=1"),
+            format!("{base}?api-version=1")
+        );
+        assert_eq!(
+            up("api-version=1&x=%41"),
+            format!("{base}?api-version=1&x=%41")
+        );
     }
 
     #[test]

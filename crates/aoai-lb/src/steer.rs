@@ -14,7 +14,7 @@
 
 use std::sync::Arc;
 
-use http::{HeaderMap, StatusCode};
+use http::{HeaderMap, HeaderName, StatusCode};
 use serde::Serialize;
 
 use crate::backend::{Backend, Unavailable};
@@ -125,25 +125,34 @@ impl Text {
     }
 }
 
+// The headers [`reading`] looks at on every response, as names made once:
+// a lookup by `&str` validates and lowercases the name before hashing it.
+static REMAINING_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-remaining-tokens");
+static REMAINING_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-remaining-requests");
+static LIMIT_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-limit-tokens");
+static LIMIT_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-limit-requests");
+static UTILIZATION: HeaderName = HeaderName::from_static("azure-openai-deployment-utilization");
+static POLICY_ID: HeaderName = HeaderName::from_static("policy-id");
+
 /// Reads Azure's rate-limit headers. Absent, unparsable or negative
 /// values (the Responses API sends `-1`) are unknown. On a 429,
 /// `policy-id` says which budget ran out (`…-Token` or `…-Call`; neither
 /// or absent: both), and `retry_after_ms` is the cooldown already chosen
 /// for it.
 pub fn reading(headers: &HeaderMap, status: StatusCode, retry_after_ms: u64) -> Reading {
-    let num = |name: &str| -> Option<u64> {
+    let num = |name: &HeaderName| -> Option<u64> {
         let v = headers.get(name)?.to_str().ok()?.trim();
         let f: f64 = v.parse().ok()?;
         (f.is_finite() && f >= 0.0).then_some(f as u64)
     };
     let utilization = headers
-        .get("azure-openai-deployment-utilization")
+        .get(&UTILIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().trim_end_matches('%').trim().parse::<f64>().ok())
         .filter(|u| u.is_finite() && *u >= 0.0);
     let throttled = (status == StatusCode::TOO_MANY_REQUESTS).then(|| {
         let policy = headers
-            .get("policy-id")
+            .get(&POLICY_ID)
             .and_then(|v| v.to_str().ok())
             .unwrap_or("")
             .to_ascii_lowercase();
@@ -157,10 +166,10 @@ pub fn reading(headers: &HeaderMap, status: StatusCode, retry_after_ms: u64) -> 
         }
     });
     Reading {
-        remaining_tokens: num("x-ratelimit-remaining-tokens"),
-        remaining_requests: num("x-ratelimit-remaining-requests"),
-        limit_tokens: num("x-ratelimit-limit-tokens"),
-        limit_requests: num("x-ratelimit-limit-requests"),
+        remaining_tokens: num(&REMAINING_TOKENS),
+        remaining_requests: num(&REMAINING_REQUESTS),
+        limit_tokens: num(&LIMIT_TOKENS),
+        limit_requests: num(&LIMIT_REQUESTS),
         utilization,
         throttled,
     }

@@ -24,6 +24,7 @@ pub mod body;
 pub mod estimate;
 pub mod inject;
 pub mod meter;
+mod object;
 pub mod sse;
 
 use std::cell::RefCell;
@@ -205,11 +206,17 @@ impl RawUsage {
 /// Reads a usage object (the value of a `usage` key). `None` for `null`,
 /// anything that is not such an object, or one with neither prompt nor
 /// completion counts.
+///
+/// The common shape is read directly ([`object`]); serde decides the rest,
+/// so the answer is serde's either way.
 pub fn parse_usage_object(json: &[u8]) -> Option<Usage> {
-    serde_json::from_slice::<Option<RawUsage>>(json)
-        .ok()
-        .flatten()
-        .and_then(RawUsage::into_usage)
+    let raw = match object::read(json) {
+        Some(raw) => raw,
+        None => serde_json::from_slice::<Option<RawUsage>>(json)
+            .ok()
+            .flatten(),
+    };
+    raw.and_then(RawUsage::into_usage)
 }
 
 /// What one JSON document (a whole response body or one stream event's

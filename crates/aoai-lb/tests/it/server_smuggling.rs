@@ -1,8 +1,9 @@
 //! Request smuggling and HTTP/1 framing against the real binary, over raw
 //! TCP: the RFC 9112 rules the client-facing HTTP/1 server enforces
-//! (ambiguous lengths, transfer codings, bare CR/LF, obs-fold, invalid
-//! chunks), and the exchanges it must get right (pipelining, HEAD,
-//! `Expect: 100-continue`, `Connection: close`, keep-alive). A refused
+//! (ambiguous lengths, transfer codings, bare CR/LF, obs-fold, a missing
+//! or doubled Host, invalid chunks), and the exchanges it must get right
+//! (pipelining, HEAD, `Expect: 100-continue`, `Connection: close`,
+//! keep-alive). A refused
 //! request gets exactly one OpenAI-shaped answer and the connection closes,
 //! so no byte of a smuggled second request is ever served.
 // Helpers outside #[test] functions fail the test by panicking, as tests do.
@@ -309,6 +310,35 @@ async fn refuses_bare_line_ends_and_folded_headers() {
         assert_refused(addr, raw.as_bytes(), 400).await;
     }
     assert!(sims[0].journal().is_empty());
+}
+
+#[tokio::test]
+async fn rejects_http11_request_without_host() {
+    // RFC 9112 §3.2: an HTTP/1.1 request without Host gets 400. HTTP/1.0
+    // clients may omit it.
+    let (sims, _bin, addr) = gateway(serde_json::json!({})).await;
+    let body = chat_body(false);
+    let cases = [
+        format!("GET /healthz HTTP/1.1\r\n\r\n{SMUGGLED}"),
+        format!(
+            "POST {} HTTP/1.1\r\nAuthorization: Bearer {CLIENT_KEY}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}{SMUGGLED}",
+            chat_path("gpt-4o"),
+            body.len()
+        ),
+        // A Host spelled differently is not one.
+        format!("GET /healthz HTTP/1.1\r\nX-Host: gw\r\n\r\n{SMUGGLED}"),
+    ];
+    for raw in cases {
+        assert_refused(addr, raw.as_bytes(), 400).await;
+    }
+    assert!(sims[0].journal().is_empty());
+
+    let mut c = Conn::open(addr).await;
+    c.send(b"GET /healthz HTTP/1.0\r\n\r\n").await;
+    assert_eq!(c.answer(false).await.unwrap().status, 200);
+    let mut c = Conn::open(addr).await;
+    c.send(b"GET /healthz HTTP/1.1\r\nhost: gw\r\n\r\n").await;
+    assert_eq!(c.answer(false).await.unwrap().status, 200);
 }
 
 #[tokio::test]
