@@ -350,6 +350,11 @@ pub struct UpstreamConfig {
     /// Connections kept per instance for reuse. Default 256. For HTTP/1
     /// instances this is per worker thread ([`crate::pool`]).
     pub pool_max_idle_per_host: usize,
+    /// The client for HTTP/1 instances (`upstream.http1`): `relay`, the lean
+    /// one of [`crate::relay::client`] (the default), or `hyper`, hyper's
+    /// HTTP/1 client as before. Instances that answer h2 by ALPN, and
+    /// WebSocket handshakes, use hyper either way.
+    pub http1: crate::relay::Http1Server,
 }
 
 impl Default for UpstreamConfig {
@@ -358,6 +363,7 @@ impl Default for UpstreamConfig {
             extra_ca_file: None,
             pool_idle_timeout: Duration::from_secs(50),
             pool_max_idle_per_host: 256,
+            http1: crate::relay::Http1Server::Relay,
         }
     }
 }
@@ -471,6 +477,7 @@ struct RawUpstream {
     extra_ca_file: Option<PathBuf>,
     pool_idle_timeout_ms: Option<u64>,
     pool_max_idle_per_host: Option<usize>,
+    http1: Option<String>,
 }
 
 impl Config {
@@ -713,6 +720,12 @@ impl RawDocument {
                 .upstream
                 .pool_max_idle_per_host
                 .unwrap_or(du.pool_max_idle_per_host),
+            http1: match self.upstream.http1.as_deref() {
+                None => du.http1,
+                Some(s) => crate::relay::Http1Server::parse(s).ok_or_else(|| {
+                    ConfigError::new("upstream.http1", "must be \"relay\" or \"hyper\"")
+                })?,
+            },
         };
 
         let entra = match self.entra {

@@ -1,5 +1,12 @@
 //! The upstream HTTP/1 connection pool, one per worker thread.
 //!
+//! By default (`upstream.http1: "relay"`) a request goes out through the
+//! lean client of [`crate::relay::client`]: an idle connection is the bare
+//! socket, taken from the list, written to and read from by the request's
+//! own future, and put back by the response body when it has ended. With
+//! `upstream.http1: "hyper"` the connections are `hyper::client::conn`
+//! senders, as described below; both kinds follow the same rules.
+//!
 //! The gateway runs one single-threaded runtime per CPU, so each thread keeps
 //! its own idle connections to each instance in a thread-local list: a
 //! request takes a sender from the list without a lock, sends on it, and puts
@@ -35,6 +42,7 @@ use hyper::client::conn::http1;
 use hyper_util::client::legacy::connect::Connection as _;
 use tower_service::Service as _;
 
+use crate::relay::client::{self, ExchangeError, Io, LeanBody};
 use crate::upstream::{TimedConnector, UpstreamClient};
 
 type Sender = http1::SendRequest<Full<Bytes>>;
@@ -52,9 +60,74 @@ pub enum PoolError {
     /// The hyper-util client (HTTP/2 instances) failed.
     #[error("the request to the instance failed")]
     Client(#[source] hyper_util::client::legacy::Error),
+    /// The lean client's exchange failed.
+    #[error(transparent)]
+    Exchange(#[from] ExchangeError),
     /// The request had no scheme or authority.
     #[error("the upstream URI has no scheme or authority")]
     Uri,
+}
+
+/// The error of an upstream response body.
+pub type UpstreamBodyError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The body of an instance's response, from either client.
+#[derive(Debug)]
+pub enum UpstreamBody {
+    /// From hyper (HTTP/2, WebSocket handshakes, `upstream.http1: "hyper"`).
+    Hyper(Incoming),
+    /// From the lean HTTP/1 client.
+    Lean(LeanBody<Home>),
+}
+
+impl From<Incoming> for UpstreamBody {
+    fn from(b: Incoming) -> Self {
+        UpstreamBody::Hyper(b)
+    }
+}
+
+impl http_body::Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = UpstreamBodyError;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, UpstreamBodyError>>> {
+        use std::task::Poll;
+        let r = match self.get_mut() {
+            UpstreamBody::Hyper(b) => match std::pin::Pin::new(b).poll_frame(cx) {
+                Poll::Ready(r) => r.map(|f| f.map_err(UpstreamBodyError::from)),
+                Poll::Pending => return Poll::Pending,
+            },
+            UpstreamBody::Lean(b) => match std::pin::Pin::new(b).poll_frame(cx) {
+                Poll::Ready(r) => r.map(|f| f.map_err(UpstreamBodyError::from)),
+                Poll::Pending => return Poll::Pending,
+            },
+        };
+        Poll::Ready(r)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpstreamBody::Hyper(b) => b.is_end_stream(),
+            UpstreamBody::Lean(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        match self {
+            UpstreamBody::Hyper(b) => b.size_hint(),
+            UpstreamBody::Lean(b) => b.size_hint(),
+        }
+    }
+}
+
+/// An instance's response as the pipeline sees it.
+pub type UpstreamResponse = Response<UpstreamBody>;
+
+fn hyper_response(r: Response<Incoming>) -> UpstreamResponse {
+    r.map(UpstreamBody::Hyper)
 }
 
 /// Distinguishes the pools of different gateway states (a reload builds a
@@ -73,6 +146,44 @@ struct Parked {
     since: Instant,
 }
 
+/// An idle connection of the lean client.
+struct Idle {
+    io: Io,
+    since: Instant,
+}
+
+/// Where a lean response body returns its connection: this thread's list
+/// for the instance, unless it is full.
+pub struct Home {
+    key: Key,
+    max_idle: usize,
+    idle_timeout: Duration,
+}
+
+impl client::Home for Home {
+    fn park(self, io: Io) {
+        if self.max_idle == 0 {
+            return;
+        }
+        let kept = LANES.with(|l| {
+            let mut lanes = l.borrow_mut();
+            let lane = lanes.entry(self.key).or_insert_with_key(Lane::new);
+            if lane.idle.len() < self.max_idle {
+                lane.idle.push(Idle {
+                    io,
+                    since: Instant::now(),
+                });
+                true
+            } else {
+                false
+            }
+        });
+        if kept {
+            start_sweeper(self.idle_timeout);
+        }
+    }
+}
+
 enum Checkout {
     Ready(Sender),
     /// Parked connections, none ready (their responses are still streaming).
@@ -82,6 +193,8 @@ enum Checkout {
 
 struct Lane {
     parked: Vec<Parked>,
+    /// The lean client's idle connections, most recently used last.
+    idle: Vec<Idle>,
     /// The instance answered h2 by ALPN: use the hyper-util client.
     h2: bool,
     /// The `Host` header for the instance, made once.
@@ -99,6 +212,7 @@ impl Lane {
         };
         Self {
             parked: Vec::new(),
+            idle: Vec::new(),
             h2: false,
             host: value.ok(),
         }
@@ -118,17 +232,20 @@ pub struct Upstream {
     h2: UpstreamClient,
     max_idle: usize,
     idle_timeout: Duration,
+    lean: bool,
 }
 
 impl Upstream {
     /// A pool connecting with `connector` (which may offer h2 by ALPN) and
     /// handing h2 instances to `h2`. `max_idle` connections per instance and
-    /// thread at most, each closed after `idle_timeout` unused.
+    /// thread at most, each closed after `idle_timeout` unused. With `lean`,
+    /// HTTP/1 instances are served by the lean client, else by hyper's.
     pub fn new(
         connector: TimedConnector,
         h2: UpstreamClient,
         max_idle: usize,
         idle_timeout: Duration,
+        lean: bool,
     ) -> Self {
         Self {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
@@ -136,6 +253,7 @@ impl Upstream {
             h2,
             max_idle,
             idle_timeout,
+            lean,
         }
     }
 
@@ -146,11 +264,8 @@ impl Upstream {
     /// [`PoolError`] when no connection could be made or the exchange
     /// failed; a pooled connection that was closed before the request was
     /// written is replaced transparently.
-    pub async fn request(
-        &self,
-        mut req: Request<Full<Bytes>>,
-    ) -> Result<Response<Incoming>, PoolError> {
-        let uri = req.uri().clone();
+    pub async fn request(&self, req: Request<Full<Bytes>>) -> Result<UpstreamResponse, PoolError> {
+        let uri = req.uri();
         let (Some(scheme), Some(authority)) = (uri.scheme().cloned(), uri.authority().cloned())
         else {
             return Err(PoolError::Uri);
@@ -162,12 +277,122 @@ impl Upstream {
         };
         let (h2, host) = LANES.with(|l| {
             let mut lanes = l.borrow_mut();
-            let lane = lanes.entry(key.clone()).or_insert_with(|| Lane::new(&key));
-            (lane.h2, lane.host.clone())
+            if let Some(lane) = lanes.get(&key) {
+                return (lane.h2, lane.host.clone());
+            }
+            let lane = Lane::new(&key);
+            let found = (lane.h2, lane.host.clone());
+            lanes.insert(key.clone(), lane);
+            found
         });
         if h2 {
-            return self.h2.request(req).await.map_err(PoolError::Client);
+            return self
+                .h2
+                .request(req)
+                .await
+                .map(hyper_response)
+                .map_err(PoolError::Client);
         }
+        if self.lean {
+            return self.lean_request(req, key, host).await;
+        }
+        self.hyper_request(req, key, host, scheme).await
+    }
+
+    /// The lean client: an idle connection of this thread if one is open,
+    /// else a new one (which may turn out to speak h2).
+    async fn lean_request(
+        &self,
+        req: Request<Full<Bytes>>,
+        key: Key,
+        host: Option<HeaderValue>,
+    ) -> Result<UpstreamResponse, PoolError> {
+        use http_body_util::BodyExt as _;
+        let (parts, mut body) = req.into_parts();
+        // A `Full` body is one frame, or none when empty.
+        let body = match body.frame().await {
+            Some(Ok(frame)) => frame.into_data().unwrap_or_default(),
+            Some(Err(never)) => match never {},
+            None => Bytes::new(),
+        };
+        let target = parts.uri.path_and_query().map_or("/", PathAndQuery::as_str);
+        let host = host
+            .as_ref()
+            .map_or(key.authority.as_str().as_bytes(), HeaderValue::as_bytes);
+        let out = client::Outgoing {
+            method: &parts.method,
+            target,
+            headers: &parts.headers,
+            host,
+            body: &body,
+        };
+        while let Some(io) = self.take_idle(&key) {
+            match client::exchange(io, true, &out, self.home(&key)).await {
+                Ok(r) => return Ok(r.map(UpstreamBody::Lean)),
+                // Closed while idle: the next one, or a new one.
+                Err(ExchangeError::NotSent) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let io = self
+            .connector
+            .clone()
+            .call(parts.uri.clone())
+            .await
+            .map_err(|_| PoolError::Connect)?;
+        if io.connected().is_negotiated_h2() {
+            drop(io);
+            LANES.with(|l| {
+                l.borrow_mut()
+                    .entry(key.clone())
+                    .or_insert_with(|| Lane::new(&key))
+                    .h2 = true;
+            });
+            let req = Request::from_parts(parts, Full::new(body));
+            return self
+                .h2
+                .request(req)
+                .await
+                .map(hyper_response)
+                .map_err(PoolError::Client);
+        }
+        let r = client::exchange(Io::from_connected(io), false, &out, self.home(&key)).await?;
+        Ok(r.map(UpstreamBody::Lean))
+    }
+
+    fn home(&self, key: &Key) -> Home {
+        Home {
+            key: key.clone(),
+            max_idle: self.max_idle,
+            idle_timeout: self.idle_timeout,
+        }
+    }
+
+    /// The most recently used idle lean connection of this thread that has
+    /// not expired; expired ones met on the way are closed.
+    fn take_idle(&self, key: &Key) -> Option<Io> {
+        LANES.with(|l| {
+            let mut lanes = l.borrow_mut();
+            let lane = lanes.get_mut(key)?;
+            let now = Instant::now();
+            while let Some(idle) = lane.idle.pop() {
+                if now.duration_since(idle.since) <= self.idle_timeout {
+                    return Some(idle.io);
+                }
+            }
+            None
+        })
+    }
+
+    /// hyper's HTTP/1 client over this thread's parked senders.
+    async fn hyper_request(
+        &self,
+        mut req: Request<Full<Bytes>>,
+        key: Key,
+        host: Option<HeaderValue>,
+        scheme: Scheme,
+    ) -> Result<UpstreamResponse, PoolError> {
+        let uri = req.uri().clone();
         to_origin_form(&mut req, host);
         let mut yielded = false;
         loop {
@@ -186,7 +411,7 @@ impl Upstream {
             match sender.try_send_request(req).await {
                 Ok(response) => {
                     self.park(key, sender);
-                    return Ok(response);
+                    return Ok(hyper_response(response));
                 }
                 Err(mut e) => match e.take_message() {
                     // Not written: the connection was closing. Next one.
@@ -211,7 +436,12 @@ impl Upstream {
                     .h2 = true;
             });
             restore_absolute_form(&mut req, scheme, key.authority);
-            return self.h2.request(req).await.map_err(PoolError::Client);
+            return self
+                .h2
+                .request(req)
+                .await
+                .map(hyper_response)
+                .map_err(PoolError::Client);
         }
         let (mut sender, conn) = http1::Builder::new()
             .handshake(io)
@@ -221,7 +451,7 @@ impl Upstream {
         tokio::spawn(conn);
         let response = sender.send_request(req).await.map_err(PoolError::Http)?;
         self.park(key, sender);
-        Ok(response)
+        Ok(hyper_response(response))
     }
 
     /// The most recently parked sender that is ready; closed and expired
@@ -299,9 +529,14 @@ fn start_sweeper(idle_timeout: Duration) {
                         !p.sender.is_closed()
                             && (!p.sender.is_ready() || now.duration_since(p.since) <= idle_timeout)
                     });
-                    !lane.parked.is_empty() || lane.h2
+                    lane.idle.retain_mut(|i| {
+                        now.duration_since(i.since) <= idle_timeout && i.io.is_open()
+                    });
+                    !lane.parked.is_empty() || !lane.idle.is_empty() || lane.h2
                 });
-                lanes.values().all(|lane| lane.parked.is_empty())
+                lanes
+                    .values()
+                    .all(|lane| lane.parked.is_empty() && lane.idle.is_empty())
             });
             if empty {
                 break;
@@ -410,7 +645,7 @@ mod tests {
         futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
     }
 
-    fn upstream(max_idle: usize) -> Upstream {
+    fn upstream(max_idle: usize, lean: bool) -> Upstream {
         let config = Config::from_json(
             r#"{"instances":[{"name":"a","url":"http://127.0.0.1:9","api_key":"k"}]}"#,
         )
@@ -420,6 +655,7 @@ mod tests {
             crate::upstream::build_client(&config, true).unwrap(),
             max_idle,
             Duration::from_secs(30),
+            lean,
         )
     }
 
@@ -430,74 +666,88 @@ mod tests {
             .unwrap()
     }
 
-    async fn text(r: Response<Incoming>) -> String {
+    async fn text(r: UpstreamResponse) -> String {
         String::from_utf8(r.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap()
     }
 
     #[tokio::test]
     async fn reuses_one_connection_for_requests_in_sequence_in_origin_form() {
-        let (port, accepted) = server(false).await;
-        let up = upstream(8);
-        for path in ["/a", "/b?x=1", "/c"] {
-            let r = up.request(get(port, path)).await.unwrap();
-            // The server echoes the request target: origin form.
-            assert_eq!(text(r).await, path.split('?').next().unwrap());
+        for lean in [false, true] {
+            let (port, accepted) = server(false).await;
+            let up = upstream(8, lean);
+            for path in ["/a", "/b?x=1", "/c"] {
+                let r = up.request(get(port, path)).await.unwrap();
+                // The server echoes the request target: origin form.
+                assert_eq!(text(r).await, path.split('?').next().unwrap());
+            }
+            assert_eq!(accepted.load(Ordering::SeqCst), 1);
         }
-        assert_eq!(accepted.load(Ordering::SeqCst), 1);
     }
 
     #[tokio::test]
     async fn a_connection_still_streaming_a_body_is_not_reused_until_it_ends() {
-        let (port, accepted) = server(false).await;
-        let up = upstream(8);
-        let slow = up.request(get(port, "/slow")).await.unwrap();
-        let quick = up.request(get(port, "/quick")).await.unwrap();
-        assert_eq!(accepted.load(Ordering::SeqCst), 2);
-        assert_eq!(text(quick).await, "/quick");
-        assert_eq!(text(slow).await, "late");
-        // Both idle now: no third connection.
-        tokio::task::yield_now().await;
-        let again = up.request(get(port, "/again")).await.unwrap();
-        assert_eq!(text(again).await, "/again");
-        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+        for lean in [false, true] {
+            let (port, accepted) = server(false).await;
+            let up = upstream(8, lean);
+            let slow = up.request(get(port, "/slow")).await.unwrap();
+            let quick = up.request(get(port, "/quick")).await.unwrap();
+            assert_eq!(accepted.load(Ordering::SeqCst), 2);
+            assert_eq!(text(quick).await, "/quick");
+            assert_eq!(text(slow).await, "late");
+            // Both idle now: no third connection.
+            tokio::task::yield_now().await;
+            let again = up.request(get(port, "/again")).await.unwrap();
+            assert_eq!(text(again).await, "/again");
+            assert_eq!(accepted.load(Ordering::SeqCst), 2);
+        }
     }
 
     #[tokio::test]
     async fn a_pooled_connection_the_instance_closed_is_replaced_by_a_fresh_one() {
-        let (port, accepted) = server(true).await;
-        let up = upstream(8);
-        let r = up.request(get(port, "/one")).await.unwrap();
-        assert_eq!(text(r).await, "/one");
-        // The server drops the connection after 50 ms.
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        let r = up.request(get(port, "/two")).await.unwrap();
-        assert_eq!(text(r).await, "/two");
-        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+        for lean in [false, true] {
+            let (port, accepted) = server(true).await;
+            let up = upstream(8, lean);
+            let r = up.request(get(port, "/one")).await.unwrap();
+            assert_eq!(text(r).await, "/one");
+            // The server drops the connection after 50 ms.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let r = up.request(get(port, "/two")).await.unwrap();
+            assert_eq!(text(r).await, "/two");
+            assert_eq!(accepted.load(Ordering::SeqCst), 2);
+        }
     }
 
     #[tokio::test]
     async fn keeps_no_more_connections_than_the_cap() {
-        let (port, accepted) = server(false).await;
-        let up = upstream(1);
-        let a = up.request(get(port, "/slow")).await.unwrap();
-        let b = up.request(get(port, "/slow")).await.unwrap();
-        assert_eq!(accepted.load(Ordering::SeqCst), 2);
-        let _ = (text(a).await, text(b).await);
-        let key = Key {
-            pool: up.id,
-            https: false,
-            authority: format!("127.0.0.1:{port}").parse().unwrap(),
-        };
-        let parked = LANES.with(|l| l.borrow().get(&key).map_or(0, |lane| lane.parked.len()));
-        assert_eq!(parked, 1);
+        for lean in [false, true] {
+            let (port, accepted) = server(false).await;
+            let up = upstream(1, lean);
+            let a = up.request(get(port, "/slow")).await.unwrap();
+            let b = up.request(get(port, "/slow")).await.unwrap();
+            assert_eq!(accepted.load(Ordering::SeqCst), 2);
+            let _ = (text(a).await, text(b).await);
+            let key = Key {
+                pool: up.id,
+                https: false,
+                authority: format!("127.0.0.1:{port}").parse().unwrap(),
+            };
+            let parked = LANES.with(|l| {
+                l.borrow()
+                    .get(&key)
+                    .map_or(0, |lane| lane.parked.len() + lane.idle.len())
+            });
+            assert_eq!(parked, 1);
+        }
     }
 
     #[tokio::test]
     async fn an_unreachable_instance_is_a_connect_error() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        drop(listener);
-        let e = upstream(8).request(get(port, "/")).await.unwrap_err();
-        assert!(matches!(e, PoolError::Connect), "{e:?}");
+        for lean in [false, true] {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let port = listener.local_addr().unwrap().port();
+            drop(listener);
+            let e = upstream(8, lean).request(get(port, "/")).await.unwrap_err();
+            assert!(matches!(e, PoolError::Connect), "{e:?}");
+        }
     }
 }

@@ -21,10 +21,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::{Bytes, BytesMut};
-use http::{HeaderMap, Method, Request, Response, StatusCode, header};
+use http::{HeaderMap, Method, Request, StatusCode, header};
 use http_body::Body;
 use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
 
 use crate::backend::{Backend, InFlight, Outcome, Unavailable};
 use crate::config::CooldownConfig;
@@ -143,7 +142,7 @@ pub enum Sent {
     /// An instance's response to stream back as is.
     Stream {
         /// The response, body unread.
-        response: Response<Incoming>,
+        response: crate::pool::UpstreamResponse,
         /// The instance's in-flight slot, held until the body ends.
         slot: InFlight,
     },
@@ -597,11 +596,12 @@ async fn send_one(
     gw: &GatewayState,
     websocket: bool,
     req: Request<Full<Bytes>>,
-) -> Result<http::Response<Incoming>, crate::pool::PoolError> {
+) -> Result<crate::pool::UpstreamResponse, crate::pool::PoolError> {
     if websocket {
         gw.client_h1
             .request(req)
             .await
+            .map(|r| r.map(crate::pool::UpstreamBody::Hyper))
             .map_err(crate::pool::PoolError::Client)
     } else {
         gw.upstream.request(req).await

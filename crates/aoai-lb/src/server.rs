@@ -863,7 +863,9 @@ async fn serve_connection<H: Handler>(stream: TcpStream, handler: H, guard: Open
     let shared = guard.0.clone();
     let first_deadline = tokio::time::Instant::now() + shared.cfg.header_read_timeout;
     if shared.cfg.http1 == Http1Server::Hyper {
-        serve_hyper(stream, handler, &shared, first_deadline).await;
+        // Boxed, as below: inline, hyper's connection state would count in
+        // the size of every relay connection's task too.
+        Box::pin(serve_hyper(stream, handler, &shared, first_deadline)).await;
         drop(guard);
         return;
     }

@@ -96,6 +96,7 @@ impl GatewayState {
             client.clone(),
             config.upstream.pool_max_idle_per_host,
             config.upstream.pool_idle_timeout,
+            config.upstream.http1 == crate::relay::Http1Server::Relay,
         ));
         let caches = token_caches(&config, env, &client, &[])?;
         let entra = entra_validator(&config, env, &client, None)?;

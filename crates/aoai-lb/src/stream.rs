@@ -24,19 +24,89 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
+use http_body_util::Full;
 use http_body_util::combinators::BoxBody;
-use http_body_util::{BodyExt, Full};
+
+use crate::pipeline::account::Account;
+use crate::pool::UpstreamBody;
 use tokio::time::Sleep;
 
 /// The error type of response bodies served by the gateway.
 pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
 
-/// The body type of every response the gateway returns.
-pub type ProxyBody = BoxBody<Bytes, BodyError>;
+/// The body type of every response the gateway returns: the two common
+/// shapes by their own types, so serving them needs no dynamic call per
+/// frame; anything else boxed.
+pub enum ProxyBody {
+    /// A complete in-memory body made by the gateway (errors, probes).
+    Full(Full<Bytes>),
+    /// An instance's body streaming through with accounting. Boxed all the
+    /// same (about 1 KiB): the response moves through several futures on
+    /// its way out, and each would reserve room for it inline, in every
+    /// connection's task.
+    Upstream(Box<Tracked<UpstreamBody, Account>>),
+    /// The rarer shapes: a buffered error answer, a sniffed creation answer.
+    Boxed(BoxBody<Bytes, BodyError>),
+}
+
+impl ProxyBody {
+    /// Boxes any body with the gateway's error type.
+    pub fn boxed<B>(b: B) -> Self
+    where
+        B: Body<Data = Bytes, Error = BodyError> + Send + Sync + 'static,
+    {
+        ProxyBody::Boxed(BoxBody::new(b))
+    }
+}
+
+impl Body for ProxyBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        match self.get_mut() {
+            ProxyBody::Full(b) => match Pin::new(b).poll_frame(cx) {
+                Poll::Ready(f) => Poll::Ready(f.map(|f| f.map_err(|never| match never {}))),
+                Poll::Pending => Poll::Pending,
+            },
+            ProxyBody::Upstream(b) => Pin::new(b.as_mut()).poll_frame(cx),
+            ProxyBody::Boxed(b) => Pin::new(b).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ProxyBody::Full(b) => b.is_end_stream(),
+            ProxyBody::Upstream(b) => b.is_end_stream(),
+            ProxyBody::Boxed(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ProxyBody::Full(b) => b.size_hint(),
+            ProxyBody::Upstream(b) => b.size_hint(),
+            ProxyBody::Boxed(b) => b.size_hint(),
+        }
+    }
+}
+
+impl std::fmt::Debug for ProxyBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ProxyBody::Full(_) => "ProxyBody::Full",
+            ProxyBody::Upstream(_) => "ProxyBody::Upstream",
+            ProxyBody::Boxed(_) => "ProxyBody::Boxed",
+        })
+    }
+}
 
 /// A complete in-memory body.
 pub fn full_body(b: impl Into<Bytes>) -> ProxyBody {
-    Full::new(b.into()).map_err(|never| match never {}).boxed()
+    ProxyBody::Full(Full::new(b.into()))
 }
 
 /// Why a response body ended badly. Messages never name an instance URL.

@@ -38,7 +38,9 @@ pub struct TimedConnector {
 pub struct ConnectTimeout;
 
 type ConnectError = Box<dyn std::error::Error + Send + Sync>;
-type ConnectStream = hyper_rustls::MaybeHttpsStream<hyper_util::rt::TokioIo<tokio::net::TcpStream>>;
+/// What the connector yields: a plain TCP or a TLS stream.
+pub type ConnectStream =
+    hyper_rustls::MaybeHttpsStream<hyper_util::rt::TokioIo<tokio::net::TcpStream>>;
 
 impl tower_service::Service<http::Uri> for TimedConnector {
     type Response = ConnectStream;

@@ -11,13 +11,12 @@ use std::time::{Instant, SystemTime};
 use bytes::Bytes;
 use http::{HeaderName, Response, StatusCode, header};
 use http_body_util::Full;
-use http_body_util::combinators::BoxBody;
-use hyper::body::Incoming;
 
 use crate::affinity::{self, Sniff};
 use crate::backend::{Backend, InFlight};
 use crate::error::ProxyError;
 use crate::log::{AccessRecord, InstanceName, rfc3339_ms};
+use crate::pool::UpstreamBody;
 use crate::rewrite;
 use crate::send::Sent;
 use crate::state::GatewayState;
@@ -30,7 +29,7 @@ use crate::usage::meter::Meter;
 static APIM_REQUEST_ID: HeaderName = HeaderName::from_static("apim-request-id");
 
 enum Either {
-    Stream(Incoming),
+    Stream(UpstreamBody),
     Full(Full<Bytes>),
 }
 
@@ -111,10 +110,10 @@ pub fn respond(
                 gw.clock.now_ms(),
             )
             .shared(gw.shared.clone(), backend.name());
-            BoxBody::new(Tracked::new(b, idle, account))
+            ProxyBody::boxed(Tracked::new(b, idle, account))
         }
-        Either::Stream(b) => BoxBody::new(Tracked::new(b, idle, account)),
-        Either::Full(b) => BoxBody::new(Tracked::new(b, None, account)),
+        Either::Stream(b) => ProxyBody::Upstream(Box::new(Tracked::new(b, idle, account))),
+        Either::Full(b) => ProxyBody::boxed(Tracked::new(b, None, account)),
     };
     Ok(Response::from_parts(rparts, body))
 }
@@ -130,7 +129,7 @@ fn count_response(ctx: &RequestCtx, backend: &Backend, status: u16) {
 /// bytes both ways until either side closes. The access record is written
 /// when the tunnel ends; the in-flight slot is held until then.
 fn tunnel(
-    mut response: Response<Incoming>,
+    mut response: Response<UpstreamBody>,
     slot: InFlight,
     client: hyper::upgrade::OnUpgrade,
     mut rec: AccessRecord,

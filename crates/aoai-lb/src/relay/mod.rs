@@ -30,6 +30,7 @@
 //! side while its request is being served cancels it (as with hyper,
 //! which does not support half-closed connections by default).
 
+pub mod client;
 pub mod h1;
 
 use std::future::{Future, poll_fn};
@@ -697,6 +698,9 @@ where
         w.extend_from_slice(b"connection: keep-alive\r\n");
     }
     w.extend_from_slice(b"\r\n");
+    // The head is written out: its fields (and the instance's read buffer
+    // their values may share) are not kept while the body streams.
+    drop(parts);
 
     let mut body = pin!(body);
     if out == Out::None {
@@ -719,11 +723,10 @@ where
             Poll::Pending => {
                 if !w.is_empty() {
                     write_all(stream, &w).await?;
-                    w.clear();
-                    if w.capacity() > WRITE_BATCH {
-                        w = Vec::new();
-                    }
                 }
+                // Nothing is held while the instance is waited for (an SSE
+                // stream waits between every event).
+                w = Vec::new();
                 let next = next_frame(body.as_mut(), stream, buf, &mut watching).await;
                 match next {
                     Some(f) => f,
@@ -735,13 +738,20 @@ where
         match frame {
             None => break,
             // The instance failed mid-body: the client must see the
-            // response cut short, not a clean end.
-            Some(Err(_)) => return Ok(false),
+            // response cut short, not a clean end. What was gathered (the
+            // head at least) goes out first, so the client learns the
+            // status it was given rather than meeting a bare close.
+            Some(Err(_)) => {
+                let _ = write_all(stream, &w).await;
+                return Ok(false);
+            }
             Some(Ok(f)) => {
                 let Ok(data) = f.into_data() else { continue };
                 if data.is_empty() {
                     continue;
                 }
+                // The size line and the CRLFs of a chunk included.
+                w.reserve(data.len() + 24);
                 match out {
                     Out::Length(n) => {
                         let room = n - sent;

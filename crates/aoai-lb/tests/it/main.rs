@@ -54,6 +54,7 @@ mod server_status;
 mod shared_redis;
 mod shared_redis_cluster;
 mod steer_routing;
+mod upstream_client;
 mod usage_accounting;
 
 /// Cargo compiles only the modules a test binary's main.rs declares, and
