@@ -750,4 +750,99 @@ mod tests {
             assert!(matches!(e, PoolError::Connect), "{e:?}");
         }
     }
+
+    /// A blocking TLS server on 127.0.0.1 offering only http/1.1 by ALPN,
+    /// answering every request on a connection with `hello`. Returns its
+    /// port, the CA file to trust and the count of accepted connections.
+    fn tls_server() -> (u16, std::path::PathBuf, Arc<AtomicUsize>) {
+        use std::io::{Read, Write};
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = rcgen::CertifiedIssuer::self_signed(ca, ca_key).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()])
+            .unwrap()
+            .signed_by(&key, &ca)
+            .unwrap();
+        let ca_file = std::env::temp_dir().join(format!(
+            "aoai-lb-pool-ca-{}-{:08x}.pem",
+            std::process::id(),
+            fastrand::u32(..)
+        ));
+        std::fs::write(&ca_file, ca.pem()).unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut server = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![cert.der().clone()],
+                rustls_pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+            )
+            .unwrap();
+        server.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let server = Arc::new(server);
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = Arc::clone(&accepted);
+        std::thread::spawn(move || {
+            for tcp in listener.incoming() {
+                let Ok(tcp) = tcp else { return };
+                count.fetch_add(1, Ordering::SeqCst);
+                let server = Arc::clone(&server);
+                // A thread per connection: a pooled one stays open.
+                std::thread::spawn(move || {
+                    let conn = rustls::ServerConnection::new(server).unwrap();
+                    let mut tls = rustls::StreamOwned::new(conn, tcp);
+                    let mut head = Vec::new();
+                    let mut byte = [0u8; 1];
+                    while tls.read(&mut byte).unwrap_or(0) == 1 {
+                        head.push(byte[0]);
+                        if head.ends_with(b"\r\n\r\n") {
+                            head.clear();
+                            let reply = b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello";
+                            if tls.write_all(reply).and_then(|()| tls.flush()).is_err() {
+                                break;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        (port, ca_file, accepted)
+    }
+
+    #[tokio::test]
+    async fn speaks_http1_over_tls_and_reuses_the_connection() {
+        let (port, ca_file, accepted) = tls_server();
+        for lean in [true, false] {
+            let config = Config::from_json(&format!(
+                r#"{{"instances":[{{"name":"a","url":"https://127.0.0.1:{port}","api_key":"k"}}],
+                    "upstream":{{"extra_ca_file":{:?}}}}}"#,
+                ca_file.to_str().unwrap()
+            ))
+            .unwrap();
+            let up = Upstream::new(
+                crate::upstream::build_connector(&config, true).unwrap(),
+                crate::upstream::build_client(&config, true).unwrap(),
+                8,
+                Duration::from_secs(30),
+                lean,
+            );
+            for _ in 0..3 {
+                let req = Request::builder()
+                    .uri(format!("https://127.0.0.1:{port}/openai/models"))
+                    .body(Full::new(Bytes::new()))
+                    .unwrap();
+                let r = up.request(req).await.unwrap();
+                assert!(matches!(r.body(), UpstreamBody::Lean(_)) == lean);
+                assert_eq!(text(r).await, "hello");
+            }
+        }
+        // One connection per client kind, each reused for its three requests.
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+        let _ = std::fs::remove_file(ca_file);
+    }
 }
