@@ -43,11 +43,36 @@ pub const MAX_EVENT: usize = 8 << 20;
 
 static USAGE_KEY: LazyLock<Finder<'static>> = LazyLock::new(|| Finder::new(b"\"usage\""));
 
+/// The keys whose string values are streamed text, by endpoint (chat:
+/// `content`, `arguments`, `refusal`; completions: `text`; Responses:
+/// `delta`), built once: `memmem::find` builds its searcher on every call,
+/// and with three keys searched in every event that cost more than the
+/// searching.
+static TEXT_KEYS: LazyLock<[Finder<'static>; 5]> = LazyLock::new(|| {
+    [
+        Finder::new(b"\"content\""),
+        Finder::new(b"\"arguments\""),
+        Finder::new(b"\"refusal\""),
+        Finder::new(b"\"text\""),
+        Finder::new(b"\"delta\""),
+    ]
+});
+
+/// The keys [`not_a_usage_chunk`] looks at, built once (see [`TEXT_KEYS`]).
+static CHUNK_KEYS: LazyLock<[Finder<'static>; 3]> = LazyLock::new(|| {
+    [
+        Finder::new(b"\"choices\""),
+        Finder::new(b"\"usage\""),
+        Finder::new(b"\"id\""),
+    ]
+});
+
 /// Finds usage in an event stream and, in strip mode, removes the usage
 /// chunk the client did not ask for. See the module docs.
 pub struct SseScanner {
     strip: bool,
-    text_keys: &'static [&'static [u8]],
+    /// The range of [`TEXT_KEYS`] this endpoint streams text under.
+    text_keys: std::ops::Range<usize>,
     /// Nothing on the current line yet.
     at_line_start: bool,
     /// The last byte seen was CR: an LF right after it belongs to the same
@@ -72,11 +97,11 @@ impl SseScanner {
     /// A scanner for a stream from `endpoint`. With `strip`, the usage
     /// chunk is removed from the bytes passed on.
     pub fn new(endpoint: Endpoint, strip: bool) -> Self {
-        let text_keys: &'static [&'static [u8]] = match endpoint {
-            Endpoint::Chat => &[b"\"content\"", b"\"arguments\"", b"\"refusal\""],
-            Endpoint::Completions => &[b"\"text\""],
-            Endpoint::Responses => &[b"\"delta\""],
-            Endpoint::Embeddings => &[],
+        let text_keys = match endpoint {
+            Endpoint::Chat => 0..3,
+            Endpoint::Completions => 3..4,
+            Endpoint::Responses => 4..5,
+            Endpoint::Embeddings => 0..0,
         };
         Self {
             strip,
@@ -304,11 +329,9 @@ impl SseScanner {
     }
 
     fn collect_text(&mut self, event: &[u8]) {
-        for key in self.text_keys {
-            let mut from = 0;
-            while let Some(at) = memchr::memmem::find(&event[from..], key) {
-                let after = from + at + key.len();
-                from = after;
+        for key in &TEXT_KEYS[self.text_keys.clone()] {
+            for at in key.find_iter(event) {
+                let after = at + key.needle().len();
                 let Some(value) = string_value_at(event, after) else {
                     continue;
                 };
@@ -423,8 +446,9 @@ fn not_a_usage_chunk(partial: &[u8]) -> bool {
     if data.is_some_and(|d| d.first().is_some_and(|&c| c != b'{')) {
         return true;
     }
-    let after = |key: &[u8]| {
-        memchr::memmem::find_iter(partial, key).any(|at| {
+    let after = |finder: &Finder<'static>| {
+        let key = finder.needle();
+        finder.find_iter(partial).any(|at| {
             let rest = partial[at + key.len()..].trim_ascii_start();
             let Some(rest) = rest.strip_prefix(b":") else {
                 return false;
@@ -442,7 +466,8 @@ fn not_a_usage_chunk(partial: &[u8]) -> bool {
             rest.trim_ascii_start().first().is_some_and(|&c| c != b']')
         })
     };
-    after(b"\"choices\"") || after(b"\"usage\"") || after(b"\"id\"")
+    let [choices, usage, id] = &*CHUNK_KEYS;
+    after(choices) || after(usage) || after(id)
 }
 
 /// Whether `"usage"` is followed (after optional whitespace and a colon)
