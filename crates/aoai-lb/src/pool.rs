@@ -286,12 +286,7 @@ impl Upstream {
             found
         });
         if h2 {
-            return self
-                .h2
-                .request(req)
-                .await
-                .map(hyper_response)
-                .map_err(PoolError::Client);
+            return self.via_h2(req).await;
         }
         if self.lean {
             return self.lean_request(req, key, host).await;
@@ -334,30 +329,49 @@ impl Upstream {
                 Err(e) => return Err(e.into()),
             }
         }
+        let Some(io) = self.connect(parts.uri.clone(), &key).await? else {
+            return self
+                .via_h2(Request::from_parts(parts, Full::new(body)))
+                .await;
+        };
+        let r = client::exchange(Io::from_connected(io), false, &out, self.home(&key)).await?;
+        Ok(r.map(UpstreamBody::Lean))
+    }
+
+    /// A new connection to the instance, or `None` when it chose h2 by
+    /// ALPN: the lane is then marked so that later requests go to the
+    /// hyper-util client directly, and the caller sends this one there.
+    async fn connect(
+        &self,
+        uri: Uri,
+        key: &Key,
+    ) -> Result<Option<crate::upstream::ConnectStream>, PoolError> {
         let io = self
             .connector
             .clone()
-            .call(parts.uri.clone())
+            .call(uri)
             .await
             .map_err(|_| PoolError::Connect)?;
-        if io.connected().is_negotiated_h2() {
-            drop(io);
-            LANES.with(|l| {
-                l.borrow_mut()
-                    .entry(key.clone())
-                    .or_insert_with(|| Lane::new(&key))
-                    .h2 = true;
-            });
-            let req = Request::from_parts(parts, Full::new(body));
-            return self
-                .h2
-                .request(req)
-                .await
-                .map(hyper_response)
-                .map_err(PoolError::Client);
+        if !io.connected().is_negotiated_h2() {
+            return Ok(Some(io));
         }
-        let r = client::exchange(Io::from_connected(io), false, &out, self.home(&key)).await?;
-        Ok(r.map(UpstreamBody::Lean))
+        drop(io);
+        LANES.with(|l| {
+            l.borrow_mut()
+                .entry(key.clone())
+                .or_insert_with(|| Lane::new(key))
+                .h2 = true;
+        });
+        Ok(None)
+    }
+
+    /// Sends through the hyper-util client (instances that speak h2).
+    async fn via_h2(&self, req: Request<Full<Bytes>>) -> Result<UpstreamResponse, PoolError> {
+        self.h2
+            .request(req)
+            .await
+            .map(hyper_response)
+            .map_err(PoolError::Client)
     }
 
     fn home(&self, key: &Key) -> Home {
@@ -421,28 +435,10 @@ impl Upstream {
             }
         }
 
-        let io = self
-            .connector
-            .clone()
-            .call(uri)
-            .await
-            .map_err(|_| PoolError::Connect)?;
-        if io.connected().is_negotiated_h2() {
-            drop(io);
-            LANES.with(|l| {
-                l.borrow_mut()
-                    .entry(key.clone())
-                    .or_insert_with(|| Lane::new(&key))
-                    .h2 = true;
-            });
+        let Some(io) = self.connect(uri, &key).await? else {
             restore_absolute_form(&mut req, scheme, key.authority);
-            return self
-                .h2
-                .request(req)
-                .await
-                .map(hyper_response)
-                .map_err(PoolError::Client);
-        }
+            return self.via_h2(req).await;
+        };
         let (mut sender, conn) = http1::Builder::new()
             .handshake(io)
             .await

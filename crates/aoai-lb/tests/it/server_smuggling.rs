@@ -588,19 +588,7 @@ async fn the_hyper_server_stays_available_as_a_fallback() {
 
     // The same through the environment, overriding the document.
     let doc = config_with(&sims, serde_json::json!({"server": {"http1": "relay"}}));
-    let (port, admin) = (free_port().to_string(), free_port().to_string());
-    let bin = spawn_binary(
-        &[],
-        &[
-            ("OPENAI_INSTANCES", doc.as_str()),
-            ("API_KEY", CLIENT_KEY),
-            ("PORT", port.as_str()),
-            ("ADMIN_PORT", admin.as_str()),
-            ("HOST", "127.0.0.1"),
-            ("AOAI_LB_HTTP1", "hyper"),
-        ],
-    );
-    let (addr, _) = bin.wait_listening(Duration::from_secs(20));
+    let (_bin, addr, _) = spawn_gateway_binary_with_env(&doc, &[("AOAI_LB_HTTP1", "hyper")]);
     let mut c = Conn::open(addr).await;
     c.send(b"GET /healthz HTTP/1.1\nHost: gw\n\n").await;
     assert_eq!(c.answer(false).await.unwrap().status, 200);

@@ -11,19 +11,7 @@ use crate::common::*;
 /// front of `sims`, with `upstream.http1 = client`.
 fn gateway(sims: &[aoai_sim::SimHandle], client: &str) -> (Binary, std::net::SocketAddr) {
     let doc = config_with(sims, serde_json::json!({"upstream": {"http1": client}}));
-    let (port, admin) = (free_port().to_string(), free_port().to_string());
-    let bin = spawn_binary(
-        &[],
-        &[
-            ("OPENAI_INSTANCES", doc.as_str()),
-            ("API_KEY", CLIENT_KEY),
-            ("PORT", port.as_str()),
-            ("ADMIN_PORT", admin.as_str()),
-            ("HOST", "127.0.0.1"),
-            ("AOAI_LB_WORKERS", "1"),
-        ],
-    );
-    let (addr, _) = bin.wait_listening(Duration::from_secs(20));
+    let (bin, addr, _) = spawn_gateway_binary_with_env(&doc, &[("AOAI_LB_WORKERS", "1")]);
     (bin, addr)
 }
 

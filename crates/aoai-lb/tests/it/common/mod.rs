@@ -435,18 +435,26 @@ pub fn spawn_gateway_binary(doc: &str) -> (Binary, SocketAddr) {
 
 /// [`spawn_gateway_binary`], returning the admin address too.
 pub fn spawn_gateway_binary_with_admin(doc: &str) -> (Binary, SocketAddr, SocketAddr) {
+    spawn_gateway_binary_with_env(doc, &[])
+}
+
+/// [`spawn_gateway_binary_with_admin`] with more variables in the
+/// environment (`AOAI_LB_HTTP1`, `AOAI_LB_WORKERS`, ...).
+pub fn spawn_gateway_binary_with_env(
+    doc: &str,
+    extra: &[(&str, &str)],
+) -> (Binary, SocketAddr, SocketAddr) {
     let port = free_port().to_string();
     let admin = free_port().to_string();
-    let bin = spawn_binary(
-        &[],
-        &[
-            ("OPENAI_INSTANCES", doc),
-            ("API_KEY", CLIENT_KEY),
-            ("PORT", port.as_str()),
-            ("ADMIN_PORT", admin.as_str()),
-            ("HOST", "127.0.0.1"),
-        ],
-    );
+    let mut env = vec![
+        ("OPENAI_INSTANCES", doc),
+        ("API_KEY", CLIENT_KEY),
+        ("PORT", port.as_str()),
+        ("ADMIN_PORT", admin.as_str()),
+        ("HOST", "127.0.0.1"),
+    ];
+    env.extend_from_slice(extra);
+    let bin = spawn_binary(&[], &env);
     let (addr, admin) = bin.wait_listening(Duration::from_secs(20));
     (bin, addr, admin)
 }
