@@ -31,6 +31,7 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode, Version, header};
 use http_body::{Body, Frame, SizeHint};
+use serde_json::ser::{CompactFormatter, Formatter as _};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
@@ -273,19 +274,16 @@ fn write_head(w: &mut Vec<u8>, req: &Outgoing<'_>) {
     w.extend_from_slice(b" HTTP/1.1\r\nhost: ");
     w.extend_from_slice(req.host);
     w.extend_from_slice(b"\r\n");
-    for (name, value) in req.headers {
-        if name == header::HOST
-            || name == header::CONTENT_LENGTH
-            || name == header::TRANSFER_ENCODING
-            || name == header::CONNECTION
-        {
-            continue;
-        }
-        w.extend_from_slice(name.as_str().as_bytes());
-        w.extend_from_slice(b": ");
-        w.extend_from_slice(value.as_bytes());
-        w.extend_from_slice(b"\r\n");
-    }
+    super::write_fields(
+        w,
+        req.headers,
+        &[
+            header::HOST,
+            header::CONTENT_LENGTH,
+            header::TRANSFER_ENCODING,
+            header::CONNECTION,
+        ],
+    );
     // As hyper does: no length on an empty body of a method that has none.
     let bodiless = matches!(
         *req.method,
@@ -293,38 +291,10 @@ fn write_head(w: &mut Vec<u8>, req: &Outgoing<'_>) {
     );
     if !req.body.is_empty() || !bodiless {
         w.extend_from_slice(b"content-length: ");
-        w.extend_from_slice(digits(req.body.len() as u64).as_bytes());
+        let _ = CompactFormatter.write_u64(w, req.body.len() as u64);
         w.extend_from_slice(b"\r\n");
     }
     w.extend_from_slice(b"\r\n");
-}
-
-/// Decimal digits of `n` without going through `fmt`.
-fn digits(mut n: u64) -> Digits {
-    let mut d = Digits {
-        buf: [0; 20],
-        start: 20,
-    };
-    loop {
-        d.start -= 1;
-        d.buf[d.start] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    d
-}
-
-struct Digits {
-    buf: [u8; 20],
-    start: usize,
-}
-
-impl Digits {
-    fn as_bytes(&self) -> &[u8] {
-        &self.buf[self.start..]
-    }
 }
 
 /// How the body of a response is delimited.
@@ -426,7 +396,8 @@ fn parse_head(input: &Bytes, head_only: bool) -> Result<Option<Parsed>, Exchange
         let value = HeaderValue::from_maybe_shared(input.slice_ref(f.value))
             .map_err(|_| ExchangeError::Invalid("invalid response header value"))?;
         if name == header::CONTENT_LENGTH {
-            let n = parse_length(f.value)?;
+            let n = super::h1::content_length(f.value.trim_ascii())
+                .ok_or(ExchangeError::Invalid("invalid content-length"))?;
             if length.is_some_and(|l| l != n) {
                 return Err(ExchangeError::Invalid("conflicting content-length"));
             }
@@ -436,13 +407,10 @@ fn parse_head(input: &Bytes, head_only: bool) -> Result<Option<Parsed>, Exchange
             // Only the last coding matters: is the body chunked?
             chunked = last_token(f.value).eq_ignore_ascii_case(b"chunked");
         } else if name == header::CONNECTION {
-            for t in f.value.split(|&b| b == b',') {
-                let t = t.trim_ascii();
-                if t.eq_ignore_ascii_case(b"close") {
-                    close = true;
-                } else if t.eq_ignore_ascii_case(b"keep-alive") && version == Version::HTTP_10 {
-                    close = false;
-                }
+            if super::has_token(f.value, b"close") {
+                close = true;
+            } else if version == Version::HTTP_10 && super::has_token(f.value, b"keep-alive") {
+                close = false;
             }
         }
         headers.append(name, value);
@@ -479,15 +447,6 @@ fn parse_head(input: &Bytes, head_only: bool) -> Result<Option<Parsed>, Exchange
         keep_alive,
         len,
     })))
-}
-
-/// A `Content-Length` value: digits only, at most 19 of them.
-fn parse_length(v: &[u8]) -> Result<u64, ExchangeError> {
-    let v = v.trim_ascii();
-    if v.is_empty() || v.len() > 19 || !v.iter().all(u8::is_ascii_digit) {
-        return Err(ExchangeError::Invalid("invalid content-length"));
-    }
-    Ok(v.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0')))
 }
 
 fn last_token(v: &[u8]) -> &[u8] {
@@ -561,11 +520,7 @@ impl<H: Home> Body for LeanBody<H> {
                 return Poll::Ready(None);
             }
             match &mut this.framing {
-                Framing::Empty => {
-                    this.end();
-                    return Poll::Ready(None);
-                }
-                Framing::Length(0) => {
+                Framing::Empty | Framing::Length(0) => {
                     this.end();
                     return Poll::Ready(None);
                 }
@@ -865,6 +820,7 @@ mod tests {
     async fn connection_close_or_http10_keeps_the_connection_out_of_the_pool() {
         for reply in [
             "HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 2\r\n\r\nok",
+            "HTTP/1.1 200 OK\r\nconnection: keep-alive, Close\r\ncontent-length: 2\r\n\r\nok",
             "HTTP/1.0 200 OK\r\ncontent-length: 2\r\n\r\nok",
             "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok+stray",
         ] {
@@ -876,6 +832,20 @@ mod tests {
             assert_eq!(text(r).await.unwrap(), "ok", "{reply}");
             assert_eq!(spy.parked(), 0, "{reply}");
         }
+    }
+
+    #[tokio::test]
+    async fn an_http10_answer_asking_for_keep_alive_keeps_the_connection() {
+        let (port, _server) = server(vec![
+            "HTTP/1.0 200 OK\r\nConnection: Keep-Alive\r\ncontent-length: 2\r\n\r\nok",
+        ])
+        .await;
+        let spy = Spy::default();
+        let r = send(connect(port).await, &Method::POST, "{}", &spy)
+            .await
+            .unwrap();
+        assert_eq!(text(r).await.unwrap(), "ok");
+        assert_eq!(spy.parked(), 1);
     }
 
     #[tokio::test]

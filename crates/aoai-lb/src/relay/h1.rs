@@ -313,13 +313,18 @@ fn build(
     })
 }
 
-/// 1 to 19 decimal digits, nothing else (no sign, no list, no space
-/// inside: `httparse` has already trimmed the ends).
 fn parse_length(raw: &[u8]) -> Result<u64, HeadError> {
+    content_length(raw).ok_or(HeadError::Framing("invalid Content-Length"))
+}
+
+/// A `Content-Length` value: 1 to 19 decimal digits, nothing else (no
+/// sign, no list, no space inside: `httparse` has already trimmed the
+/// ends). Requests and the instances' responses are held to the same rule.
+pub fn content_length(raw: &[u8]) -> Option<u64> {
     if raw.is_empty() || raw.len() > 19 || !raw.iter().all(u8::is_ascii_digit) {
-        return Err(HeadError::Framing("invalid Content-Length"));
+        return None;
     }
-    Ok(raw.iter().fold(0u64, |n, &d| n * 10 + u64::from(d - b'0')))
+    Some(raw.iter().fold(0u64, |n, &d| n * 10 + u64::from(d - b'0')))
 }
 
 /// Folds one `Transfer-Encoding` line into the state "the list so far ends

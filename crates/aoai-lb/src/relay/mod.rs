@@ -678,12 +678,7 @@ where
     w.push(b' ');
     w.extend_from_slice(status.canonical_reason().unwrap_or("Unknown").as_bytes());
     w.extend_from_slice(b"\r\n");
-    for (name, value) in headers.iter() {
-        w.extend_from_slice(name.as_str().as_bytes());
-        w.extend_from_slice(b": ");
-        w.extend_from_slice(value.as_bytes());
-        w.extend_from_slice(b"\r\n");
-    }
+    write_fields(&mut w, headers, &[]);
     if !headers.contains_key(header::DATE) {
         w.extend_from_slice(b"date: ");
         date(&mut w);
@@ -828,6 +823,22 @@ fn chunk_size_line(w: &mut Vec<u8>, n: usize) {
     w.extend_from_slice(b"\r\n");
 }
 
+/// Writes `name: value` lines for every field of `headers` but those named
+/// in `skip` (the framing fields a head writer sets itself).
+fn write_fields(w: &mut Vec<u8>, headers: &http::HeaderMap, skip: &[http::HeaderName]) {
+    for (name, value) in headers {
+        if skip.contains(name) {
+            continue;
+        }
+        w.extend_from_slice(name.as_str().as_bytes());
+        w.extend_from_slice(b": ");
+        w.extend_from_slice(value.as_bytes());
+        w.extend_from_slice(b"\r\n");
+    }
+}
+
+/// True when the comma-separated field value `v` lists `token` (ASCII case
+/// ignored), as `Connection: keep-alive, close` does.
 fn has_token(v: &[u8], token: &[u8]) -> bool {
     v.split(|&b| b == b',').any(|t| {
         let t: &[u8] = t.trim_ascii();
